@@ -1,0 +1,304 @@
+"""One typed config.  The defaults are the seeds' recipe; presets and overrides go on top.
+
+Resolution order (later wins): defaults -> preset -> ``--config FILE`` -> ``--set key=value``.
+Validation is pydantic's (``extra="forbid"`` everywhere, so a typo is an error that names the
+key); :func:`resolve` turns every validation problem into one :class:`UserError` line.
+"""
+
+from __future__ import annotations
+
+import copy
+import platform
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from semivit.errors import UserError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class DataConfig(_Section):
+    labels_csv: str = "labels.csv"  # relative to DATA; used when present instead of train/<class>/
+    truth_file: str = "unlabeled_truth.csv"  # demo data: true labels of unlabeled/, only for scoring
+    max_unlabeled: Optional[int] = Field(None, ge=0)  # cap the unlabeled pool (None: all)
+    decode_workers: int = Field(0, ge=0)  # 0: one per CPU core
+
+
+class ModelConfig(_Section):
+    name: str = "vit_base_patch16_224.augreg_in21k_ft_in1k"
+    img_size: int = Field(224, ge=16, le=1024)
+    pretrained: bool = True  # timm hub weights (needs network); offline use `weights`
+    weights: Optional[Path] = None  # local checkpoint for the backbone
+    kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to timm.create_model
+    head_hidden: int = Field(512, ge=1)
+    head_dropout: float = Field(0.4, ge=0.0, lt=1.0)
+    drop_path: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_exist(cls, v: Optional[Path]) -> Optional[Path]:
+        if v is not None and not Path(v).expanduser().is_file():
+            raise ValueError(f"file not found: {v}")
+        return None if v is None else Path(v).expanduser()
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(50, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(1e-4, gt=0)  # head LR; scheduler starts here
+    backbone_lr_mult: float = Field(0.1, gt=0, le=1)  # backbone LR = 10% of the head's
+    min_lr: float = Field(1e-6, ge=0)
+    restart_epochs: int = Field(10, ge=1)  # CosineAnnealingWarmRestarts T_0 (epochs)
+    weight_decay: float = Field(0.01, ge=0)
+    layer_decay: Optional[float] = Field(None, gt=0, le=1)  # Semi-ViT layer-wise LR decay
+    loss: Literal["focal", "ce"] = "focal"
+    focal_gamma: float = Field(2.0, ge=0)
+    class_balance_beta: Optional[float] = Field(0.9999, ge=0, lt=1)  # None: no class weights
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    sampler: Literal["random", "balanced"] = "random"
+    mixup_alpha: float = Field(0.0, ge=0)  # 0 disables
+    cutmix_alpha: float = Field(0.0, ge=0)
+    mix_prob: float = Field(1.0, ge=0, le=1)
+    freeze_epochs: int = Field(0, ge=0)  # head-only warm-up (seed 03)
+    freeze_lr: float = Field(1e-3, gt=0)
+    patience: int = Field(5, ge=1)
+    min_delta: float = Field(0.001, ge=0)
+    augment: Literal["seed", "light", "none"] = "seed"
+    precision: Literal["auto", "fp32", "bf16", "amp"] = "auto"  # auto: bf16 CPU, fp16 AMP CUDA
+    num_workers: int = Field(0, ge=0)
+    grad_clip: Optional[float] = Field(None, gt=0)
+
+
+class CVConfig(_Section):
+    folds: int = Field(5, ge=2, le=20)
+
+
+class PseudoConfig(_Section):
+    threshold: float = Field(0.96, gt=0, le=1)
+    tta: bool = True
+    cluster: bool = True
+    purity: float = Field(0.9, gt=0, le=1)
+    core_fraction: float = Field(0.1, gt=0, le=1)  # share of a pure cluster taken as its core
+    umap_neighbors: int = Field(15, ge=2)
+    max_per_class: Optional[int] = Field(None, ge=1)
+    soft: bool = False
+    weight: Literal["confidence", "one"] = "confidence"
+
+
+class SSLConfig(_Section):
+    method: Literal["pseudo-label", "ema-teacher"] = "pseudo-label"
+    ema_momentum: float = Field(0.9999, gt=0, lt=1)
+    threshold: float = Field(0.7, gt=0, le=1)  # EMA-Teacher pseudo-label confidence
+    unlabeled_weight: float = Field(5.0, ge=0)  # mu in the paper
+    unlabeled_ratio: int = Field(5, ge=1)  # N_u = ratio * N_l per batch
+    prob_mixup: bool = True
+    mixup_alpha: float = Field(0.8, ge=0)
+    cutmix_alpha: float = Field(1.0, ge=0)
+    epochs: Optional[int] = Field(None, ge=1)  # default: train.epochs
+
+
+class PretrainConfig(_Section):
+    method: Literal["none", "mae"] = "none"
+    epochs: int = Field(100, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1.5e-4, gt=0)
+    mask_ratio: float = Field(0.75, gt=0, lt=1)
+    decoder_dim: int = Field(128, ge=8)
+    decoder_depth: int = Field(2, ge=1)
+    norm_pix_loss: bool = True
+
+
+class EnsembleConfig(_Section):
+    weighting: Literal["f1", "equal"] = "f1"
+
+
+class Config(_Section):
+    preset: str = "seed"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    cv: CVConfig = Field(default_factory=CVConfig)
+    pseudo: PseudoConfig = Field(default_factory=PseudoConfig)
+    ssl: SSLConfig = Field(default_factory=SSLConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig)
+
+
+# Presets: partial dicts applied on top of the defaults (the defaults *are* the seed recipe).
+PRESETS: dict[str, dict[str, Any]] = {
+    "seed": {},
+    "quick": {
+        "model": {
+            "name": "vit_hybrid_lite0",
+            "img_size": 128,
+            "pretrained": True,
+            "head_hidden": 256,
+        },
+        "train": {
+            "epochs": 15,
+            "batch_size": 32,
+            "lr": 1e-3,
+            "restart_epochs": 15,
+            "augment": "light",
+            "precision": "auto",
+        },
+        "pretrain": {"epochs": 10, "batch_size": 64},
+        "ssl": {"ema_momentum": 0.999, "unlabeled_ratio": 2},
+    },
+    "tiny": {
+        "model": {
+            "name": "vit_tiny_patch16_224",
+            "img_size": 32,
+            "pretrained": False,
+            "kwargs": {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2},
+            "head_hidden": 16,
+        },
+        "train": {"epochs": 2, "batch_size": 16, "lr": 1e-3, "augment": "light", "patience": 2},
+        "cv": {"folds": 2},
+        "pseudo": {"threshold": 0.3, "umap_neighbors": 5},
+        "pretrain": {"epochs": 1, "batch_size": 16, "decoder_dim": 16, "decoder_depth": 1},
+        "ssl": {"ema_momentum": 0.99, "unlabeled_ratio": 1, "threshold": 0.3},
+    },
+}
+DEFAULT_PRESET = "quick"
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "kwargs":
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "<root>"
+    if first["type"] == "extra_forbidden":
+        return f"unknown config key '{key}' ({source})"
+    msg = first["msg"].removeprefix("Value error, ")
+    given = first.get("input")
+    shown = "" if isinstance(given, (dict, list)) else f" (got {given!r})"
+    return f"bad value for '{key}': {msg}{shown} ({source})"
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b=value`` -> (["a", "b"], parsed value).  Values are parsed as YAML scalars/lists."""
+    if "=" not in item:
+        raise UserError(f"--set expects KEY=VALUE, got '{item}'")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise UserError(f"--set has an empty key in '{item}'")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _set_path(d: dict, path: list[str], value: Any, source: str) -> None:
+    cur = d
+    for i, part in enumerate(path[:-1]):
+        nxt = cur.get(part)
+        if nxt is None:
+            nxt = cur[part] = {}
+        if not isinstance(nxt, dict):
+            raise UserError(f"unknown config key '{'.'.join(path)}' ({source})")
+        cur = nxt
+    cur[path[-1]] = value
+
+
+def load_yaml(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of keys")
+    # A RUN/config.yaml holds {config: ..., versions: ..., seed: ...}: take the config part.
+    if "config" in data and isinstance(data["config"], dict):
+        data = data["config"]
+    return data
+
+
+def resolve(
+    preset: Optional[str] = None,
+    config_file: Optional[Path] = None,
+    overrides: Optional[list[str]] = None,
+    **explicit: Any,
+) -> Config:
+    """Build the config: defaults -> preset -> file -> ``--set`` -> explicit CLI options."""
+    file_data = load_yaml(config_file) if config_file else {}
+    name = preset or file_data.get("preset") or DEFAULT_PRESET
+    if name not in PRESETS:
+        raise UserError(f"unknown preset '{name}' (choose from {', '.join(PRESETS)})")
+    merged = _deep_merge(Config().model_dump(mode="python"), PRESETS[name])
+    merged["preset"] = name
+    source = f"preset {name}"
+    try:
+        Config.model_validate(merged)
+    except ValidationError as e:  # a broken preset is a bug, but say where
+        raise UserError(_format_error(e, source)) from None
+    if file_data:
+        file_data = {k: v for k, v in file_data.items() if k != "preset"}
+        merged = _deep_merge(merged, file_data)
+        source = f"config file {config_file}"
+        _validate(merged, source)
+    for item in overrides or []:
+        path, value = parse_override(item)
+        _set_path(merged, path, value, f"--set {item}")
+        _validate(merged, f"--set {item}")
+    for key, value in explicit.items():
+        if value is not None:
+            _set_path(merged, key.split("."), value, f"option {key}")
+    return _validate(merged, "command-line options")
+
+
+def _validate(d: dict, source: str) -> Config:
+    try:
+        return Config.model_validate(d)
+    except ValidationError as e:
+        raise UserError(_format_error(e, source)) from None
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("semivit", "torch", "timm", "onnx", "onnxruntime", "albumentations",
+                "umap-learn", "scikit-learn", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def save(cfg: Config, path: Path) -> None:
+    """Write the resolved config with the package versions and the seed (RUN/config.yaml)."""
+    from semivit.utils import atomic_write_text
+
+    doc = {
+        "config": cfg.model_dump(mode="json"),
+        "seed": cfg.seed,
+        "versions": package_versions(),
+        "machine": {"platform": platform.platform(), "processor": platform.machine()},
+    }
+    atomic_write_text(Path(path), yaml.safe_dump(doc, sort_keys=False))
+
+
+def load(path: Path) -> Config:
+    return _validate(load_yaml(path), f"config file {path}")

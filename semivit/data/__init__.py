@@ -1,0 +1,1 @@
+"""Image discovery, robust decoding, data layouts, folds, datasets and the bundled demo data."""
