@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -50,11 +51,21 @@ def atomic_path(path: Path, suffix: str = "") -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+        # mkstemp creates the file 0600; give the result the mode a plain open() would have
+        # (e.g. a registry or predictions.csv read by a serving user).
+        os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
         fsync_dir(path.parent)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+@functools.lru_cache(maxsize=1)
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
 
 
 def fsync_dir(path: Path) -> None:

@@ -17,6 +17,14 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # Pillow refuses truncated files by default (LOAD_TRUNCATED_IMAGES is False): that is what we want.
 Image.MAX_IMAGE_PIXELS = 30_000 * 30_000  # allow large field photos, still guard bombs
 
+# Pillow's harmless notes (e.g. "Corrupt EXIF data": we still decode the pixels) are silenced by
+# message here, once.  Not with ``warnings.catch_warnings()`` per call: that swaps the process-wide
+# filter list and is not thread-safe, and decode_many() decodes in threads -- interleaved
+# save/restore could leave every warning of the process ignored.
+for _msg in (r"(Possibly )?[Cc]orrupt EXIF data", r"Palette images with Transparency", r"Truncated File Read",
+             r"Metadata Warning", r"Image appears to be a malformed MPO"):
+    warnings.filterwarnings("ignore", message=_msg, category=UserWarning)
+
 
 class DecodeError(Exception):
     """The file is not a decodable image; ``str(err)`` is the one-line reason."""
@@ -56,18 +64,16 @@ def load_rgb(path: Path, size: Optional[int] = None) -> np.ndarray:
     try:
         if path.stat().st_size == 0:
             raise DecodeError("empty file (0 bytes)")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # e.g. "Corrupt EXIF data": we still decode
-            with Image.open(path) as img:
-                if size is not None and img.format == "JPEG":
-                    # DCT-domain downscale: decodes a large JPEG several times faster.
-                    img.draft("RGB", (size, size))
-                img.load()
-                img = ImageOps.exif_transpose(img) or img
-                img = _to_rgb(img)
-                if size is not None:
-                    img = resize_square(img, size)
-                return np.asarray(img, dtype=np.uint8).copy()
+        with Image.open(path) as img:
+            if size is not None and img.format == "JPEG":
+                # DCT-domain downscale: decodes a large JPEG several times faster.
+                img.draft("RGB", (size, size))
+            img.load()
+            img = ImageOps.exif_transpose(img) or img
+            img = _to_rgb(img)
+            if size is not None:
+                img = resize_square(img, size)
+            return np.asarray(img, dtype=np.uint8).copy()
     except DecodeError:
         raise
     except UnidentifiedImageError:

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from semivit.errors import UserError
 from semivit.utils import atomic_write_json
@@ -64,21 +63,38 @@ def write_demo(out: Path, labeled_fraction: float = 0.2, seed: int = 0,
     out = Path(out)
     params = demo_params(labeled_fraction, seed, test_fraction) | ({"limit": limit} if limit else {})
     manifest = out / "demo.json"
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a directory")
     if out.exists() and any(out.iterdir()):
-        if manifest.is_file() and json.loads(manifest.read_text()).get("params") == params:
-            return json.loads(manifest.read_text())["counts"]
+        try:
+            doc = json.loads(manifest.read_text()) if manifest.is_file() else {}
+        except ValueError:
+            doc = {}
+        if isinstance(doc, dict) and doc.get("params") == params and "counts" in doc:
+            return doc["counts"]
         raise UserError(f"{out} exists and is not empty; choose another directory (nothing was changed)")
+
+    from sklearn.model_selection import train_test_split  # slow import: not on the error paths
 
     src, names, labels, types = elpv_index()
     idx = np.arange(len(names))
-    if limit is not None and limit < len(idx):
-        idx, _ = train_test_split(idx, train_size=limit, stratify=labels, random_state=seed)
-    pool, test = train_test_split(idx, test_size=test_fraction, stratify=labels[idx], random_state=seed)
-    if labeled_fraction >= 1:
-        labeled, unlabeled = pool, np.array([], dtype=np.int64)
-    else:
-        labeled, unlabeled = train_test_split(pool, train_size=labeled_fraction,
-                                              stratify=labels[pool], random_state=seed)
+    try:
+        if limit is not None and limit < len(idx):
+            idx, _ = train_test_split(idx, train_size=limit, stratify=labels, random_state=seed)
+        pool, test = train_test_split(idx, test_size=test_fraction, stratify=labels[idx], random_state=seed)
+        if labeled_fraction >= 1:
+            labeled, unlabeled = pool, np.array([], dtype=np.int64)
+        else:
+            labeled, unlabeled = train_test_split(pool, train_size=labeled_fraction,
+                                                  stratify=labels[pool], random_state=seed)
+    except ValueError as e:  # sklearn: a class too small to stratify
+        raise UserError(f"cannot split the demo data this finely ({str(e).splitlines()[0]})") from None
+    n_classes = len(CLASS_NAMES)
+    for split, members in (("train", labeled), ("test", test)):
+        missing = [CLASS_NAMES[k] for k in range(n_classes) if k not in set(labels[members].tolist())]
+        if missing:  # a class folder absent from train/ would silently shrink the class list
+            raise UserError(f"the demo split leaves {split}/ without {', '.join(missing)}: "
+                            f"raise the limit or the labeled fraction")
 
     staging = out.parent / f".{out.name}.partial"
     if staging.exists():

@@ -22,6 +22,9 @@ def make_folds(labels: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
     # still works (with a warning) otherwise.  We silence that warning and say it once ourselves.
     import warnings
 
+    if counts.max() < n_folds:  # StratifiedKFold raises a bare ValueError for this
+        raise UserError(f"every class has fewer than {n_folds} labeled images: "
+                        f"cannot make {n_folds} stratified folds (lower cv.folds)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         skf = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
@@ -39,13 +42,20 @@ def load_or_make(path: Path, ls: LabeledSet, n_folds: int, seed: int) -> np.ndar
     path = Path(path)
     rel = [ls.rel(i) for i in range(len(ls))]
     if path.is_file():
-        doc = read_json(path)
-        saved = {item["image"]: item for item in doc["items"]}
-        if doc.get("folds") != n_folds or set(saved) != set(rel):
+        try:
+            doc = read_json(path)
+            saved = {item["image"]: item for item in doc["items"]}
+            same = (doc.get("folds") == n_folds and set(saved) == set(rel)
+                    and all(saved[r]["label"] == ls.classes[int(y)] for r, y in zip(rel, ls.labels)))
+            fold = np.asarray([saved[r]["fold"] for r in rel], dtype=np.int64) if same else None
+        except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+            raise UserError(f"{path} is not a valid folds file ({type(e).__name__}: {e})") from None
+        if fold is None:
             raise UserError(
-                f"{path} was made for other data or another cv.folds; use a new --out directory"
+                f"{path} was made for other data, other labels or another cv.folds; "
+                "use a new --out directory"
             )
-        return np.asarray([saved[r]["fold"] for r in rel], dtype=np.int64)
+        return fold
     fold = make_folds(ls.labels, n_folds, seed)
     doc = {
         "folds": n_folds,

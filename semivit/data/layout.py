@@ -50,7 +50,8 @@ def _rel(path: Path, root: Path) -> str:
         return str(path)
 
 
-def _from_class_folders(folder: Path, root: Path, classes: Optional[list[str]]) -> LabeledSet:
+def _from_class_folders(folder: Path, root: Path, classes: Optional[list[str]],
+                        require_all: bool = False) -> LabeledSet:
     found = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not found:
         raise UserError(f"no class folders in {folder} (expected {folder}/<class_name>/<images>)")
@@ -60,27 +61,42 @@ def _from_class_folders(folder: Path, root: Path, classes: Optional[list[str]]) 
         raise UserError(f"{folder} has class folders the model does not know: {', '.join(unknown)}")
     paths: list[Path] = []
     labels: list[int] = []
+    empty: list[str] = []
+    ignored = 0
     for name in found:
         disc = discover_images(folder / name)
+        ignored += disc.ignored_other
+        if not disc.files:
+            empty.append(name)
         paths += disc.files
         labels += [names.index(name)] * len(disc.files)
     if not paths:
         raise UserError(f"no images found under {folder}")
+    if empty and require_all:
+        # A class with no images would get an infinite class-balanced weight and no stratum.
+        raise UserError(f"class folder(s) without images in {folder}: {', '.join(empty)}")
+    if ignored:
+        warn(f"{folder}: {ignored} non-image files ignored")
     return LabeledSet(root, paths, np.asarray(labels, dtype=np.int64), names)
 
 
 def _from_csv(csv_path: Path, root: Path, classes: Optional[list[str]]) -> LabeledSet:
     try:
-        with open(csv_path, newline="") as f:
-            rows = list(csv.DictReader(f))
-            fields = set(rows[0].keys()) if rows else set()
+        # utf-8-sig: spreadsheet exports start with a byte-order mark that would hide 'image'.
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames:
+                reader.fieldnames = [(h or "").strip().lower() for h in reader.fieldnames]
+            rows = list(reader)
+            fields = set(reader.fieldnames or [])
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise UserError(f"cannot read {csv_path}: {e}") from None
-    if not rows:
-        raise UserError(f"{csv_path} has no rows")
     if not {"image", "label"} <= fields:
         raise UserError(f"{csv_path} must have columns 'image' and 'label' (has {', '.join(sorted(fields))})")
+    if not rows:
+        raise UserError(f"{csv_path} has no rows")
     paths, names = [], []
+    seen: dict[Path, int] = {}
     for line, row in enumerate(rows, start=2):
         img, label = (row["image"] or "").strip(), (row["label"] or "").strip()
         if not img or not label:
@@ -90,6 +106,10 @@ def _from_csv(csv_path: Path, root: Path, classes: Optional[list[str]]) -> Label
             raise UserError(f"{csv_path} line {line}: file not found: {img}")
         if not is_image_name(p.name):
             raise UserError(f"{csv_path} line {line}: not an image file name: {img}")
+        key = p.resolve()
+        if key in seen:  # the same image twice would sit in a training and a validation fold
+            raise UserError(f"{csv_path} line {line}: {img} is already listed on line {seen[key]}")
+        seen[key] = line
         paths.append(p)
         names.append(label)
     uniq = sorted(set(names))
@@ -112,7 +132,7 @@ def load_train(data: Path, labels_csv: str = "labels.csv") -> LabeledSet:
             warn(f"both {csv_path.name} and train/ exist in {data}: using {csv_path.name}")
         ls = _from_csv(csv_path, data, None)
     elif (data / "train").is_dir():
-        ls = _from_class_folders(data / "train", data, None)
+        ls = _from_class_folders(data / "train", data, None, require_all=True)
     else:
         raise UserError(f"{data} has neither train/<class>/ folders nor {labels_csv}")
     if len(ls.classes) < 2:
@@ -121,14 +141,18 @@ def load_train(data: Path, labels_csv: str = "labels.csv") -> LabeledSet:
 
 
 def load_eval(path: Path, classes: Optional[list[str]] = None, labels_csv: str = "labels.csv") -> LabeledSet:
-    """Labeled images for evaluation: DIR/labels.csv, DIR/test/<class>/ or DIR/<class>/."""
+    """Labeled images for evaluation: DIR/test/<class>/, else DIR/labels.csv, else DIR/<class>/.
+
+    test/ comes first: in a DATA directory labels.csv holds the *training* labels, and scoring a
+    model on its own training images is the mistake DESIGN.md warns about.
+    """
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"data directory not found: {path}")
-    if (path / labels_csv).is_file():
-        return _from_csv(path / labels_csv, path, classes)
     if (path / "test").is_dir():
         return _from_class_folders(path / "test", path, classes)
+    if (path / labels_csv).is_file():
+        return _from_csv(path / labels_csv, path, classes)
     return _from_class_folders(path, path, classes)
 
 
