@@ -287,13 +287,14 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def save(cfg: Config, path: Path) -> None:
+def save(cfg: Config, path: Path, extra: Optional[dict] = None) -> None:
     """Write the resolved config with the package versions and the seed (RUN/config.yaml)."""
     from semivit.utils import atomic_write_text
 
     doc = {
         "config": cfg.model_dump(mode="json"),
         "seed": cfg.seed,
+        **(extra or {}),
         "versions": package_versions(),
         "machine": {"platform": platform.platform(), "processor": platform.machine()},
     }

@@ -1,0 +1,230 @@
+"""The one training loop.  Stage 1, stage 3 and the EMA-Teacher all run through :func:`fit`.
+
+Semi-supervised methods plug in as an :class:`UnlabeledPolicy` (USB style): the policy owns
+the unlabeled loader (which then drives the epoch), adds its loss term, updates its state after
+each optimiser step (EMA teacher) and names the model that is validated and checkpointed.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import itertools
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import numpy as np
+import torch
+from sklearn.metrics import accuracy_score, f1_score
+from torch import nn
+from torch.utils.data import DataLoader, WeightedRandomSampler
+
+from semivit.data.dataset import ArrayDataset, Preprocess
+from semivit.progress import progress_bar
+from semivit.trainer.infer import autocast, predict_arrays
+from semivit.trainer.losses import FocalLoss
+from semivit.trainer.optim import build_optimizer, build_scheduler
+
+
+def macro_f1(y_true, y_pred, num_classes: int) -> float:
+    return float(f1_score(y_true, y_pred, average="macro", labels=list(range(num_classes)), zero_division=0))
+
+
+class EarlyStopping:
+    """Stop when the metric has not improved by ``min_delta`` for ``patience`` epochs."""
+
+    def __init__(self, patience: int = 5, min_delta: float = 0.001):
+        self.patience, self.min_delta = patience, min_delta
+        self.best = -math.inf
+        self.bad_epochs = 0
+
+    def step(self, value: float) -> tuple[bool, bool]:
+        """Returns (improved, stop)."""
+        if value > self.best + self.min_delta:
+            self.best, self.bad_epochs = value, 0
+            return True, False
+        self.bad_epochs += 1
+        return False, self.bad_epochs >= self.patience
+
+
+class UnlabeledPolicy:
+    """Base class for a semi-supervised term in the loop (see module docstring)."""
+
+    def loader(self) -> Optional[Iterable]:
+        return None
+
+    def loss(self, student: nn.Module, batch, pre: Preprocess, step: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def after_step(self, student: nn.Module) -> None:
+        pass
+
+    def eval_model(self, student: nn.Module) -> nn.Module:
+        return student
+
+    def stats(self) -> dict:
+        return {}
+
+
+@dataclass
+class FitResult:
+    best_f1: float
+    best_epoch: int
+    epochs_run: int
+    stopped_early: bool
+    history: list[dict] = field(default_factory=list)
+    val_probs: Optional[np.ndarray] = None  # at the best epoch
+    best_state: Optional[dict] = None
+    seconds: float = 0.0
+
+
+def _labeled_loader(ds: ArrayDataset, train_cfg, seed: int) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    drop_last = len(ds) > train_cfg.batch_size  # BatchNorm in the head needs > 1 sample
+    if train_cfg.sampler == "balanced":
+        from sklearn.utils.class_weight import compute_sample_weight
+
+        labels = ds.labels if ds.labels.ndim == 1 else ds.labels.argmax(1)
+        w = compute_sample_weight("balanced", labels)
+        sampler = WeightedRandomSampler(torch.as_tensor(w, dtype=torch.double), len(ds), generator=g)
+        return DataLoader(ds, batch_size=train_cfg.batch_size, sampler=sampler, drop_last=drop_last,
+                          num_workers=train_cfg.num_workers)
+    return DataLoader(ds, batch_size=train_cfg.batch_size, shuffle=True, generator=g, drop_last=drop_last,
+                      num_workers=train_cfg.num_workers, persistent_workers=train_cfg.num_workers > 0)
+
+
+def _mixer(train_cfg, num_classes: int):
+    if train_cfg.mixup_alpha <= 0 and train_cfg.cutmix_alpha <= 0:
+        return None
+    from timm.data import Mixup
+
+    return Mixup(mixup_alpha=train_cfg.mixup_alpha, cutmix_alpha=train_cfg.cutmix_alpha,
+                 prob=train_cfg.mix_prob, label_smoothing=0.0, num_classes=num_classes)
+
+
+def _write_history(path: Path, history: list[dict]) -> None:
+    if not history:
+        return
+    keys = list(history[0].keys())
+    for row in history:
+        keys += [k for k in row if k not in keys]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(history)
+
+
+def fit(model: nn.Module, train_ds: ArrayDataset, val_images: np.ndarray, val_labels: np.ndarray,
+        cfg, criterion: FocalLoss, device: torch.device, out_dir: Optional[Path] = None,
+        policy: Optional[UnlabeledPolicy] = None, desc: str = "train", seed: int = 0,
+        epochs: Optional[int] = None, on_best: Optional[Callable[[nn.Module, dict], None]] = None) -> FitResult:
+    """Train ``model``; validate macro F1 every epoch; keep the best; stop early.
+
+    ``on_best(model, row)`` is called when validation macro F1 improves (checkpointing).
+    ``out_dir`` gets metrics.csv, rewritten after every epoch.
+    """
+    tcfg = cfg.train
+    epochs = epochs or tcfg.epochs
+    num_classes = model.num_classes
+    model.to(device)
+    criterion.to(device)
+    pre = Preprocess().to(device)
+    loader = _labeled_loader(train_ds, tcfg, seed)
+    u_loader = policy.loader() if policy is not None else None
+    steps = len(u_loader) if u_loader is not None else len(loader)
+    mixer = _mixer(tcfg, num_classes)
+    use_scaler = device.type == "cuda" and tcfg.precision in ("auto", "amp")
+    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+    stopper = EarlyStopping(tcfg.patience, tcfg.min_delta)
+
+    def set_frozen(frozen: bool):
+        for p in model.backbone.parameters():
+            p.requires_grad_(not frozen)
+
+    freeze = min(tcfg.freeze_epochs, epochs - 1) if tcfg.freeze_epochs else 0
+    set_frozen(freeze > 0)
+    optimizer = build_optimizer(model, tcfg, lr=tcfg.freeze_lr if freeze else None)
+    scheduler = build_scheduler(optimizer, tcfg, steps)
+
+    result = FitResult(best_f1=-1.0, best_epoch=-1, epochs_run=0, stopped_early=False)
+    t_start = time.time()
+    step = 0
+    with progress_bar() as bar:
+        task = bar.add_task(desc, total=epochs * steps, status="")
+        for epoch in range(epochs):
+            if freeze and epoch == freeze:  # unfreeze: full model, differential LR, fresh schedule
+                set_frozen(False)
+                optimizer = build_optimizer(model, tcfg)
+                scheduler = build_scheduler(optimizer, tcfg, steps)
+            model.train()
+            t0 = time.time()
+            total, seen = 0.0, 0
+            lab_iter = itertools.cycle(loader) if u_loader is not None else iter(loader)
+            u_iter = iter(u_loader) if u_loader is not None else itertools.repeat(None)
+            for _ in range(steps):
+                x, y, w, _ = next(lab_iter)
+                ubatch = next(u_iter)
+                x, y, w = pre(x.to(device, non_blocking=True)), y.to(device), w.to(device)
+                if mixer is not None and len(x) % 2 == 0 and y.ndim == 1:
+                    x, y = mixer(x, y)  # timm Mixup/CutMix pairs i with N-1-i
+                    w = 0.5 * (w + w.flip(0))
+                with autocast(device, tcfg.precision):
+                    logits = model(x)
+                loss = criterion(logits.float(), y, w)
+                if policy is not None and ubatch is not None:
+                    with autocast(device, tcfg.precision):
+                        loss = loss + policy.loss(model, ubatch, pre, step)
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    if tcfg.grad_clip:
+                        scaler.unscale_(optimizer)
+                        nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    if tcfg.grad_clip:
+                        nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+                    optimizer.step()
+                scheduler.step()
+                if policy is not None:
+                    policy.after_step(model)
+                step += 1
+                total += float(loss.detach()) * len(x)
+                seen += len(x)
+                bar.update(task, advance=1, status=f"loss {total / max(seen, 1):.4f}  best F1 {max(result.best_f1, 0):.3f}")
+
+            eval_model = policy.eval_model(model) if policy is not None else model
+            probs = predict_arrays(eval_model, val_images, batch_size=max(64, tcfg.batch_size),
+                                   device=device, precision=tcfg.precision)
+            pred = probs.argmax(1)
+            f1 = macro_f1(val_labels, pred, num_classes)
+            with torch.no_grad():
+                vloss = float(criterion(torch.log(torch.from_numpy(probs).clamp_min(1e-8)),
+                                        torch.from_numpy(val_labels))) if len(val_labels) else float("nan")
+            row = {"epoch": epoch + 1, "train_loss": round(total / max(seen, 1), 6), "val_loss": round(vloss, 6),
+                   "val_macro_f1": round(f1, 6), "val_acc": round(float(accuracy_score(val_labels, pred)), 6),
+                   "lr": optimizer.param_groups[-1]["lr"], "seconds": round(time.time() - t0, 2)}
+            if policy is not None:
+                row.update(policy.stats())
+            result.history.append(row)
+            result.epochs_run = epoch + 1
+            improved, stop = stopper.step(f1)
+            if improved:
+                result.best_f1, result.best_epoch, result.val_probs = f1, epoch + 1, probs
+                result.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in eval_model.state_dict().items()})
+                if on_best is not None:
+                    on_best(eval_model, row)
+            if out_dir is not None:
+                _write_history(Path(out_dir) / "metrics.csv", result.history)
+            bar.update(task, status=f"epoch {epoch + 1}: F1 {f1:.3f} (best {result.best_f1:.3f} @ {result.best_epoch})")
+            if stop and epoch + 1 < epochs:
+                result.stopped_early = True
+                bar.update(task, completed=epochs * steps, status=f"early stop at epoch {epoch + 1}; best F1 {result.best_f1:.3f}")
+                break
+    result.seconds = time.time() - t_start
+    return result

@@ -1,0 +1,158 @@
+"""The weighted ensemble: weights from validation macro F1, RUN/ensemble.json, and the
+PyTorch module (uint8 NHWC in -> probabilities out) that serving and the ONNX export share.
+
+Weights: w_i = F1_i / sum_j F1_j, where F1_i is member i's best validation macro F1 on its
+held-out fold (true labels only).  ``ensemble.weighting: equal`` gives w_i = 1/M.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from semivit.data.dataset import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from semivit.errors import UserError
+from semivit.utils import atomic_write_json, read_json
+
+ENSEMBLE_FORMAT = "semivit-ensemble/1"
+
+
+def ensemble_weights(f1s: Sequence[float], weighting: str = "f1") -> np.ndarray:
+    f1s = np.asarray(f1s, dtype=np.float64)
+    if weighting == "equal" or f1s.sum() <= 0:
+        return np.full(len(f1s), 1.0 / len(f1s))
+    return f1s / f1s.sum()
+
+
+def write_ensemble(run_dir: Path, members: list[dict], classes: list[str], img_size: int,
+                   weighting: str = "f1") -> dict:
+    """members: [{"name", "path" (relative to RUN), "val_macro_f1", ...}] -> RUN/ensemble.json."""
+    w = ensemble_weights([m["val_macro_f1"] for m in members], weighting)
+    doc = {
+        "format": ENSEMBLE_FORMAT,
+        "classes": list(classes),
+        "img_size": img_size,
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "preprocessing": "decode to RGB, resize full frame to img_size x img_size (bilinear), "
+                         "uint8 NHWC; normalisation (x/255 - mean)/std is inside the model",
+        "weighting": weighting,
+        "formula": "w_i = F1_i / sum_j F1_j (validation macro F1 of each member)" if weighting == "f1"
+                   else "w_i = 1 / M",
+        "members": [{**m, "weight": float(wi)} for m, wi in zip(members, w)],
+        "val_macro_f1_mean": float(np.mean([m["val_macro_f1"] for m in members])),
+    }
+    atomic_write_json(Path(run_dir) / "ensemble.json", doc)
+    return doc
+
+
+def read_ensemble(run_dir: Path) -> dict:
+    path = Path(run_dir) / "ensemble.json"
+    if not path.is_file():
+        raise UserError(f"{run_dir} has no ensemble.json (train it first, or it is not a run directory)")
+    doc = read_json(path)
+    if doc.get("format") != ENSEMBLE_FORMAT:
+        raise UserError(f"{path} is not a semivit ensemble file")
+    return doc
+
+
+class EnsembleModel(nn.Module):
+    """uint8 images (N, H, W, 3) -> (probabilities (N, C), arg-max (N,)).
+
+    Preprocessing (normalisation), horizontal-flip TTA (both views in one batch), every member's
+    softmax and the weighted average are all inside, so ONNX export fuses them into one graph.
+    """
+
+    def __init__(self, members: Sequence[nn.Module], weights: Sequence[float], tta: bool = True,
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        super().__init__()
+        if len(members) != len(weights) or not members:
+            raise ValueError("members and weights must be non-empty and of equal length")
+        self.members = nn.ModuleList(members)
+        w = torch.tensor(list(weights), dtype=torch.float32)
+        self.register_buffer("weights", w / w.sum())
+        self.tta = tta
+        self.pre = Preprocess(mean, std, channels_last_input=True)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.pre(images)
+        n = x.shape[0]
+        if self.tta:
+            x = torch.cat([x, x.flip(3)], dim=0)
+        probs = None
+        for i, m in enumerate(self.members):
+            p = torch.softmax(m(x), dim=1)
+            if self.tta:
+                p = 0.5 * (p[:n] + p[n:])
+            p = p * self.weights[i]
+            probs = p if probs is None else probs + p
+        return probs, probs.argmax(dim=1)
+
+
+def load_members(run_dir: Path, doc: Optional[dict] = None, names: Optional[Sequence[str]] = None):
+    """(models, weights, member entries) of a run's ensemble, optionally a subset by name."""
+    from semivit.trainer.models import load_checkpoint
+
+    doc = doc or read_ensemble(run_dir)
+    entries = [m for m in doc["members"] if names is None or m["name"] in names]
+    models = []
+    for m in entries:
+        model, _ = load_checkpoint(Path(run_dir) / m["path"])
+        models.append(model)
+    return models, [m["weight"] for m in entries], entries
+
+
+def load_ensemble(run_dir: Path, tta: bool = True, names: Optional[Sequence[str]] = None) -> tuple[EnsembleModel, dict]:
+    doc = read_ensemble(run_dir)
+    models, weights, _ = load_members(run_dir, doc, names)
+    model = EnsembleModel(models, weights, tta=tta, mean=doc["mean"], std=doc["std"]).eval()
+    return model, doc
+
+
+def members_from_stages(run_dir: Path, stages: Sequence[str]) -> list[dict]:
+    """Finished folds of the given stages as ensemble member entries."""
+    out = []
+    for stage in stages:
+        for done in sorted(Path(run_dir, stage).glob("fold*/done.json"), key=lambda p: int(p.parent.name[4:])):
+            s = read_json(done)
+            out.append({"name": f"{stage}/{done.parent.name}", "path": f"{stage}/{done.parent.name}/best.pt",
+                        "stage": stage, "fold": s["fold"], "val_macro_f1": s["val_macro_f1"],
+                        "val_acc": s.get("val_acc")})
+    return out
+
+
+@torch.no_grad()
+def ensemble_predict(run_dir: Path, images: np.ndarray, stages: Optional[Sequence[str]] = None,
+                     tta: bool = True, batch_size: int = 64, device=None,
+                     with_embeddings: bool = False, weighting: str = "f1"):
+    """Weighted-ensemble probabilities of the members of ``stages`` (default: ensemble.json).
+
+    With ``with_embeddings`` also returns each member's penultimate embeddings (list of arrays).
+    """
+    from semivit.trainer.infer import predict_arrays
+    from semivit.trainer.models import load_checkpoint
+
+    if stages is None:
+        entries = read_ensemble(run_dir)["members"]
+        weights = [m["weight"] for m in entries]
+    else:
+        entries = members_from_stages(run_dir, stages)
+        if not entries:
+            raise UserError(f"{run_dir} has no trained members in {', '.join(stages)}")
+        weights = list(ensemble_weights([m["val_macro_f1"] for m in entries], weighting))
+    probs, embs = None, []
+    for m, w in zip(entries, weights):
+        model, _ = load_checkpoint(Path(run_dir) / m["path"])
+        if device is not None:
+            model.to(device)
+        out = predict_arrays(model, images, batch_size=batch_size, device=device, tta=tta,
+                             with_embeddings=with_embeddings)
+        p = out[0] if with_embeddings else out
+        if with_embeddings:
+            embs.append(out[1])
+        probs = p * w if probs is None else probs + p * w
+    return (probs, embs) if with_embeddings else probs

@@ -1,0 +1,119 @@
+"""Train one fold of a stage (stage 1 supervised, stage 3 retrain or EMA-Teacher) and the
+stage-wide loop with resume: a fold with ``done.json`` is finished and is never retrained."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from semivit.data import transforms
+from semivit.data.dataset import ArrayDataset
+from semivit.trainer.engine import UnlabeledPolicy, fit
+from semivit.trainer.losses import build_loss
+from semivit.trainer.models import build_model, save_checkpoint
+from semivit.trainer.run import Run
+from semivit.utils import atomic_write_json, info, read_json, seed_everything
+
+
+@dataclass
+class Extra:
+    """Extra training samples for a fold (pseudo-labels): never used for validation."""
+
+    images: np.ndarray
+    labels: np.ndarray  # int (N,) or soft (N, C)
+    weights: np.ndarray  # per-sample loss weights (confidence)
+
+
+def fold_seed(cfg, stage: str, k: int) -> int:
+    return cfg.seed * 1000 + {"stage1": 0, "stage3": 100}.get(stage, 500) + k
+
+
+def train_fold(run: Run, stage: str, k: int, extra: Optional[Extra] = None,
+               init_state: Optional[dict] = None,
+               make_policy: Optional[Callable[[torch.nn.Module], UnlabeledPolicy]] = None,
+               epochs: Optional[int] = None) -> dict:
+    """Train fold ``k`` of ``stage``; writes best.pt, metrics.csv, val_probs.npy and done.json."""
+    cfg = run.cfg
+    out = run.stage_dir(stage, k)
+    seed = fold_seed(cfg, stage, k)
+    seed_everything(seed)
+    tr = np.flatnonzero(run.folds != k)
+    va = np.flatnonzero(run.folds == k)
+    y = run.labeled.labels
+    images, labels = run.images[tr], y[tr]
+    weights = np.ones(len(tr), dtype=np.float32)
+    n_cls = len(run.classes)
+    if extra is not None and len(extra.images):
+        if extra.labels.ndim == 2:  # soft pseudo-labels: make the labeled part one-hot too
+            labels = np.eye(n_cls, dtype=np.float32)[labels]
+        images = np.concatenate([images, extra.images])
+        labels = np.concatenate([labels, extra.labels])
+        weights = np.concatenate([weights, extra.weights.astype(np.float32)])
+    # Class-balanced weights count the labeled part only: pseudo-labels must not re-balance.
+    counts = np.bincount(y[tr], minlength=n_cls)
+    criterion = build_loss(cfg.train, counts)
+    ds = ArrayDataset(images, labels, weights, transforms.build(cfg.train.augment, cfg.model.img_size))
+
+    model = build_model(run.model_cfg, n_cls, pretrained=None if init_state is None else False)
+    if init_state is not None:
+        model.load_state_dict(init_state)
+    policy = make_policy(model) if make_policy is not None else None
+
+    def on_best(m, row):
+        save_checkpoint(out / "best.pt", m, cfg.model, run.classes, stage=stage, fold=k,
+                        epoch=row["epoch"], val_macro_f1=row["val_macro_f1"], val_acc=row["val_acc"])
+
+    res = fit(model, ds, run.images[va], y[va], cfg, criterion, run.device, out_dir=out, policy=policy,
+              desc=f"{stage} fold {k + 1}/{cfg.cv.folds}", seed=seed, epochs=epochs, on_best=on_best)
+    np.save(out / "val_probs.npy", res.val_probs)
+    summary = {"stage": stage, "fold": k, "val_macro_f1": res.best_f1, "best_epoch": res.best_epoch,
+               "epochs_run": res.epochs_run, "stopped_early": res.stopped_early,
+               "val_acc": res.history[res.best_epoch - 1]["val_acc"], "seconds": round(res.seconds, 1),
+               "train_samples": int(len(images)), "extra_samples": int(len(images) - len(tr)),
+               "val_samples": int(len(va))}
+    atomic_write_json(out / "done.json", summary)  # written last: marks the fold finished
+    return summary
+
+
+def run_stage(run: Run, stage: str, fold_kwargs: Optional[Callable[[int], dict]] = None) -> list[dict]:
+    """All folds of ``stage``; finished folds (done.json) are skipped, so a rerun resumes.
+
+    ``fold_kwargs(k)`` gives :func:`train_fold`'s extra arguments for fold k (built lazily, so
+    a finished fold costs nothing).
+    """
+    summaries = []
+    for k in range(run.cfg.cv.folds):
+        done = run.stage_dir(stage, k) / "done.json"
+        if done.is_file():
+            s = read_json(done)
+            info(f"{stage} fold {k + 1}: already trained (val macro F1 {s['val_macro_f1']:.3f})")
+        else:
+            s = train_fold(run, stage, k, **(fold_kwargs(k) if fold_kwargs else {}))
+            info(f"{stage} fold {k + 1}: val macro F1 {s['val_macro_f1']:.3f} at epoch {s['best_epoch']} "
+                 f"({s['seconds']:.0f}s)")
+        summaries.append(s)
+    write_oof(run, stage)
+    return summaries
+
+
+def write_oof(run: Run, stage: str) -> Path:
+    """Out-of-fold probabilities of ``stage`` for every labeled image: RUN/<stage>/oof.csv."""
+    n_cls = len(run.classes)
+    probs = np.zeros((len(run.labeled), n_cls), dtype=np.float32)
+    for k in range(run.cfg.cv.folds):
+        va = np.flatnonzero(run.folds == k)
+        probs[va] = np.load(run.stage_dir(stage, k) / "val_probs.npy")
+    path = run.dir / stage / "oof.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "label", "fold", "pred"] + [f"p_{c}" for c in run.classes])
+        for i in range(len(run.labeled)):
+            w.writerow([run.labeled.rel(i), run.classes[run.labeled.labels[i]], int(run.folds[i]),
+                        run.classes[int(probs[i].argmax())]] + [f"{p:.6f}" for p in probs[i]])
+    np.save(run.dir / stage / "oof_probs.npy", probs)
+    return path

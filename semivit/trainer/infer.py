@@ -1,0 +1,59 @@
+"""Batched inference helpers shared by validation, pseudo-labelling, eval and export checks."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from semivit.data.dataset import Preprocess
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast on CPU, fp16 AMP on CUDA (``auto``), or nothing (``fp32``)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    if precision in ("auto", "bf16"):
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()  # "amp" asked on CPU: fp32
+
+
+@torch.no_grad()
+def predict_arrays(model: nn.Module, images: np.ndarray, batch_size: int = 64,
+                   device: Optional[torch.device] = None, tta: bool = False,
+                   with_embeddings: bool = False, precision: str = "fp32"):
+    """Softmax probabilities (N, C) for uint8 NHWC ``images``; with ``tta`` the mean of the
+    image and its horizontal mirror.  With ``with_embeddings`` also the penultimate features
+    (averaged over the TTA views)."""
+    device = device or torch.device("cpu")
+    pre = Preprocess(channels_last_input=True).to(device)
+    was_training = model.training
+    model.eval()
+    probs, embs = [], []
+    for s in range(0, len(images), batch_size):
+        x = pre(torch.from_numpy(np.ascontiguousarray(images[s:s + batch_size])).to(device))
+        views = [x, x.flip(3)] if tta else [x]
+        p_sum, e_sum = 0, 0
+        with autocast(device, precision):
+            for v in views:
+                if with_embeddings:
+                    logits, emb = model.forward_with_embedding(v)
+                    e_sum = e_sum + emb.float()
+                else:
+                    logits = model(v)
+                p_sum = p_sum + torch.softmax(logits.float(), dim=1)
+        probs.append((p_sum / len(views)).cpu().numpy())
+        if with_embeddings:
+            embs.append((e_sum / len(views)).cpu().numpy())
+    model.train(was_training)
+    n_cls = getattr(model, "num_classes", None)
+    out = np.concatenate(probs) if probs else np.zeros((0, n_cls or 0), np.float32)
+    if with_embeddings:
+        return out, (np.concatenate(embs) if embs else np.zeros((0, 0), np.float32))
+    return out

@@ -1,0 +1,146 @@
+"""``ssl train``: stage 0 (optional MAE) -> stage 1 -> stage 2 -> stage 3 -> ensemble -> report.
+
+Every stage is resumable: folds with done.json and stages with their output files are kept, so
+rerunning the same command after an interruption continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from semivit.errors import UserError
+from semivit.trainer.ensemble import members_from_stages, write_ensemble
+from semivit.trainer.folds import Extra, run_stage
+from semivit.trainer.run import STAGES, Run, open_run
+from semivit.utils import info, read_json, seed_everything, warn
+
+
+def parse_stages(stages: Optional[str], cfg) -> list[str]:
+    if not stages:
+        chosen = list(STAGES)
+    else:
+        chosen = [s.strip() for s in stages.split(",") if s.strip()]
+        bad = [s for s in chosen if s not in STAGES]
+        if bad:
+            raise UserError(f"unknown stage '{bad[0]}' (choose from {','.join(STAGES)})")
+    if cfg.pretrain.method == "none" and "pretrain" in chosen:
+        if stages and "pretrain" in stages:
+            raise UserError("--stages pretrain needs a pre-training method: --set pretrain.method=mae")
+        chosen.remove("pretrain")
+    if cfg.ssl.method == "ema-teacher" and "pseudo" in chosen:
+        chosen.remove("pseudo")  # the EMA-Teacher pseudo-labels online, inside stage 3
+    return [s for s in STAGES if s in chosen]
+
+
+def _stage1_done(run: Run) -> bool:
+    return all((run.dir / "stage1" / f"fold{k}" / "done.json").is_file() for k in range(run.cfg.cv.folds))
+
+
+def pseudo_extra(run: Run) -> Extra:
+    """The pseudo-labeled images of stage 2 as extra training samples (weights = confidence)."""
+    from semivit.trainer.pseudo import read_pseudo_labels
+
+    rows = read_pseudo_labels(run.dir / "pseudo" / "pseudo_labels.csv", run.classes)
+    paths, images = run.unlabeled
+    index = {run.rel(p): i for i, p in enumerate(paths)}
+    rows = [r for r in rows if r["image"] in index]
+    n_cls = len(run.classes)
+    size = run.cfg.model.img_size
+    if not rows:
+        return Extra(np.zeros((0, size, size, 3), np.uint8), np.zeros(0, np.int64), np.zeros(0, np.float32))
+    idx = np.asarray([index[r["image"]] for r in rows])
+    if run.cfg.pseudo.soft:
+        labels = np.stack([r["probs"] for r in rows]).astype(np.float32)
+    else:
+        labels = np.asarray([r["label_index"] for r in rows], dtype=np.int64)
+    if run.cfg.pseudo.weight == "confidence":
+        weights = np.asarray([r["confidence"] for r in rows], dtype=np.float32)
+    else:
+        weights = np.ones(len(rows), dtype=np.float32)
+    assert labels.shape[0] == len(idx) and (labels.ndim == 1 or labels.shape[1] == n_cls)
+    return Extra(images[idx], labels, weights)
+
+
+def _timed(run: Run, stage: str, fn, *args, **kwargs):
+    t0 = time.time()
+    out = fn(*args, **kwargs)
+    run.log_time(stage, time.time() - t0)
+    return out
+
+
+def run_training(data: Optional[Path], out: Optional[Path], cfg, stages: Optional[str] = None,
+                 registry: Optional[Path] = None) -> Run:
+    chosen = parse_stages(stages, cfg)
+    run = open_run(out, cfg, data)
+    seed_everything(cfg.seed)
+    t_all = time.time()
+    info(f"run {run.dir}: {len(run.labeled)} labeled images in {len(run.classes)} classes "
+         f"({', '.join(f'{c}={n}' for c, n in zip(run.classes, run.labeled.counts()))}); "
+         f"stages {','.join(chosen)}; device {run.device}; preset {cfg.preset}")
+    _ = run.folds  # write folds.json before anything trains
+
+    if "pretrain" in chosen:
+        if not (run.dir / "pretrain" / "encoder.pt").is_file():
+            from semivit.trainer.mae import run_mae
+
+            _timed(run, "pretrain", run_mae, run)
+        else:
+            info("pretrain: encoder.pt exists, reusing it")
+
+    if "supervised" in chosen:
+        _timed(run, "supervised", run_stage, run, "stage1")
+        _write_current_ensemble(run)
+
+    if "pseudo" in chosen:
+        if not _stage1_done(run):
+            raise UserError("stage 'pseudo' needs a finished stage 1: run --stages supervised first")
+        if (run.dir / "pseudo" / "stats.json").is_file():
+            info("pseudo: pseudo_labels.csv exists, reusing it")
+        else:
+            from semivit.trainer.pseudo import run_pseudo
+
+            _timed(run, "pseudo", run_pseudo, run)
+
+    if "retrain" in chosen:
+        if not _stage1_done(run):
+            raise UserError("stage 'retrain' needs a finished stage 1: run --stages supervised first")
+        if cfg.ssl.method == "ema-teacher":
+            from semivit.trainer.ema_teacher import fold_kwargs
+
+            _timed(run, "retrain", run_stage, run, "stage3", fold_kwargs(run))
+        else:
+            if not (run.dir / "pseudo" / "stats.json").is_file():
+                raise UserError("stage 'retrain' needs pseudo-labels: run --stages pseudo first")
+            extra = pseudo_extra(run)
+            info(f"stage 3: {len(run.labeled)} labeled + {len(extra.labels)} pseudo-labeled images per fold pool")
+            _timed(run, "retrain", run_stage, run, "stage3", lambda k: {"extra": extra})
+        _write_current_ensemble(run)
+
+    from semivit.trainer.report import write_report
+
+    _timed(run, "report", write_report, run)
+    info(f"done in {time.time() - t_all:.0f}s: ensemble in {run.dir / 'ensemble.json'}, report in {run.dir / 'report.md'}")
+    if registry is not None:
+        from semivit.refresh.registry import register_run
+
+        register_run(Path(registry), run.dir)
+    return run
+
+
+def _write_current_ensemble(run: Run) -> dict:
+    members = members_from_stages(run.dir, ["stage1", "stage3"])
+    if not members:
+        warn("no trained members yet: ensemble.json not written")
+        return {}
+    doc = write_ensemble(run.dir, members, run.classes, run.cfg.model.img_size, run.cfg.ensemble.weighting)
+    info(f"ensemble: {len(members)} members, weights "
+         + ", ".join(f"{m['name']}={m['weight']:.3f}" for m in doc["members"]))
+    return doc
+
+
+def stage_summary(run_dir: Path, stage: str) -> list[dict]:
+    return [read_json(p) for p in sorted(Path(run_dir, stage).glob("fold*/done.json"))]

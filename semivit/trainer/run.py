@@ -1,0 +1,181 @@
+"""A run directory: resolved config, data, folds, decoded images, and where each stage writes.
+
+```
+RUN/config.yaml   RUN/folds.json   RUN/skipped.csv   RUN/stage1/fold{k}/   RUN/pseudo/
+RUN/stage3/fold{k}/   RUN/pretrain/   RUN/ensemble.json   RUN/report.md
+```
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import yaml
+
+from semivit import config as cfgmod
+from semivit.data import folds as foldmod
+from semivit.data.dataset import Decoded, decode_many
+from semivit.data.layout import LabeledSet, load_train, unlabeled_pool
+from semivit.errors import UserError
+from semivit.progress import progress_bar
+from semivit.utils import atomic_write_text, info, resolve_device, warn
+
+STAGES = ("pretrain", "supervised", "pseudo", "retrain")
+
+
+def decode_with_progress(paths, size: int, what: str, workers: int = 0) -> Decoded:
+    with progress_bar(transient=True) as bar:
+        task = bar.add_task(f"decode {what}", total=len(paths), status="")
+        dec = decode_many(paths, size, workers=workers, progress=lambda n: bar.update(task, advance=n))
+    for path, reason in dec.failures[:5]:
+        warn(f"skipped {path}: {reason}")
+    if len(dec.failures) > 5:
+        warn(f"... and {len(dec.failures) - 5} more undecodable files (see skipped.csv)")
+    return dec
+
+
+@dataclass
+class Run:
+    """Everything a stage needs; created by :func:`open_run`."""
+
+    dir: Path
+    cfg: cfgmod.Config
+    data: Path
+
+    @cached_property
+    def device(self):
+        return resolve_device(self.cfg.device)
+
+    @cached_property
+    def _labeled(self) -> tuple[LabeledSet, np.ndarray]:
+        ls = load_train(self.data, self.cfg.data.labels_csv)
+        dec = decode_with_progress(ls.paths, self.cfg.model.img_size, "labeled images", self.cfg.data.decode_workers)
+        self._record_skipped(dec, ls.root)
+        if len(dec.ok) < len(ls):
+            ls = ls.subset(dec.ok)
+        if len(ls) < 2 * self.cfg.cv.folds:
+            raise UserError(f"only {len(ls)} decodable labeled images: too few for {self.cfg.cv.folds} folds")
+        return ls, dec.images
+
+    @property
+    def labeled(self) -> LabeledSet:
+        return self._labeled[0]
+
+    @property
+    def images(self) -> np.ndarray:
+        return self._labeled[1]
+
+    @property
+    def classes(self) -> list[str]:
+        return self.labeled.classes
+
+    @cached_property
+    def folds(self) -> np.ndarray:
+        return foldmod.load_or_make(self.dir / "folds.json", self.labeled, self.cfg.cv.folds, self.cfg.seed)
+
+    @cached_property
+    def unlabeled(self) -> tuple[list[Path], np.ndarray]:
+        paths = unlabeled_pool(self.data, self.cfg.data.max_unlabeled, self.cfg.seed)
+        if not paths:
+            return [], np.zeros((0, self.cfg.model.img_size, self.cfg.model.img_size, 3), np.uint8)
+        dec = decode_with_progress(paths, self.cfg.model.img_size, "unlabeled images", self.cfg.data.decode_workers)
+        self._record_skipped(dec, self.data)
+        return [paths[i] for i in dec.ok], dec.images
+
+    @property
+    def model_cfg(self):
+        """The model config, with stage 0's encoder as initial weights once it exists."""
+        enc = self.dir / "pretrain" / "encoder.pt"
+        if self.cfg.pretrain.method != "none" and enc.is_file():
+            return self.cfg.model.model_copy(update={"weights": enc})
+        return self.cfg.model
+
+    def rel(self, path: Path) -> str:
+        try:
+            return Path(path).relative_to(self.data).as_posix()
+        except ValueError:
+            return str(path)
+
+    def _record_skipped(self, dec: Decoded, root: Path) -> None:
+        if not dec.failures:
+            return
+        path = self.dir / "skipped.csv"
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(["image", "reason"])
+            for p, reason in dec.failures:
+                w.writerow([self.rel(p), reason])
+
+    def stage_dir(self, stage: str, fold: Optional[int] = None) -> Path:
+        d = self.dir / stage / (f"fold{fold}" if fold is not None else "")
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def log_time(self, stage: str, seconds: float) -> None:
+        path = self.dir / "timings.yaml"
+        doc = yaml.safe_load(path.read_text()) if path.exists() else {}
+        doc = doc or {}
+        doc[stage] = round(float(doc.get(stage, 0.0)) + seconds, 1)
+        atomic_write_text(path, yaml.safe_dump(doc, sort_keys=False))
+
+
+def _comparable(cfg: cfgmod.Config) -> dict:
+    d = cfg.model_dump(mode="json")
+    d.pop("device", None)  # a run may resume on another device
+    d["data"].pop("decode_workers", None)
+    return d
+
+
+def open_run(out: Optional[Path], cfg: cfgmod.Config, data: Optional[Path]) -> Run:
+    """Create RUN (saving config.yaml) or reopen it to resume, refusing a different config."""
+    if data is None:
+        from semivit.data.demo import ensure_default_data
+
+        data = ensure_default_data(seed=0)
+        info(f"no DATA given: using the embedded ELPV demo data in {data}")
+    data = Path(data).expanduser().resolve()
+    if not data.is_dir():
+        raise UserError(f"data directory not found: {data}")
+    if out is None:
+        out = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    out = Path(out)
+    cfg_path = out / "config.yaml"
+    if cfg_path.is_file():
+        saved = yaml.safe_load(cfg_path.read_text()) or {}
+        old_cfg = cfgmod.Config.model_validate(saved.get("config", {}))
+        if _comparable(old_cfg) != _comparable(cfg):
+            diff = _first_difference(_comparable(old_cfg), _comparable(cfg))
+            raise UserError(f"{out} holds a run with a different config ({diff}); use a new --out to start another run")
+        if Path(saved.get("data", data)) != data:
+            raise UserError(f"{out} was trained on {saved.get('data')}, not {data}; use a new --out")
+        info(f"resuming the run in {out}")
+    elif out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} exists and is not a semivit run; choose a new --out (nothing was changed)")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        cfgmod.save(cfg, cfg_path, extra={"data": str(data)})
+    return Run(out, cfg, data)
+
+
+def _first_difference(a, b, prefix="") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                return _first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
+    return f"{prefix.rstrip('.')}: {a!r} -> {b!r}"
+
+
+def load_run_config(run_dir: Path) -> tuple[cfgmod.Config, Path]:
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a semivit run (no config.yaml)")
+    saved = yaml.safe_load(path.read_text()) or {}
+    return cfgmod.Config.model_validate(saved.get("config", {})), Path(saved.get("data", "."))
