@@ -24,8 +24,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-# Keep test runs quiet and single-threaded-friendly on the 2-core CI box.
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# One thread per process: tiny models gain nothing from a second thread, and tests that start
+# `ssl` subprocesses (or run beside other work) would otherwise oversubscribe the 2 cores, which
+# makes OpenMP spin and slows everything down by 10x.  Progress bars off to keep logs short.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("SEMIVIT_QUIET", "1")
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 TINY_CLASSES = ["blue", "green", "red"]  # sorted: the order every layout loader yields
 _CHANNEL = {"red": 0, "green": 1, "blue": 2}
