@@ -145,3 +145,21 @@ def write_image_fixture():
 @pytest.fixture(name="TINY_CLASSES")
 def tiny_classes_fixture() -> list[str]:
     return list(TINY_CLASSES)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_data_shared: Path, tmp_path_factory) -> Path:
+    """A finished run: ``ssl train tiny_data_shared --preset tiny --out RUN``, trained once per
+    session (~30-60 s on a busy 2-core box): 2 folds x (stage 1 + stage 3) = 4 ensemble members,
+    32 px, RUN/ensemble.json, RUN/folds.json, the checkpoints.  Treat it as read-only: copy it
+    (``shutil.copytree``, it is under 1 MB) before writing into it, e.g. before an ``ssl export``
+    with the default RUN/export or a registry promotion."""
+    from typer.testing import CliRunner
+
+    from semivit.cli import app
+
+    run = tmp_path_factory.mktemp("tiny_run") / "RUN"
+    res = CliRunner().invoke(app, ["train", str(tiny_data_shared), "--preset", "tiny", "--out", str(run)])
+    assert res.exit_code == 0, f"tiny training failed ({res.exit_code}):\n{res.output}\n{res.exception!r}"
+    assert (run / "ensemble.json").is_file()
+    return run
