@@ -51,10 +51,13 @@ def demo_params(labeled_fraction: float, seed: int, test_fraction: float) -> dic
 
 
 def write_demo(out: Path, labeled_fraction: float = 0.2, seed: int = 0,
-               test_fraction: float = 0.25, limit: Optional[int] = None) -> dict:
+               test_fraction: float = 0.25, limit: Optional[int] = None,
+               test_seed: Optional[int] = None) -> dict:
     """Materialise the demo data in ``out``; returns the counts.  Deterministic for a seed.
 
-    ``limit`` keeps a stratified subset of that many images (for fast tests).
+    ``limit`` keeps a stratified subset of that many images (for fast tests).  ``test_seed``
+    (default: ``seed``) fixes the held-out split on its own, so benchmarks can vary the labeled
+    subset over seeds while scoring every variant on the same test images.
     """
     if not 0 < labeled_fraction <= 1:
         raise UserError(f"--labeled-fraction must be in (0, 1], got {labeled_fraction}")
@@ -62,6 +65,9 @@ def write_demo(out: Path, labeled_fraction: float = 0.2, seed: int = 0,
         raise UserError(f"test fraction must be in (0, 1), got {test_fraction}")
     out = Path(out)
     params = demo_params(labeled_fraction, seed, test_fraction) | ({"limit": limit} if limit else {})
+    if test_seed is not None and test_seed != seed:
+        params["test_seed"] = test_seed
+    test_seed = seed if test_seed is None else test_seed
     manifest = out / "demo.json"
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a directory")
@@ -81,7 +87,7 @@ def write_demo(out: Path, labeled_fraction: float = 0.2, seed: int = 0,
     try:
         if limit is not None and limit < len(idx):
             idx, _ = train_test_split(idx, train_size=limit, stratify=labels, random_state=seed)
-        pool, test = train_test_split(idx, test_size=test_fraction, stratify=labels[idx], random_state=seed)
+        pool, test = train_test_split(idx, test_size=test_fraction, stratify=labels[idx], random_state=test_seed)
         if labeled_fraction >= 1:
             labeled, unlabeled = pool, np.array([], dtype=np.int64)
         else:
