@@ -100,6 +100,8 @@ class SSLConfig(_Section):
     mixup_alpha: float = Field(0.8, ge=0)
     cutmix_alpha: float = Field(1.0, ge=0)
     epochs: Optional[int] = Field(None, ge=1)  # default: train.epochs
+    weak_augment: str = "weak"  # teacher's view (transforms registry)
+    strong_augment: str = "seed"  # student's view (the paper: the labeled data's augmentations)
 
 
 class PretrainConfig(_Section):
@@ -111,6 +113,9 @@ class PretrainConfig(_Section):
     decoder_dim: int = Field(128, ge=8)
     decoder_depth: int = Field(2, ge=1)
     norm_pix_loss: bool = True
+    weight_decay: float = Field(0.05, ge=0)  # MAE's
+    mask_input: bool = True  # CNN-stem (hybrid) ViTs: zero the masked cells' pixels before the stem
+    freeze_stem: bool = True  # keep a pretrained CNN stem (weights and BN statistics) fixed in MAE
 
 
 class EnsembleConfig(_Section):

@@ -1,0 +1,234 @@
+"""EMA-Teacher with probabilistic pseudo mixup (stage 3) and MAE pre-training (stage 0):
+the formulas on hand-made numbers, then one tiny end-to-end run of each."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from semivit import config as cfgmod
+from semivit.trainer.ema_teacher import (EMATeacherPolicy, ema_update, mix_batch, mixed_targets,
+                                         pair_index, prob_mix_params)
+from semivit.trainer.losses import FocalLoss
+from semivit.trainer.mae import MAE, num_kept, random_masking
+
+
+# ----------------------------------------------------------------------------- pseudo mixup
+def test_prob_mix_ratio_and_mask_follow_the_formula():
+    conf = torch.tensor([0.9, 0.3, 0.6, 0.75, 0.2])
+    j = pair_index(5)
+    assert j.tolist() == [4, 3, 2, 1, 0]
+    lam, conf_mixed = prob_mix_params(conf, j)
+    o = conf.tolist()
+    for i in range(5):
+        assert lam[i].item() == pytest.approx(o[i] / (o[i] + o[4 - i]))
+        assert conf_mixed[i].item() == pytest.approx(max(o[i], o[4 - i]))
+    assert lam[2].item() == pytest.approx(0.5)  # the middle sample pairs with itself
+    # mask o*_i >= tau = 0.7: 0.2 counts (mixed with 0.9, lambda 0.18), so does 0.3 (with 0.75);
+    # 0.6, mixed with itself, does not
+    assert (conf_mixed >= 0.7).tolist() == [True, True, False, True, True]
+    assert lam[4].item() == pytest.approx(0.2 / 1.1)
+
+
+def test_mixup_images_and_targets_follow_the_formula():
+    x = torch.stack([torch.full((3, 4, 4), float(v)) for v in (1.0, 2.0, 3.0, 4.0)])
+    conf = torch.tensor([0.8, 0.4, 0.9, 0.1])
+    j = pair_index(4)
+    lam, _ = prob_mix_params(conf, j)
+    mixed, lam_eff = mix_batch(x, lam, j, torch.zeros(4, dtype=torch.bool))
+    assert torch.allclose(lam_eff, lam)
+    for i in range(4):
+        expect = lam[i] * x[i] + (1 - lam[i]) * x[3 - i]
+        assert torch.allclose(mixed[i], expect)
+    y = mixed_targets(torch.tensor([0, 1, 2, 1]), lam, j, 3)
+    assert torch.allclose(y[0], torch.tensor([lam[0], 1 - lam[0], 0.0]))  # class 0 mixed with class 1
+    assert torch.allclose(y.sum(1), torch.ones(4))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_cutmix_ratio_is_corrected_to_the_pasted_area(seed):
+    np.random.seed(seed)
+    n, size = 6, 20
+    x = torch.zeros(n, 3, size, size)
+    x[n // 2:] = 1.0  # partners j = n-1-i of the first half are all ones
+    lam = torch.tensor([0.9, 0.5, 0.15, 0.7, 0.3, 0.05])  # small lambdas: big boxes, often clipped
+    mixed, lam_eff = mix_batch(x, lam, pair_index(n), torch.ones(n, dtype=torch.bool))
+    for i in range(n // 2):
+        pasted = float((mixed[i, 0] == 1.0).float().mean())
+        assert lam_eff[i].item() == pytest.approx(1.0 - pasted, abs=1e-6)
+        assert torch.all(mixed[i, 0] == mixed[i, 1])  # the same box in every channel
+
+
+class _Fixed(nn.Module):
+    """A 'teacher' that outputs the given probabilities, and a 'student' with uniform logits."""
+
+    def __init__(self, probs=None, num_classes=3):
+        super().__init__()
+        self.probs, self.num_classes = probs, num_classes
+        self.w = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        if self.probs is None:
+            return torch.zeros(len(x), self.num_classes) + 0 * self.w
+        return torch.log(self.probs)
+
+
+def test_policy_masks_by_mixed_confidence():
+    cfg = cfgmod.resolve("tiny", overrides=["ssl.threshold=0.7", "ssl.unlabeled_weight=5", "ssl.cutmix_alpha=0"])
+    probs = torch.tensor([[0.9, 0.05, 0.05], [0.3, 0.35, 0.35], [0.2, 0.6, 0.2], [0.1, 0.1, 0.8]])
+    student = _Fixed()
+    policy = EMATeacherPolicy(student, np.zeros((4, 8, 8, 3), np.uint8), cfg, FocalLoss(gamma=0.0),
+                              torch.device("cpu"))
+    policy.teacher = _Fixed(probs)
+    batch = ((torch.zeros(4, 3, 8, 8, dtype=torch.uint8),) * 2, None, None, None)
+    loss = policy.loss(student, batch, lambda t: t.float(), 0)
+    # uniform student logits: every sample's CE is log 3 whatever its soft target.  o = (.9, .35,
+    # .6, .8), partners (3, 2, 1, 0): o* = (.9, .6, .6, .9) -> 2 of 4 pass tau = 0.7.
+    assert loss.item() == pytest.approx(5 * 2 / 4 * math.log(3), rel=1e-5)
+    assert policy.stats()["u_mask_rate"] == 0.5
+
+
+# ----------------------------------------------------------------------------- EMA
+def test_ema_update_matches_the_formula():
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    student = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    student.train()(torch.randn(8, 3))  # moves the student's BatchNorm statistics
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    m = 0.9
+    ema_update(teacher, student, m)
+    s = student.state_dict()
+    for name, _ in teacher.named_parameters():
+        assert torch.allclose(teacher.state_dict()[name], m * before[name] + (1 - m) * s[name])
+    for name, buf in teacher.named_buffers():
+        assert torch.equal(buf, s[name]), name  # running_mean, running_var, num_batches_tracked
+
+
+# ----------------------------------------------------------------------------- MAE
+def _tiny_vit():
+    import timm
+
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32,
+                             patch_size=8, embed_dim=32, depth=1, num_heads=2)
+
+
+@pytest.mark.parametrize("ratio,kept", [(0.75, 4), (0.5, 8), (0.9, 2)])
+def test_mae_masking_keeps_the_stated_share(ratio, kept):
+    assert num_kept(16, ratio) == kept
+    ids_keep, ids_restore, mask = random_masking(7, 16, ratio, torch.Generator().manual_seed(1))
+    assert ids_keep.shape == (7, kept)
+    assert torch.all(mask.sum(1) == 16 - kept)
+    for b in range(7):
+        assert len(set(ids_keep[b].tolist())) == kept
+        assert torch.all(mask[b, ids_keep[b]] == 0)
+    assert not torch.equal(mask[0], mask[1])  # per-sample masks
+
+
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_mae_loss_only_on_masked_patches(norm_pix):
+    torch.manual_seed(0)
+    mae = MAE(_tiny_vit(), 32, decoder_dim=16, decoder_depth=1, norm_pix_loss=norm_pix).eval()
+    x = torch.randn(2, 3, 32, 32)
+    loss, pred, mask = mae(x, 0.75, torch.Generator().manual_seed(0))
+    vis = int((mask[0] == 0).nonzero()[0])
+    hid = int((mask[0] == 1).nonzero()[0])
+
+    def poke(idx):  # change the target pixels of patch idx of image 0
+        y = x.clone()
+        r, c = divmod(idx, 4)
+        y[0, :, r * 8:(r + 1) * 8, c * 8:(c + 1) * 8] += torch.randn(3, 8, 8) * 3
+        return y
+
+    assert mae.loss(poke(vis), pred, mask).item() == pytest.approx(loss.item(), abs=1e-7)
+    assert abs(mae.loss(poke(hid), pred, mask).item() - loss.item()) > 1e-4
+
+
+def _pred_changes_when_masked_pixels_change(mae, size):
+    x = torch.randn(2, 3, size, size)
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731 - the same mask twice
+    _, pred, mask = mae(x, 0.75, g())
+    y = x + 5 * mae.pixel_mask(mask) * torch.randn_like(x)  # only the masked cells change
+    _, pred2, _ = mae(y, 0.75, g())
+    return not torch.allclose(pred, pred2, atol=1e-5)
+
+
+def test_mae_encoder_does_not_see_masked_patches():
+    with torch.no_grad():
+        assert not _pred_changes_when_masked_pixels_change(MAE(_tiny_vit(), 32, 16, 1).eval(), 32)
+
+
+def test_hybrid_mae_pixel_masking_stops_the_stem_leak():
+    import timm
+
+    import semivit.trainer.models  # noqa: F401 - registers vit_hybrid_lite0
+
+    torch.manual_seed(0)
+    hybrid = timm.create_model("vit_hybrid_lite0", pretrained=False, num_classes=0, img_size=64,
+                               embed_dim=32, depth=1, num_heads=2)
+    with torch.no_grad():
+        leaky = MAE(hybrid, 64, 16, 1, mask_input=False).eval()
+        assert leaky.conv_stem and leaky.patch == 16
+        assert _pred_changes_when_masked_pixels_change(leaky, 64)  # the CNN sees the masked cells
+        leaky.mask_input = True
+        assert not _pred_changes_when_masked_pixels_change(leaky, 64)
+
+
+# ----------------------------------------------------------------------------- end to end
+def _train(*args):
+    from typer.testing import CliRunner
+
+    from semivit.cli import app
+
+    r = CliRunner().invoke(app, ["train", *args])
+    assert r.exit_code == 0, (r.output, r.exception)
+    return r
+
+
+def test_ema_teacher_end_to_end(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    _train(str(tiny_data), "--preset", "tiny", "--set", "ssl.method=ema-teacher", "--out", str(run))
+    assert not (run / "pseudo" / "pseudo_labels.csv").exists()  # online pseudo-labels only
+    ens = json.loads((run / "ensemble.json").read_text())
+    stages = [m["stage"] for m in ens["members"]]
+    assert stages.count("stage1") == 2 and stages.count("stage3") == 2
+    assert abs(sum(m["weight"] for m in ens["members"]) - 1) < 1e-6
+    header = (run / "stage3" / "fold0" / "metrics.csv").read_text().splitlines()[0]
+    assert "u_mask_rate" in header and "u_loss" in header
+    ck = torch.load(run / "stage3" / "fold0" / "best.pt", weights_only=False)
+    assert ck["stage"] == "stage3"
+    held = json.loads((run / "heldout.json").read_text())
+    assert "stage3_ensemble" in held and "full_ensemble" in held
+
+
+def test_mae_pretrain_end_to_end_and_resume(tiny_data, tmp_path):
+    from semivit.trainer.models import build_model
+
+    run = tmp_path / "run"
+    args = [str(tiny_data), "--preset", "tiny", "--set", "pretrain.method=mae",
+            "--stages", "pretrain,supervised", "--out", str(run)]
+    _train(*args)
+    pre = run / "pretrain"
+    for name in ("encoder.pt", "loss.csv", "loss.png", "last.pt"):
+        assert (pre / name).is_file(), name
+    assert (pre / "loss.csv").read_text().splitlines()[0].startswith("epoch,loss")
+    enc = torch.load(pre / "encoder.pt", weights_only=True)["state_dict"]
+
+    # the encoder loads strictly into a fresh backbone through model.weights
+    cfg = cfgmod.resolve("tiny", overrides=[f"model.weights={pre / 'encoder.pt'}"])
+    model = build_model(cfg.model, 3)
+    for k, v in model.backbone.state_dict().items():
+        assert torch.equal(v, enc[k]), k
+    # stage 1 started from it: its config says so and the run recorded stage 0's time
+    assert "pretrain" in (run / "timings.yaml").read_text()
+
+    # resume: with encoder.pt gone, a rerun finishes from last.pt (no epoch retrained)
+    (pre / "encoder.pt").unlink()
+    r = _train(*args)
+    assert "resuming MAE after epoch 1/1" in r.output.replace("\n", " ")
+    enc2 = torch.load(pre / "encoder.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(enc[k], enc2[k]) for k in enc)
