@@ -1,0 +1,155 @@
+"""Prediction writers: rows streamed to a temporary file beside the output, renamed into place
+only when the run ends normally (a killed run leaves a hidden ``.NAME.*.tmp``, never a
+half-written NAME).
+
+Formats (every file gets exactly one row/entry, in sorted path order):
+
+csv     path,label,confidence,p_<class>...,status,level,error
+        path: relative to DIR (POSIX); label/confidence/p_*: empty unless status is ok;
+        status: ok | error | timeout; level: the degradation level that predicted it (ok rows);
+        error: the reason (error rows) - probabilities are written with 6 decimals.
+json    {"format", "classes", "predictions": [{path, status, label, confidence,
+        probs: {class: p}, level, error}], "summary": {...}} (null where a csv cell is empty)
+kaggle  id,label - id is the path relative to DIR, label is empty for error/timeout rows
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from semivit.errors import UserError
+from semivit.utils import fsync_dir
+
+FORMATS = ("csv", "json", "kaggle")
+STATUSES = ("ok", "error", "timeout")
+
+
+@dataclass
+class Row:
+    path: str
+    status: str
+    label: Optional[str] = None
+    confidence: Optional[float] = None
+    probs: Optional[np.ndarray] = None
+    level: Optional[str] = None
+    error: Optional[str] = None
+
+
+def check_output(out: Path, force: bool) -> Path:
+    """Refuse an existing output without ``force`` (before any work is done)."""
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory; give a file name")
+    if out.exists() and not force:
+        raise UserError(f"{out} already exists (use --force to overwrite it)")
+    if not out.parent.exists():
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create the output directory {out.parent}: {e.strerror}") from None
+    return out
+
+
+class Writer:
+    """Base: a temporary file beside ``out``; ``commit()`` renames it into place, ``abort()`` removes it."""
+
+    def __init__(self, out: Path, classes: Sequence[str]):
+        self.out = Path(out)
+        self.classes = list(classes)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.out.name}.", suffix=".tmp", dir=self.out.parent)
+        self.tmp = Path(tmp)
+        self.f = os.fdopen(fd, "w", newline="", encoding="utf-8")
+        self.rows = 0
+        self._open()
+
+    def write(self, row: Row) -> None:
+        self._write(row)
+        self.rows += 1
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def commit(self, summary: Optional[dict] = None) -> None:
+        self._close(summary or {})
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        mask = os.umask(0o022)
+        os.umask(mask)
+        os.chmod(self.tmp, 0o666 & ~mask)
+        os.replace(self.tmp, self.out)
+        fsync_dir(self.out.parent)
+
+    def abort(self) -> None:
+        try:
+            self.f.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "Writer":
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is not None or not self.f.closed:
+            self.abort()
+
+    # to implement
+    def _open(self) -> None: ...
+    def _write(self, row: Row) -> None: ...
+    def _close(self, summary: dict) -> None: ...
+
+
+def _num(x: Optional[float]) -> str:
+    return "" if x is None else f"{x:.6f}"
+
+
+class CsvWriter(Writer):
+    def _open(self):
+        self.w = csv.writer(self.f, lineterminator="\n")
+        self.w.writerow(["path", "label", "confidence", *[f"p_{c}" for c in self.classes], "status", "level", "error"])
+
+    def _write(self, r: Row):
+        probs = [_num(float(p)) for p in r.probs] if r.probs is not None else [""] * len(self.classes)
+        self.w.writerow([r.path, r.label or "", _num(r.confidence), *probs, r.status, r.level or "", r.error or ""])
+
+
+class KaggleWriter(Writer):
+    def _open(self):
+        self.w = csv.writer(self.f, lineterminator="\n")
+        self.w.writerow(["id", "label"])
+
+    def _write(self, r: Row):
+        self.w.writerow([r.path, r.label or ""])
+
+
+class JsonWriter(Writer):
+    def _open(self):
+        self.f.write('{"format": "semivit-predictions/1", "classes": ' + json.dumps(self.classes)
+                     + ',\n"predictions": [')
+
+    def _write(self, r: Row):
+        doc = {"path": r.path, "status": r.status, "label": r.label,
+               "confidence": None if r.confidence is None else round(float(r.confidence), 6),
+               "probs": None if r.probs is None else {c: round(float(p), 6) for c, p in zip(self.classes, r.probs)},
+               "level": r.level, "error": r.error}
+        self.f.write(("\n" if self.rows == 0 else ",\n") + json.dumps(doc))
+
+    def _close(self, summary: dict):
+        self.f.write('\n],\n"summary": ' + json.dumps(summary, default=str) + "}\n")
+
+
+WRITERS = {"csv": CsvWriter, "json": JsonWriter, "kaggle": KaggleWriter}
+
+
+def open_writer(fmt: str, out: Path, classes: Sequence[str]) -> Writer:
+    if fmt not in WRITERS:
+        raise UserError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    return WRITERS[fmt](out, classes)
