@@ -539,14 +539,14 @@ def test_tensorrt_without_engine_or_runtime_is_one_clear_line(mixed_dir, fake_ex
 def test_engine_json_mismatch_is_detected():
     from semivit.serve.trt_engine import check_engine_info
 
-    info = {"tensorrt_version": "10.3.0", "compute_capability": "8.9", "gpu_name": "L4", "onnx_sha256": "ab"}
-    check_engine_info(info, "10.3.0", (8, 9), "L4", "ab")
+    info = {"tensorrt": "10.3.0", "compute_capability": "8.9", "gpu": "NVIDIA L4", "onnx_sha256": "ab"}  # engine.json
+    check_engine_info(info, "10.3.0", (8, 9), "NVIDIA L4", "ab")
     with pytest.raises(BackendUnavailable, match="rebuild"):
-        check_engine_info(info, "10.4.0", (8, 9), "L4", "ab")
+        check_engine_info(info, "10.4.0", (8, 9), "NVIDIA L4", "ab")
     with pytest.raises(BackendUnavailable, match="compute capability 8.9"):
         check_engine_info(info, "10.3.0", (9, 0), "H100", "ab")
     with pytest.raises(BackendUnavailable, match="different model.onnx"):
-        check_engine_info(info, "10.3.0", (8, 9), "L4", "cd")
+        check_engine_info(info, "10.3.0", (8, 9), "NVIDIA L4", "cd")
 
 
 def _gpu_reason() -> str:
@@ -572,19 +572,55 @@ def test_onnxruntime_cuda_really_runs_on_the_gpu(fake_export, mixed_dir, tmp_pat
     assert np.abs(be.predict(x)[0] - cpu.predict(x)[0]).max() < 1e-3
 
 
-@pytest.mark.gpu
-def test_native_tensorrt_engine(tmp_path):
-    if reason := _gpu_reason():
-        pytest.skip(reason)
+def _tensorrt_reason() -> str:
+    from semivit.serve.backends import has_nvidia_gpu
+
+    if not has_nvidia_gpu():
+        return "no NVIDIA GPU on this machine"
     try:
         import tensorrt  # noqa: F401
     except ImportError:
-        pytest.skip("the tensorrt Python package is not installed")
+        return "the tensorrt Python package is not installed"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "torch has no CUDA here (the TensorRT backend's buffers are torch.cuda tensors)"
     try:
-        from semivit.export.exporter import export_run  # noqa: F401
+        from semivit.export.tensorrt import build_engine  # noqa: F401
     except ImportError:
-        pytest.skip("semivit.export is not available to build an engine")
-    pytest.skip("engine round trip is covered by the export tests (ssl export --trt) on a GPU machine")
+        return "semivit.export.tensorrt is not available to build an engine"
+    return ""
+
+
+@pytest.mark.gpu
+def test_native_tensorrt_engine_matches_onnxruntime(fake_export, tmp_path):
+    if reason := _tensorrt_reason():
+        pytest.skip(reason)
+    from semivit.export.tensorrt import build_engine, profile_for
+
+    exp = tmp_path / "EXPORT"
+    shutil.copytree(fake_export, exp)
+    doc = build_engine(exp / "model.onnx", exp / "model.engine", profile_for(8, 16))
+    (exp / "engine.json").write_text(json.dumps(doc))
+    be = open_backend(exp, "tensorrt")
+    assert be.name == "tensorrt" and "tensorrt" in be.describe()
+    assert open_backend(exp, "auto").name == "tensorrt"
+    x = np.random.default_rng(0).integers(0, 256, (20, 8, 8, 3), dtype=np.uint8)  # > max batch 16: split
+    p_trt, y_trt = be.predict(x)
+    p_cpu, _ = open_backend(exp, "onnxruntime-cpu").predict(x)
+    assert p_trt.shape == (20, 3) and np.abs(p_trt - p_cpu).max() < 1e-2
+
+
+@pytest.mark.gpu
+def test_onnxruntime_tensorrt_provider_really_engages(fake_export):
+    if reason := _gpu_reason():
+        pytest.skip(reason)
+    import onnxruntime as ort
+
+    if "TensorrtExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("this onnxruntime-gpu build has no TensorrtExecutionProvider")
+    be = open_backend(fake_export, "onnxruntime-tensorrt")
+    assert "TensorrtExecutionProvider" in be.describe()
 
 
 # --------------------------------------------------------------------------------------------- trained run

@@ -81,9 +81,16 @@ class DecodePool:
         self.pool = None
         if self.workers > 0:
             ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-            with warnings.catch_warnings():  # 3.12+: "process is multi-threaded, fork() may deadlock"
-                warnings.simplefilter("ignore", DeprecationWarning)
-                self.pool = ctx.Pool(self.workers, initializer=_worker_init)
+            try:
+                with warnings.catch_warnings():  # 3.12+: "process is multi-threaded, fork() may deadlock"
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    self.pool = ctx.Pool(self.workers, initializer=_worker_init)
+            except OSError as e:  # no /dev/shm for the pool's semaphores, process limits, ...
+                from semivit.utils import warn
+
+                warn(f"cannot start decode worker processes ({e}); decoding in the main process")
+                self.workers = 0
+                return
             self._fill()
 
     def _fill(self) -> None:

@@ -1,9 +1,12 @@
 """Native TensorRT backend: EXPORT/model.engine (a raw serialized engine) run with the tensorrt
 Python runtime, device buffers held as torch CUDA tensors (no pycuda needed).
 
-Before deserializing, EXPORT/engine.json is checked against this machine: the TensorRT version the
-engine was built with (engines are tied to it) and the GPU's compute capability; a mismatch is a
-clear one-line error that says to rebuild with ``ssl export RUN --trt`` on this machine.
+Before deserializing, EXPORT/engine.json (written by :mod:`semivit.export.tensorrt`: ``tensorrt``,
+``gpu``, ``compute_capability``, ``onnx_sha256``, ``profile``) is checked against this machine: the
+TensorRT version the engine was built with (engines are tied to it), the GPU's compute capability,
+and the ONNX graph it came from (against meta.json's ``files`` record, no re-hashing); a mismatch
+is a clear one-line error that says to rebuild with ``ssl export RUN --trt`` on this machine
+(``--backend auto`` then goes on to ONNX Runtime, saying why).
 
 Written from the TensorRT 10 Python API (IRuntime.deserialize_cuda_engine,
 ICudaEngine.num_io_tensors/get_tensor_name/get_tensor_mode/get_tensor_dtype/
@@ -89,7 +92,8 @@ class TensorRTBackend(Backend):
         self.trt, self.torch = trt, torch
         cap = torch.cuda.get_device_capability(0)
         self.gpu = torch.cuda.get_device_name(0)
-        sha = (ref.meta.get("sha256") or {}).get("model.onnx") if isinstance(ref.meta.get("sha256"), dict) else None
+        files = ref.meta.get("files") if isinstance(ref.meta.get("files"), dict) else {}
+        sha = files.get("model.onnx")  # meta.json's record vs engine.json's: no re-hashing of a big graph
         check_engine_info(self.info, trt.__version__, cap, self.gpu, sha)
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
@@ -121,7 +125,11 @@ class TensorRTBackend(Backend):
         if len(inputs) != 1:
             raise BackendUnavailable(f"{path}: expected one input (images), found {inputs}")
         outputs = ["probs", "label"] if {"probs", "label"} <= set(outputs) else outputs[:2]
-        max_batch = int(engine.get_tensor_profile_shape(inputs[0], 0)[2][0])
+        profile = self.info.get("profile") or {}
+        if i == 0 and profile.get("max"):
+            max_batch = int(profile["max"][0])
+        else:
+            max_batch = int(engine.get_tensor_profile_shape(inputs[0], 0)[2][0])
         context = engine.create_execution_context()
         if context is None:
             raise BackendUnavailable(f"{path}: could not create an execution context (out of GPU memory?)")
