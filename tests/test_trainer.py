@@ -233,3 +233,15 @@ def test_unknown_model_name_is_a_user_error():
     cfg = tiny_cfg(**{"model.name": "no_such_model_xyz", "model.kwargs": "{}"})
     with pytest.raises(UserError, match="unknown model name"):
         build_model(cfg.model, 3)
+
+
+def test_hybrid_stem_at_backbone_lr_and_fresh_transformer_at_head_lr():
+    cfg = config.resolve(preset="quick")
+    model = build_model(cfg.model, 4, pretrained=False)
+    opt = build_optimizer(model, cfg.train)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    stem = model.backbone.patch_embed.backbone
+    assert all(lr_of[id(p)] == pytest.approx(cfg.train.lr * cfg.train.backbone_lr_mult) for p in stem.parameters())
+    assert all(lr_of[id(p)] == pytest.approx(cfg.train.lr) for p in model.backbone.blocks.parameters())
+    assert lr_of[id(model.backbone.pos_embed)] == pytest.approx(cfg.train.lr)
+    assert len(lr_of) == sum(1 for _ in model.parameters())

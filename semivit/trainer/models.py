@@ -89,6 +89,11 @@ class HybridViT(VisionTransformer):
     def stem_parameters(self):
         return self.patch_embed.backbone.parameters()
 
+    def fresh_parameter_names(self) -> list[str]:
+        """Everything but the pretrained CNN stem starts from random init (or MAE): the
+        optimiser trains these at the head's LR rather than the backbone's 10%."""
+        return [n for n, _ in self.named_parameters() if not n.startswith("patch_embed.backbone.")]
+
 
 @register_model
 def vit_hybrid_lite0(pretrained: bool = False, **kwargs) -> HybridViT:

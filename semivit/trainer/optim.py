@@ -17,7 +17,8 @@ def param_groups(model: nn.Module, lr: float, backbone_lr_mult: float, weight_de
     """Groups for a :class:`~semivit.trainer.models.Classifier`.
 
     - head: LR ``lr``; backbone: ``lr * backbone_lr_mult`` (times the layer-decay scale when
-      ``layer_decay`` is set, via timm's ``param_groups_layer_decay``);
+      ``layer_decay`` is set, via timm's ``param_groups_layer_decay``); the freshly initialised
+      parts of a hybrid backbone (``fresh_parameter_names()``) train at the head's ``lr``;
     - weight decay ``weight_decay`` on weights, 0 on biases, normalisation weights (any 1-d
       tensor) and the backbone's ``no_weight_decay()`` tensors (pos_embed, cls_token).
     Each group carries ``name`` for logging and tests.
@@ -36,15 +37,19 @@ def param_groups(model: nn.Module, lr: float, backbone_lr_mult: float, weight_de
             if g["params"]:
                 groups.append(g)
     else:
-        decay, no_decay = [], []
+        # A hybrid's transformer is freshly initialised: it trains at the head's LR; only the
+        # pretrained stem gets the reduced backbone LR (see HybridViT.fresh_parameter_names).
+        fresh_fn = getattr(backbone, "fresh_parameter_names", None)
+        fresh = set(fresh_fn()) if callable(fresh_fn) else set()
+        buckets: dict[tuple[bool, bool], list] = {}
         for n, p in backbone.named_parameters():
             if not p.requires_grad:
                 continue
-            (no_decay if p.ndim <= 1 or n in skip else decay).append(p)
-        groups += [
-            {"name": "backbone", "params": decay, "lr": lr * backbone_lr_mult, "weight_decay": weight_decay},
-            {"name": "backbone_no_decay", "params": no_decay, "lr": lr * backbone_lr_mult, "weight_decay": 0.0},
-        ]
+            buckets.setdefault((n in fresh, p.ndim <= 1 or n in skip), []).append(p)
+        for (is_fresh, nd), params in sorted(buckets.items()):
+            groups.append({"name": ("backbone_fresh" if is_fresh else "backbone") + ("_no_decay" if nd else ""),
+                           "params": params, "lr": lr if is_fresh else lr * backbone_lr_mult,
+                           "weight_decay": 0.0 if nd else weight_decay})
     hd, hnd = [], []
     for _, p in head.named_parameters():
         (hnd if p.ndim <= 1 else hd).append(p)
