@@ -1,0 +1,176 @@
+"""`ssl export RUN`: the run's ensemble as one verified ONNX graph per degradation level, plus
+optional INT8 and TensorRT, written to EXPORT (default RUN/export) atomically.
+
+Everything is written into a hidden temporary directory beside EXPORT and renamed into place at
+the end, so an interrupted or failed export never leaves a directory that looks complete.
+
+``--trt`` is checked up front: without TensorRT or a CUDA GPU nothing is exported and the command
+fails at once with one line, instead of after minutes of ONNX work whose result the user did not
+ask for alone (export without ``--trt`` here, or run the command on the GPU machine).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from semivit.errors import UserError
+from semivit.export import graph, levels as levelmod, verify
+from semivit.export.meta import write_meta
+from semivit.utils import info, sha256_file
+
+EXPORTERS = ("auto", "dynamo", "torchscript")
+
+
+def _exporter_choice(exporter: Optional[str]) -> str:
+    choice = exporter or os.environ.get("SEMIVIT_ONNX_EXPORTER", "auto")
+    if choice not in EXPORTERS:
+        raise UserError(f"SEMIVIT_ONNX_EXPORTER must be one of {', '.join(EXPORTERS)}, not {choice!r}")
+    return choice
+
+
+def _versions() -> dict:
+    import onnx
+    import onnxruntime
+
+    import semivit
+
+    return {"semivit": getattr(semivit, "__version__", "?"), "torch": torch.__version__,
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def _verify_subset(data: verify.RunImages, n: int) -> np.ndarray:
+    """Up to ``n`` images, classes interleaved (the first of each class, then the second...)."""
+    order: list[int] = []
+    queues = [list(np.flatnonzero(data.labels == c)) for c in np.unique(data.labels)]
+    while len(order) < n and any(queues):
+        for q in queues:
+            if q and len(order) < n:
+                order.append(q.pop(0))
+    return data.images[np.sort(order)]
+
+
+def _member_entry(m: dict) -> dict:
+    keys = ("name", "path", "stage", "fold", "val_macro_f1", "weight")
+    return {k: m.get(k) for k in keys}
+
+
+def export_run(run: Path, out: Optional[Path] = None, trt: bool = False, int8: bool = False, tta: bool = True,
+               max_batch: int = 64, force: bool = False, exporter: Optional[str] = None,
+               int8_tolerance: Optional[float] = None) -> Path:
+    """Export the run's ensemble; returns EXPORT.  See the module docstring and DESIGN.md."""
+    from semivit.trainer.ensemble import EnsembleModel, load_members, read_ensemble
+
+    run = Path(run)
+    out = Path(out) if out is not None else run / "export"
+    exporter = _exporter_choice(exporter)
+    if max_batch < 1:
+        raise UserError(f"--max-batch must be >= 1, not {max_batch}")
+    doc = read_ensemble(run)  # before anything is written: a clear error for a non-run
+    if out.exists() and not force:
+        raise UserError(f"{out} already exists; use --force to replace it (nothing was changed)")
+    if trt:
+        from semivit.export import tensorrt
+
+        tensorrt.require()
+    t_start = time.perf_counter()
+    models, _, entries = load_members(run, doc)
+    by_name = dict(zip([m["name"] for m in entries], models))
+    size, classes = int(doc["img_size"]), list(doc["classes"])
+    data = verify.load_run_images(run, classes, size, limit=None if int8 else verify.MAX_VERIFY_IMAGES)
+    check_images = _verify_subset(data, verify.MAX_VERIFY_IMAGES)
+    plan = levelmod.plan_levels(entries, tta)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    refused = None
+    try:
+        graphs, checks, exported = {}, {}, {}
+        full_model = None
+        for level in plan:
+            model = EnsembleModel([by_name[m["name"]] for m in level.members], [m["weight"] for m in level.members],
+                                  tta=level.tta, mean=doc["mean"], std=doc["std"]).eval()
+            full_model = full_model or model
+            path = tmp / level.file
+            exported[level.name] = graph.export_graph(model, path, size, exporter=exporter)
+            if exported[level.name]["exporter"] == "torchscript" and exporter == "auto":
+                exporter = "torchscript"  # dynamo failed once: do not pay for it again per level
+            checks[level.name] = verify.compare(path, model, check_images)
+            info(verify.summary_line(level.name, checks[level.name]))
+            if not checks[level.name]["passed"]:
+                raise UserError(f"verification of the {level.name} graph failed: ONNX Runtime differs from "
+                                f"PyTorch (max |dp| {checks[level.name]['max_abs_diff']:.2e}, arg-max agreement "
+                                f"{100 * checks[level.name]['argmax_agreement']:.1f}%); nothing was exported")
+            graphs[level.file] = graph.describe(path)
+            graph.set_metadata(path, {
+                "semivit_format": "semivit-export/1", "level": level.name, "classes": classes, "img_size": size,
+                "mean": doc["mean"], "std": doc["std"], "tta": level.tta,
+                "members": [{"name": m["name"], "weight": m["weight"]} for m in level.members],
+                "source_run": str(run.resolve()), "opset": graph.OPSET, "exporter": exported[level.name]["exporter"],
+                "verification": {k: checks[level.name][k] for k in ("max_abs_diff", "argmax_agreement", "images", "passed")},
+            })
+        int8_report = None
+        if int8:
+            from semivit.export import int8 as int8mod
+
+            try:
+                int8_report = int8mod.add_int8(tmp, full_model, plan[0].members, data, tolerance=int8_tolerance)
+            except int8mod.Int8Refused as e:
+                refused, int8_report = e, e.report
+        trt_doc = None
+        if trt:
+            from semivit.export import tensorrt
+
+            trt_doc = tensorrt.build_and_verify(tmp, check_images, size, max_batch)
+        first = exported[plan[0].name]
+        write_meta(tmp, {
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "source_run": str(run.resolve()),
+            "source_ensemble_sha256": sha256_file(run / "ensemble.json"),
+            "classes": classes, "img_size": size, "mean": doc["mean"], "std": doc["std"],
+            "input": {"name": "images", "dtype": "uint8", "shape": ["N", size, size, 3], "layout": "NHWC, RGB",
+                      "preprocessing": doc.get("preprocessing")},
+            "outputs": {"probs": {"dtype": "float32", "shape": ["N", len(classes)]},
+                        "label": {"dtype": "int64", "shape": ["N"]}},
+            "tta": tta, "tta_kind": "horizontal flip, batched inside the graph, mean of the two views' probabilities",
+            "weighting": doc.get("weighting"), "formula": doc.get("formula"),
+            "members": [_member_entry(m) for m in plan[0].members],
+            "levels": [lv.contract() for lv in plan],
+            "level_members": {lv.name: [{"name": m["name"], "weight": m["weight"]} for m in lv.members] for lv in plan},
+            "opset": graph.OPSET, "exporter": first["exporter"], "dynamo_error": first.get("dynamo_error"),
+            "external_data": any(e["external_data"] for e in exported.values()),
+            "graphs": graphs, "verification": checks,
+            "verification_images": {"count": int(len(check_images)), "source": data.source},
+            "int8": int8_report, "tensorrt": trt_doc, "versions": _versions(),
+            "seconds": round(time.perf_counter() - t_start, 1),
+        })
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    info(f"exported {len(plan[0].members)} members ({', '.join(lv.name for lv in plan)}) to {out} "
+         f"in {time.perf_counter() - t_start:.0f}s")
+    if refused is not None:
+        raise refused
+    return out
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``; an existing ``out`` (``--force``) is moved aside first and
+    deleted only after the new one is in place."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,349 @@
+"""`ssl export`: one ONNX graph per degradation level with the ensemble, flip TTA and
+preprocessing fused, verified against PyTorch; INT8 acceptance; the TensorRT path (GPU only).
+
+The module's exports use the TorchScript exporter (SEMIVIT_ONNX_EXPORTER=torchscript: about 10x
+faster on the tiny model); the dynamo exporter, the default, has its own test of the full graph.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from semivit.cli import app
+from semivit.data.dataset import decode_many
+from semivit.errors import UserError
+from semivit.export import fp16, graph, int8 as int8mod, levels as levelmod, tensorrt, verify
+from semivit.export.exporter import export_run
+from semivit.export.meta import check_files, read_meta
+from semivit.trainer.ensemble import load_ensemble, read_ensemble
+from semivit.trainer.models import load_checkpoint
+
+FAST = {"SEMIVIT_ONNX_EXPORTER": "torchscript"}
+
+
+def cli(*args, env=None):
+    return CliRunner().invoke(app, [str(a) for a in args], env={**FAST, **(env or {})})
+
+
+def one_line_error(res, after_progress: bool = False) -> str:
+    """The error: exit code 2 and one line.  ``after_progress``: progress lines may come first
+    (the INT8 refusal follows a completed FP32 export), the error is still one line, the last."""
+    lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
+    assert res.exit_code == 2, res.output
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], res.output
+    assert after_progress or len(lines) == 1, res.output
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def run_copy(tiny_run, tmp_path_factory) -> Path:
+    """A private copy of the shared tiny run (exports write into RUN/export by default)."""
+    dst = tmp_path_factory.mktemp("export") / "RUN"
+    shutil.copytree(tiny_run, dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def exported(run_copy) -> Path:
+    """`ssl export RUN` (default out RUN/export, flip TTA on)."""
+    res = cli("export", run_copy)
+    assert res.exit_code == 0, res.output
+    return run_copy / "export"
+
+
+@pytest.fixture(scope="module")
+def held_out(tiny_data_shared) -> np.ndarray:
+    """Real images the run never trained on (DATA/test), decoded at the model's size."""
+    paths = sorted((tiny_data_shared / "test").rglob("*.*"))
+    return decode_many(paths, 32).images
+
+
+def member_probs_by_hand(run: Path, images: np.ndarray, tta: bool) -> np.ndarray:
+    """sum_i w_i * mean over views of softmax(member_i(view)), views = image (and its mirror made
+    in numpy) - computed member by member, without EnsembleModel."""
+    doc = read_ensemble(run)
+    mean, std = np.asarray(doc["mean"], np.float32), np.asarray(doc["std"], np.float32)
+    views = [images] + ([images[:, :, ::-1, :]] if tta else [])  # NHWC: axis 2 is the width
+    out = 0.0
+    for m in doc["members"]:
+        model, _ = load_checkpoint(run / m["path"])
+        model.eval()
+        p = 0.0
+        for v in views:
+            x = torch.from_numpy(((v.astype(np.float32) / 255.0 - mean) / std).transpose(0, 3, 1, 2).copy())
+            with torch.no_grad():
+                p = p + torch.softmax(model(x), dim=1).numpy()
+        out = out + m["weight"] * p / len(views)
+    return out / sum(m["weight"] for m in doc["members"])
+
+
+# ----------------------------------------------------------------------------- the graph
+def test_cli_export_writes_levels_and_meta(exported, run_copy, capsys):
+    meta = read_meta(exported)
+    m = len(read_ensemble(run_copy)["members"])
+    k = -(-m // 2)
+    assert meta["levels"] == [
+        {"name": "full", "file": "model.onnx", "tta": True, "members": m},
+        {"name": "no_tta", "file": "levels/no_tta.onnx", "tta": False, "members": m},
+        {"name": f"top{k}_no_tta", "file": f"levels/top{k}_no_tta.onnx", "tta": False, "members": k},
+    ]
+    for lv in meta["levels"]:
+        assert (exported / lv["file"]).is_file()
+        v = meta["verification"][lv["name"]]
+        assert v["passed"] and v["max_abs_diff"] <= 1e-4 and v["argmax_agreement"] == 1.0
+        assert v["batch_sizes"] == [1, 3, 17] and v["images"] > 17
+        assert graph.member_count(exported / lv["file"]) == lv["members"]
+    assert not list(exported.parent.glob(".export.*")), "temporary export directory left behind"
+
+
+def test_graph_runs_at_batch_1_3_17_and_matches_pytorch(exported, run_copy, held_out):
+    sess = verify.ort_session(exported / "model.onnx")
+    (inp,), outs = sess.get_inputs(), sess.get_outputs()
+    assert (inp.name, inp.type, inp.shape[1:]) == ("images", "tensor(uint8)", [32, 32, 3])
+    assert isinstance(inp.shape[0], str), "batch axis must be dynamic"
+    assert [(o.name, o.type) for o in outs] == [("probs", "tensor(float)"), ("label", "tensor(int64)")]
+    model, _ = load_ensemble(run_copy, tta=True)
+    ref_p, ref_y = verify.run_torch(model, held_out)
+    for b in (1, 3, 17):
+        p, y = verify.run_ort(sess, held_out, b)
+        assert p.shape == (len(held_out), 3) and y.dtype == np.int64
+        assert np.abs(p - ref_p).max() <= 1e-4
+        assert (y == ref_y).all() and (y == p.argmax(1)).all()
+        np.testing.assert_allclose(p.sum(1), 1.0, atol=1e-5)
+
+
+def test_graph_holds_every_member_with_flip_tta_and_layernorm(exported, run_copy):
+    path = exported / "model.onnx"
+    members = read_ensemble(run_copy)["members"]
+    assert graph.member_count(path) == len(members) == 4
+    assert graph.flip_slices(path) >= 1
+    model = onnx.load(str(path))
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    ops = graph.op_counts(path)
+    assert ops["LayerNormalization"] >= 2 * len(members)  # per block norm1/norm2 + final norm, one op each
+    md = graph.read_metadata(path)
+    assert md["classes"] == ["blue", "green", "red"] and md["img_size"] == 32 and md["tta"] is True
+    assert [m["name"] for m in md["members"]] == [m["name"] for m in members]
+    assert md["verification"]["passed"] is True and md["source_run"] == str(run_copy.resolve())
+
+
+def test_tta_is_fused_in_the_graph(exported, run_copy, held_out):
+    """The graph's output = weighted mean over members of the mean of the member's softmax on
+    the image and on its mirror, computed independently here."""
+    p, _ = verify.run_ort(verify.ort_session(exported / "model.onnx"), held_out, 5)
+    want = member_probs_by_hand(run_copy, held_out, tta=True)
+    assert np.abs(p - want).max() <= 1e-4
+    no_flip = member_probs_by_hand(run_copy, held_out, tta=False)
+    assert np.abs(p - no_flip).max() > 1e-4, "the mirror must change something, or this test proves nothing"
+
+
+def test_meta_is_complete_and_hashes_match(exported, run_copy):
+    meta = read_meta(exported)
+    for key in ("classes", "img_size", "mean", "std", "members", "tta", "levels", "source_run", "opset",
+                "exporter", "verification", "files", "input", "outputs", "level_members"):
+        assert key in meta, key
+    assert meta["opset"] >= 17 and meta["int8"] is None and meta["tensorrt"] is None
+    assert [m["weight"] for m in meta["members"]] == pytest.approx([m["weight"] for m in read_ensemble(run_copy)["members"]])
+    on_disk = {p.relative_to(exported).as_posix() for p in exported.rglob("*") if p.is_file() and p.name != "meta.json"}
+    assert set(meta["files"]) == on_disk
+    assert check_files(exported) == []
+    for lv in meta["level_members"].values():
+        assert sum(m["weight"] for m in lv) == pytest.approx(1.0)
+
+
+def test_top_level_keeps_highest_weights(exported):
+    meta = read_meta(exported)
+    full = {m["name"]: m["weight"] for m in meta["level_members"]["full"]}
+    top = meta["levels"][-1]
+    chosen = [m["name"] for m in meta["level_members"][top["name"]]]
+    ranked = sorted(full, key=lambda n: -full[n])
+    assert full[min(chosen, key=full.get)] >= full[ranked[len(chosen)]]
+    p = verify.run_ort(verify.ort_session(exported / top["file"]), np.zeros((2, 32, 32, 3), np.uint8), 2)[0]
+    np.testing.assert_allclose(p.sum(1), 1.0, atol=1e-5)
+
+
+def test_dynamo_exporter_full_graph(run_copy, held_out, tmp_path):
+    """The default exporter (torch.onnx dynamo) on a TTA ensemble (two members: its cost grows
+    with the node count, and the graph pattern is the same for four)."""
+    names = [m["name"] for m in read_ensemble(run_copy)["members"]][:2]
+    model, _ = load_ensemble(run_copy, tta=True, names=names)
+    done = graph.export_graph(model, tmp_path / "model.onnx", 32, exporter="dynamo")
+    assert done["exporter"] == "dynamo" and done["external_data"] is False
+    res = verify.compare(tmp_path / "model.onnx", model, held_out)
+    assert res["passed"], res
+    d = graph.describe(tmp_path / "model.onnx")
+    assert d["layer_norm_nodes"] > 0 and d["flip_slices"] >= 1 and d["member_weight_sets"] == 2
+
+
+# ----------------------------------------------------------------------------- --no-tta, INT8
+@pytest.fixture(scope="module")
+def no_tta_refused(run_copy, tmp_path_factory):
+    """`ssl export RUN --out EXPORT --no-tta --int8 --force` with the INT8 tolerance forced below
+    any possible drop, over an existing EXPORT holding a stale file."""
+    out = tmp_path_factory.mktemp("ntta") / "EXPORT"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(int8mod, "TOLERANCE", -1.0)
+        res = cli("export", run_copy, "--out", out, "--no-tta", "--int8", "--force")
+    return out, res
+
+
+def test_no_tta_graph_has_no_flip_and_matches_pytorch(no_tta_refused, run_copy, held_out):
+    out, _ = no_tta_refused
+    meta = read_meta(out)
+    assert meta["tta"] is False
+    assert [lv["name"] for lv in meta["levels"]] == ["full", "top2_no_tta"]
+    assert meta["levels"][0] == {"name": "full", "file": "model.onnx", "tta": False, "members": 4}
+    assert graph.flip_slices(out / "model.onnx") == 0 and graph.flip_slices(out / "levels/top2_no_tta.onnx") == 0
+    model, _ = load_ensemble(run_copy, tta=False)
+    p, _ = verify.run_ort(verify.ort_session(out / "model.onnx"), held_out, 3)
+    assert np.abs(p - verify.run_torch(model, held_out)[0]).max() <= 1e-4
+    assert np.abs(p - member_probs_by_hand(run_copy, held_out, tta=False)).max() <= 1e-4
+
+
+def test_int8_refusal_is_one_line_exit_2_and_leaves_no_int8_file(no_tta_refused):
+    out, res = no_tta_refused
+    line = one_line_error(res, after_progress=True)
+    assert "INT8 refused" in line and "macro F1" in line
+    assert not (out / "model.int8.onnx").exists()
+    meta = read_meta(out)  # the FP32 export itself is complete and verified
+    assert meta["int8"]["accepted"] is False and meta["int8"]["file"] is None
+    assert meta["int8"]["macro_f1_fp32"] is not None and meta["int8"]["macro_f1_int8"] is not None
+    assert check_files(out) == []
+
+
+def test_int8_accepted_when_macro_f1_holds(exported, run_copy, tmp_path):
+    d = tmp_path / "EXPORT"
+    shutil.copytree(exported, d)
+    model, doc = load_ensemble(run_copy, tta=True)
+    data = verify.load_run_images(run_copy, doc["classes"], doc["img_size"])
+    rep = int8mod.add_int8(d, model, doc["members"], data)
+    assert rep["accepted"] and rep["file"] == "model.int8.onnx" and (d / "model.int8.onnx").is_file()
+    assert rep["images"] == len(data.images) and rep["validation"].startswith("out-of-fold")
+    assert abs(rep["macro_f1_fp32"] - rep["macro_f1_int8"]) <= 0.01 and rep["drop"] == pytest.approx(
+        rep["macro_f1_fp32"] - rep["macro_f1_int8"])
+    assert rep["bytes_int8"] < rep["bytes_fp32"]
+    ops = graph.op_counts(d / "model.int8.onnx")
+    assert ops["MatMulInteger"] + ops["DynamicQuantizeMatMul"] > 0
+    p, y = verify.run_ort(verify.ort_session(d / "model.int8.onnx"), data.images, 17)
+    assert p.shape == (len(data.images), 3) and (y == p.argmax(1)).all()
+
+
+def test_oof_predictions_use_only_members_of_the_images_fold():
+    # 2 members (fold 0, fold 1), 3 classes, 4 images; member 0 says class 0, member 1 says class 2
+    terms = np.zeros((2, 4, 3))
+    terms[0, :, 0] = 0.5
+    terms[1, :, 2] = 0.5
+    preds, mask = int8mod.oof_predictions(terms, np.array([0.5, 0.5]), [0, 1], np.array([0, 1, 0, 1]))
+    assert preds.tolist() == [0, 2, 0, 2] and mask.all()
+    preds, mask = int8mod.oof_predictions(terms, np.array([0.5, 0.5]), [0, None], np.array([0, 1, 0, 1]))
+    assert preds.tolist() == [0, -1, 0, -1] and mask.tolist() == [True, False, True, False]
+
+
+# ----------------------------------------------------------------------------- CLI rules
+def test_second_export_without_force_exits_2_and_changes_nothing(exported, run_copy):
+    before = (exported / "meta.json").read_text()
+    line = one_line_error(cli("export", run_copy))
+    assert "--force" in line
+    assert (exported / "meta.json").read_text() == before
+
+
+def test_force_replaces_an_export(no_tta_refused):
+    out, _ = no_tta_refused
+    assert not (out / "stale.txt").exists() and read_meta(out)["tta"] is False
+    assert [p.name for p in out.parent.iterdir()] == ["EXPORT"]  # no temporary or old copy left
+
+
+def test_failed_verification_fails_the_export_and_leaves_nothing(run_copy, tmp_path, monkeypatch):
+    real = verify.compare
+    monkeypatch.setattr(verify, "compare", lambda *a, **k: real(*a, **{**k, "atol": -1.0}))
+    with pytest.raises(UserError, match="verification of the full graph failed"):
+        export_run(run_copy, out=tmp_path / "EXPORT", tta=False, exporter="torchscript")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_not_a_run_is_one_line_exit_2(tmp_path):
+    assert "ensemble.json" in one_line_error(cli("export", tmp_path))
+
+
+@pytest.mark.skipif(tensorrt.unavailable_reason() is None, reason="TensorRT and a CUDA GPU are available here")
+def test_trt_without_gpu_is_one_line_exit_2_before_any_work(run_copy, tmp_path):
+    line = one_line_error(cli("export", run_copy, "--out", tmp_path / "EXPORT", "--trt"))
+    assert "--trt needs TensorRT and a CUDA GPU" in line
+    assert not (tmp_path / "EXPORT").exists()
+    with pytest.raises(UserError, match="needs TensorRT"):
+        tensorrt.check_engine(tmp_path)
+
+
+# ----------------------------------------------------------------------------- formats
+def test_external_data_when_weights_pass_the_limit(run_copy, held_out, tmp_path, monkeypatch):
+    monkeypatch.setattr(graph, "PROTO_LIMIT_BYTES", 1000)  # the tiny ensemble "passes 2 GB"
+    model, _ = load_ensemble(run_copy, tta=True)
+    path = tmp_path / "model.onnx"
+    done = graph.export_graph(model, path, 32, exporter="torchscript")
+    assert done["external_data"] and graph.data_file(path).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
+    assert path.stat().st_size < graph.data_file(path).stat().st_size
+    graph.set_metadata(path, {"level": "full"})
+    onnx.checker.check_model(str(path))
+    assert verify.compare(path, model, held_out)["passed"]
+
+
+def test_fp16_graph_for_tensorrt_keeps_io_types(exported, held_out, tmp_path):
+    """The TensorRT >= 11 path's FP16 conversion, checked on CPU with ONNX Runtime."""
+    dst = tmp_path / "model.fp16.onnx"
+    fp16.convert_file(exported / "model.onnx", dst)
+    model = onnx.load(str(dst))
+    assert not [t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
+    p32, y32 = verify.run_ort(verify.ort_session(exported / "model.onnx"), held_out, 17)
+    p16, y16 = verify.run_ort(verify.ort_session(dst), held_out, 17)
+    assert p16.dtype == np.float32 and y16.dtype == np.int64
+    assert np.abs(p16 - p32).max() <= 1e-2 and (y16 == y32).mean() >= 0.9
+
+
+def test_level_plan_contract():
+    mk = lambda ws: [{"name": f"m{i}", "weight": w} for i, w in enumerate(ws)]  # noqa: E731
+    one = levelmod.plan_levels(mk([1.0]), tta=True)
+    assert [lv.contract() for lv in one] == [{"name": "full", "file": "model.onnx", "tta": True, "members": 1},
+                                             {"name": "no_tta", "file": "levels/no_tta.onnx", "tta": False, "members": 1}]
+    five = levelmod.plan_levels(mk([0.1, 0.3, 0.2, 0.3, 0.1]), tta=False)
+    assert [lv.name for lv in five] == ["full", "top3_no_tta"] and five[0].tta is False
+    top = five[1].members
+    assert [m["name"] for m in top] == ["m1", "m2", "m3"]
+    assert [m["weight"] for m in top] == pytest.approx([0.375, 0.25, 0.375])
+
+
+# ----------------------------------------------------------------------------- TensorRT (GPU)
+@pytest.mark.gpu
+@pytest.mark.skipif(tensorrt.unavailable_reason() is not None,
+                    reason=f"TensorRT engine tests need TensorRT and a CUDA GPU: {tensorrt.unavailable_reason()}")
+def test_tensorrt_engine_builds_verifies_and_rebuilds_on_mismatch(exported, run_copy, held_out, tmp_path, monkeypatch):
+    monkeypatch.setenv("SEMIVIT_CACHE_DIR", str(tmp_path / "cache"))
+    d = tmp_path / "EXPORT"
+    shutil.copytree(exported, d)
+    doc = tensorrt.build_and_verify(d, held_out, 32, max_batch=17)
+    engine = (d / "model.engine").read_bytes()
+    assert engine[:4] != b"{\"fo" and doc["engine_sha256"]  # raw plan, no JSON header glued on
+    info = json.loads((d / "engine.json").read_text())
+    assert info["profile"]["min"][0] == 1 and info["profile"]["max"][0] == 17
+    assert info["onnx_sha256"] == read_meta(d)["files"]["model.onnx"]
+    assert info["verification"]["passed"] and Path(info["timing_cache"]).is_file()
+    assert tensorrt.engine_mismatches(d) == [] and tensorrt.check_engine(d) == d / "model.engine"
+    info["tensorrt"] = "0.0.0"
+    (d / "engine.json").write_text(json.dumps(info))
+    with pytest.raises(UserError, match="does not fit this machine"):
+        tensorrt.check_engine(d, rebuild=False)
+    assert tensorrt.check_engine(d) == d / "model.engine"
+    assert json.loads((d / "engine.json").read_text())["rebuilt_because"]
+    p, y = tensorrt.EngineRunner(d / "model.engine")(held_out[:5])
+    assert p.shape == (5, 3) and (y == p.argmax(1)).all()
