@@ -93,6 +93,21 @@ def test_policy_masks_by_mixed_confidence():
     assert policy.stats()["u_mask_rate"] == 0.5
 
 
+def test_labeled_stream_under_a_policy_is_not_a_replay():
+    """The unlabeled loader drives the epoch, so the labeled loader is re-iterated: every pass
+    must reshuffle and re-augment (itertools.cycle would replay the first pass's batches)."""
+    from torch.utils.data import DataLoader
+
+    from semivit.trainer.engine import _forever
+
+    data = torch.arange(8.0)
+    loader = DataLoader(data, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0))
+    it = _forever(loader)
+    passes = [torch.cat([next(it) for _ in range(2)]).tolist() for _ in range(4)]
+    assert all(sorted(p) == data.tolist() for p in passes)
+    assert len({tuple(p) for p in passes}) > 1
+
+
 # ----------------------------------------------------------------------------- EMA
 def test_ema_update_matches_the_formula():
     torch.manual_seed(0)

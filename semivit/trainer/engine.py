@@ -105,6 +105,13 @@ def _mixer(train_cfg, num_classes: int):
                  prob=train_cfg.mix_prob, label_smoothing=0.0, num_classes=num_classes)
 
 
+def _forever(loader: Iterable):
+    """Re-iterate ``loader`` without end: fresh shuffling and augmentation on every pass
+    (``itertools.cycle`` would replay the first pass's cached batches)."""
+    while True:
+        yield from loader
+
+
 def _write_history(path: Path, history: list[dict]) -> None:
     if not history:
         return
@@ -162,7 +169,7 @@ def fit(model: nn.Module, train_ds: ArrayDataset, val_images: np.ndarray, val_la
             model.train()
             t0 = time.time()
             total, seen = 0.0, 0
-            lab_iter = itertools.cycle(loader) if u_loader is not None else iter(loader)
+            lab_iter = _forever(loader) if u_loader is not None else iter(loader)
             u_iter = iter(u_loader) if u_loader is not None else itertools.repeat(None)
             for _ in range(steps):
                 x, y, w, _ = next(lab_iter)
