@@ -1,0 +1,412 @@
+"""The model registry: numbered versions, an atomically switched ``current``, promotion history.
+
+Layout (a contract shared with ``ssl predict --model REGISTRY``, see semivit/serve/resolve.py)::
+
+    REGISTRY/
+      current -> v0002          a RELATIVE symlink to the serving version.  Switched atomically:
+                                a temporary symlink is created beside it and os.replace()d over
+                                ``current`` (rename(2) is atomic), so a reader always sees the
+                                old or the new version, never nothing and never a half state.
+      v0001/                    a complete version; it never changes after it appears, except
+        manifest.json           its manifest's status (atomic rewrite).  What it holds:
+        run/                      a run directory (config.yaml, folds.json, stage1/, stage3/,
+                                  ensemble.json, checkpoints) - the PyTorch ensemble;
+        export/                   its export (model.onnx + meta.json) - what `ssl predict` serves.
+      .staging/v0003-<pid>/     a version being built (invisible: hidden, not named vNNNN).  It is
+                                renamed to REGISTRY/v0003 only when complete (run + export +
+                                manifest written and fsynced), so a SIGKILL at any point leaves no
+                                half-written version visible.  Stale staging dirs (a killed build)
+                                are deleted by the next refresh or registration, under the lock.
+      promotions.json           the stack of promoted versions (rollback pops it), journaled
+      registry.yaml             settings: holdout path, disk reserve, export options
+      holdout/<class>/*         optional fixed labeled holdout (or `holdout:` in registry.yaml)
+      inbox.sqlite              the inbox state (semivit/refresh/inbox.py), WAL mode
+      history.jsonl, history.md what every refresh (and promote/rollback) did
+      refresh.lock              flock held by the running refresh (pid + start time inside)
+      switch.lock               flock held for the few milliseconds of a switch of ``current``
+
+manifest.json: ``version``, ``status`` (candidate | promoted | rejected), ``parent``, ``created``,
+``origin`` (register | refresh), ``data`` (labeled data, pseudo-labels used), ``metrics``
+(validation macro F1 of the retrained members on the original folds, holdout macro F1),
+``comparison`` + ``decision`` (refresh candidates), ``status_history``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from semivit.errors import UserError
+from semivit.refresh.lock import FileLock
+from semivit.utils import atomic_write_json, atomic_write_text, fsync_dir, read_json
+
+MANIFEST_FORMAT = "semivit-version/1"
+STATUSES = ("candidate", "promoted", "rejected")
+VERSION_RE = re.compile(r"^v(\d{4,})$")
+STAGING = ".staging"
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def version_name(n: int) -> str:
+    return f"v{n:04d}"
+
+
+def parse_version(text: str) -> str:
+    """'3', 'v3', 'v0003' -> 'v0003'."""
+    m = re.fullmatch(r"v?0*(\d+)", str(text).strip())
+    if not m:
+        raise UserError(f"not a version name: '{text}' (expected e.g. v0003 or 3)")
+    return version_name(int(m.group(1)))
+
+
+# ---------------------------------------------------------------- settings
+
+@dataclass
+class Settings:
+    holdout: Optional[str] = None  # labeled holdout dir; default REGISTRY/holdout when it exists
+    min_free_mb: float = 512.0  # kept free beyond the estimated size of a new version
+    export_tta: bool = True
+    export_trt: bool = False
+    export_int8: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def holdout_dir(self, registry: Path) -> Optional[Path]:
+        if self.holdout:
+            p = Path(self.holdout).expanduser()
+            p = p if p.is_absolute() else registry / p
+            if not p.is_dir():
+                raise UserError(f"holdout directory in {registry / 'registry.yaml'} not found: {p}")
+            return p
+        return registry / "holdout" if (registry / "holdout").is_dir() else None
+
+
+SETTINGS_HEADER = """# semivit model registry settings (edit freely; read at the start of every refresh)
+# holdout: a fixed labeled holdout (DIR/<class>/*, DIR/test/<class>/* or DIR/labels.csv), relative
+#          to the registry or absolute; default: REGISTRY/holdout/ when it exists.  Never trained on.
+# min_free_mb: free disk space to keep beyond the estimated size of a new version.
+# export: options for the export of every new version (ssl export --no-tta/--trt/--int8).
+"""
+
+
+def load_settings(registry: Path) -> Settings:
+    path = Path(registry) / "registry.yaml"
+    if not path.is_file():
+        return Settings()
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    exp = doc.get("export") or {}
+    known = {"holdout", "min_free_mb", "export", "format"}
+    try:
+        return Settings(holdout=doc.get("holdout"), min_free_mb=float(doc.get("min_free_mb", 512.0)),
+                        export_tta=bool(exp.get("tta", True)), export_trt=bool(exp.get("trt", False)),
+                        export_int8=bool(exp.get("int8", False)),
+                        extra={k: v for k, v in doc.items() if k not in known})
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path}: bad value ({e})") from None
+
+
+def init_registry(registry: Path) -> Path:
+    registry = Path(registry)
+    registry.mkdir(parents=True, exist_ok=True)
+    if not (registry / "registry.yaml").exists():
+        s = Settings()
+        doc = {"format": "semivit-registry/1", "holdout": s.holdout, "min_free_mb": s.min_free_mb,
+               "export": {"tta": s.export_tta, "trt": s.export_trt, "int8": s.export_int8}}
+        atomic_write_text(registry / "registry.yaml", SETTINGS_HEADER + yaml.safe_dump(doc, sort_keys=False))
+    return registry
+
+
+def require_registry(registry: Path) -> Path:
+    registry = Path(registry)
+    if not registry.is_dir():
+        raise UserError(f"registry not found: {registry}")
+    if not versions(registry) and current_version(registry) is None:
+        raise UserError(f"{registry} holds no model versions (create the first one with "
+                        f"`ssl train DATA --registry {registry}`)")
+    return registry
+
+
+# ---------------------------------------------------------------- versions and manifests
+
+def versions(registry: Path) -> list[str]:
+    """Visible versions (complete by construction), oldest first."""
+    registry = Path(registry)
+    if not registry.is_dir():
+        return []
+    names = [p.name for p in registry.iterdir() if VERSION_RE.match(p.name) and p.is_dir() and not p.is_symlink()]
+    return sorted(names, key=lambda n: int(n[1:]))
+
+
+def read_manifest(vdir: Path) -> dict:
+    path = Path(vdir) / "manifest.json"
+    try:
+        doc = read_json(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+    if doc.get("format") != MANIFEST_FORMAT:
+        raise UserError(f"{path} is not a semivit version manifest")
+    return doc
+
+
+def write_manifest(vdir: Path, doc: dict) -> None:
+    atomic_write_json(Path(vdir) / "manifest.json", doc)
+
+
+def set_status(registry: Path, version: str, status: str, why: str, **fields) -> dict:
+    assert status in STATUSES, status
+    vdir = Path(registry) / version
+    doc = read_manifest(vdir)
+    doc["status"] = status
+    doc.update(fields)
+    doc.setdefault("status_history", []).append({"time": now_iso(), "status": status, "why": why})
+    write_manifest(vdir, doc)
+    return doc
+
+
+def next_version(registry: Path) -> str:
+    """The next free number (also past any staging dir); call under the refresh lock."""
+    nums = [int(v[1:]) for v in versions(registry)]
+    staging = Path(registry) / STAGING
+    if staging.is_dir():
+        nums += [int(m.group(1)) for p in staging.iterdir() if (m := re.match(r"v(\d+)-", p.name))]
+    return version_name(max(nums, default=0) + 1)
+
+
+def clean_staging(registry: Path) -> list[str]:
+    """Delete every staging dir.  Only the refresh-lock holder builds versions, so under the lock
+    any staging dir is a leftover of a killed build."""
+    staging = Path(registry) / STAGING
+    removed = []
+    if staging.is_dir():
+        for p in sorted(staging.iterdir()):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p.name)
+    return removed
+
+
+def new_staging(registry: Path) -> tuple[str, Path]:
+    name = next_version(registry)
+    d = Path(registry) / STAGING / f"{name}-{os.getpid()}"
+    d.mkdir(parents=True)
+    return name, d
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(dirpath))
+
+
+def publish(registry: Path, staging_dir: Path, name: str) -> Path:
+    """Make a complete staging dir visible as REGISTRY/<name> with one rename."""
+    registry = Path(registry)
+    target = registry / name
+    if target.exists():
+        raise UserError(f"{target} already exists: refusing to overwrite a version")
+    if not (staging_dir / "manifest.json").is_file():
+        raise RuntimeError(f"{staging_dir} has no manifest: not complete")
+    _fsync_tree(staging_dir)  # everything on disk before the rename makes it visible
+    os.rename(staging_dir, target)
+    fsync_dir(registry)
+    fsync_dir(staging_dir.parent)
+    return target
+
+
+def link_or_copy_tree(src: Path, dst: Path, ignore=None, link: bool = True) -> None:
+    """Copy a tree; with ``link`` hard-link the files (registry files are never modified in
+    place, so versions can share them), falling back to a copy across file systems."""
+    def copy(s, d):
+        if link:
+            try:
+                os.link(s, d)
+                return d
+            except OSError:
+                pass
+        return shutil.copy2(s, d)
+
+    shutil.copytree(src, dst, ignore=ignore, copy_function=copy, symlinks=False)
+
+
+# ---------------------------------------------------------------- current and promotions
+
+def current_version(registry: Path) -> Optional[str]:
+    cur = Path(registry) / "current"
+    if not cur.is_symlink():
+        return None
+    return Path(os.readlink(cur)).name
+
+
+def _switch_link(registry: Path, version: str) -> None:
+    tmp = registry / f".current.{os.getpid()}.tmp"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(version, tmp)  # relative: the registry can be moved or mounted elsewhere
+    os.replace(tmp, registry / "current")
+    fsync_dir(registry)
+
+
+def _read_stack(registry: Path) -> dict:
+    path = registry / "promotions.json"
+    return read_json(path) if path.is_file() else {"stack": [], "pending": None}
+
+
+def promotion_stack(registry: Path) -> list[str]:
+    """Promoted versions, oldest first; the last is current.  Repairs an interrupted switch:
+    a ``pending`` entry is applied if ``current`` already shows its target, dropped otherwise."""
+    registry = Path(registry)
+    doc = _read_stack(registry)
+    stack = list(doc.get("stack", []))
+    cur = current_version(registry)
+    pending = doc.get("pending")
+    if pending:
+        stack = list(pending["stack_after"]) if cur == pending["target"] else stack
+    if cur is not None and (not stack or stack[-1] != cur):
+        stack.append(cur)  # current was switched by hand: keep it as the top
+    return stack
+
+
+class CurrentChanged(Exception):
+    """``current`` is not what the caller expected (someone switched it meanwhile)."""
+
+
+def switch_current(registry: Path, version: str, *, rollback: bool = False,
+                   expect: Optional[set] = None) -> tuple[Optional[str], str]:
+    """Point ``current`` at ``version`` atomically; returns (previous, new).
+
+    Journaled: promotions.json first records the intended stack as ``pending``, then the link
+    is switched, then the stack is committed.  A kill between any two steps is repaired by
+    :func:`promotion_stack`, which trusts ``current``.  With ``expect``, raise
+    :class:`CurrentChanged` (and switch nothing) unless current is one of those versions.
+    """
+    registry = Path(registry)
+    with FileLock(registry / "switch.lock", "switch of current", blocking=True):
+        if not (registry / version / "manifest.json").is_file():
+            raise UserError(f"{version} is not a complete version in {registry}")
+        stack = promotion_stack(registry)
+        prev = current_version(registry)
+        if expect is not None and prev not in expect:
+            raise CurrentChanged(f"current changed to {prev} while {version} was being built")
+        if rollback:
+            if len(stack) < 2 or stack[-2] != version:
+                raise RuntimeError("rollback target is not the previous promotion")
+            after = stack[:-1]
+        else:
+            after = stack + [version] if (not stack or stack[-1] != version) else stack
+        atomic_write_json(registry / "promotions.json",
+                          {"stack": stack, "pending": {"target": version, "stack_after": after, "time": now_iso()}})
+        from semivit.refresh.lock import kill_point
+
+        kill_point("switch")
+        _switch_link(registry, version)
+        kill_point("switched")
+        atomic_write_json(registry / "promotions.json", {"stack": after, "pending": None})
+    return prev, version
+
+
+# ---------------------------------------------------------------- integrity
+
+def check_version(vdir: Path, load_export: bool = True) -> list[str]:
+    """Problems of one version dir (empty list: complete and loadable)."""
+    vdir = Path(vdir)
+    problems = []
+    try:
+        man = read_manifest(vdir)
+        if man.get("version") != vdir.name:
+            problems.append(f"{vdir.name}: manifest names {man.get('version')}")
+        if man.get("status") not in STATUSES:
+            problems.append(f"{vdir.name}: bad status {man.get('status')!r}")
+    except UserError as e:
+        problems.append(str(e))
+    run = vdir / "run"
+    ens = run / "ensemble.json"
+    if not ens.is_file():
+        problems.append(f"{vdir.name}: run/ensemble.json missing")
+    else:
+        try:
+            for m in read_json(ens)["members"]:
+                if not (run / m["path"]).is_file():
+                    problems.append(f"{vdir.name}: member checkpoint {m['path']} missing")
+        except (ValueError, KeyError) as e:
+            problems.append(f"{vdir.name}: run/ensemble.json unreadable ({e})")
+    exp = vdir / "export"
+    for f in ("model.onnx", "meta.json"):
+        if not (exp / f).is_file():
+            problems.append(f"{vdir.name}: export/{f} missing")
+    if load_export and not problems:
+        try:
+            from semivit.refresh.metrics import smoke_predict
+
+            smoke_predict(vdir)
+        except Exception as e:  # noqa: BLE001 - any failure to load is the finding
+            problems.append(f"{vdir.name}: export does not load/predict ({type(e).__name__}: {e})")
+    return problems
+
+
+def check_registry(registry: Path, load_export: bool = True, all_versions: bool = False) -> list[str]:
+    """Integrity check: ``current`` points at a complete version whose files exist and whose
+    export loads and predicts; every visible version is complete; no stray temporary link."""
+    registry = Path(registry)
+    problems = []
+    cur_link = registry / "current"
+    if not cur_link.is_symlink():
+        problems.append("current is missing or not a symlink")
+    else:
+        target = os.readlink(cur_link)
+        if "/" in target or not VERSION_RE.match(target):
+            problems.append(f"current points outside the registry's versions: {target}")
+        elif not (registry / target).is_dir():
+            problems.append(f"current points at {target}, which does not exist")
+        else:
+            problems += check_version(registry / target, load_export=load_export)
+    for v in versions(registry):
+        if v != current_version(registry):
+            problems += check_version(registry / v, load_export=load_export and all_versions)
+    stack = promotion_stack(registry)
+    if stack and stack[-1] != current_version(registry):
+        problems.append(f"promotion history ends at {stack[-1]}, current is {current_version(registry)}")
+    return problems
+
+
+# ---------------------------------------------------------------- entry points used by the CLI
+
+def register_run(registry_path: Path, run_dir: Path) -> str:
+    """``ssl train --registry R``: copy the run into R as a new version, export it, promote it if
+    R has no current version (else it stays a candidate for ``ssl models promote``)."""
+    from semivit.refresh.build import register_run as impl
+
+    return impl(Path(registry_path), Path(run_dir))
+
+
+def list_cli(registry: Path) -> None:
+    from semivit.refresh.commands import list_cli as impl
+
+    impl(Path(registry))
+
+
+def promote_cli(registry: Path, version: str) -> None:
+    from semivit.refresh.commands import promote_cli as impl
+
+    impl(Path(registry), version)
+
+
+def rollback_cli(registry: Path) -> None:
+    from semivit.refresh.commands import rollback_cli as impl
+
+    impl(Path(registry))

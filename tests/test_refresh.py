@@ -1,0 +1,350 @@
+"""`ssl refresh` and `ssl models`: the registry, the inbox state, the refresh job, crash safety.
+
+Fast unit tests first (no model); then the end-to-end tests on ``tiny_run`` (2 folds, 32 px):
+two refresh cycles (promote, then reject), list / rollback / promote, predictions through the
+serving resolver; the lock; low disk space; the ``--every`` loop; and a crash test that SIGKILLs
+real ``ssl refresh`` processes at every step (``SEMIVIT_TEST_KILL_AT``) and once at a random time.
+
+The registry every end-to-end test starts from is registered once per session (``ssl train
+--registry`` does the same through register_run) and copied per test.  Exports use the
+TorchScript ONNX exporter (SEMIVIT_ONNX_EXPORTER, the exporter's documented switch): the same
+graph contract, a third of dynamo's time on this 2-core box; the exporter is not under test here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from semivit.cli import app
+from semivit.errors import UserError
+from semivit.refresh import history
+from semivit.refresh import registry as reg
+from semivit.refresh.inbox import Inbox
+from semivit.refresh.job import parse_duration, refresh_cli, refresh_once
+from semivit.refresh.lock import EXIT_LOCKED, EXIT_LOW_DISK, FileLock, RegistryBusy
+
+from conftest import TINY_CLASSES, class_image, write_image
+
+FAST_TRAIN = ["train.epochs=1", "pseudo.cluster=false"]
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+def write_inbox(root: Path, n_per_class: int, seed: int, prefix: str = "img") -> list[Path]:
+    """Field images of the tiny classes, spread over root/ and root/<day>/ sub-folders."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n_per_class):
+        for c in TINY_CLASSES:
+            sub = root / (f"day{i % 2}" if i % 3 else "")
+            out.append(write_image(sub / f"{prefix}_{seed}_{c}_{i}.png", class_image(c, rng)))
+    return out
+
+
+def snapshot(root: Path) -> dict:
+    """path -> (sha256, size, mtime_ns) of every file under root (inbox files must never change)."""
+    out = {}
+    for p in sorted(Path(root).rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            out[str(p.relative_to(root))] = (hashlib.sha256(p.read_bytes()).hexdigest(), st.st_size, st.st_mtime_ns)
+    return out
+
+
+def tree_state(registry: Path) -> dict:
+    """Everything observable in a registry: names, link targets, sizes and mtimes (no lock files)."""
+    out = {}
+    for p in sorted(Path(registry).rglob("*")):
+        rel = str(p.relative_to(registry))
+        if p.name in ("refresh.lock", "switch.lock"):
+            continue
+        if p.is_symlink():
+            out[rel] = ("link", os.readlink(p))
+        elif p.is_file():
+            out[rel] = (p.stat().st_size, p.stat().st_mtime_ns)
+    return out
+
+
+def db_dump(registry: Path) -> list:
+    with Inbox(registry) as db:
+        return [tuple(r) for r in db.conn.execute("SELECT * FROM images ORDER BY sha256")] + \
+               [tuple(r) for r in db.conn.execute("SELECT path, sha256 FROM paths ORDER BY path")]
+
+
+def cli(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+def assert_consistent(registry: Path, why: str = "") -> None:
+    """The crash-safety promise: current is a complete version whose export loads and predicts,
+    every visible version is complete, the inbox state is consistent."""
+    from semivit.serve.backends import open_backend
+    from semivit.serve.resolve import resolve_model_dir
+
+    problems = reg.check_registry(registry, load_export=True)
+    assert problems == [], f"{why}: {problems}"
+    ref = resolve_model_dir(registry)
+    assert ref.version == reg.current_version(registry) and ref.export_dir is not None
+    rng = np.random.default_rng(1)
+    imgs = np.stack([np.asarray(class_image(c, rng, (ref.img_size, ref.img_size))) for c in TINY_CLASSES])
+    probs = open_backend(ref, "onnxruntime").predict(imgs)[0]
+    assert probs.shape == (3, 3) and np.allclose(probs.sum(1), 1, atol=1e-4), why
+    with Inbox(registry) as db:
+        assert db.check() == [], why
+    for v in reg.versions(registry):
+        assert (registry / v / "manifest.json").is_file(), why
+
+
+@pytest.fixture
+def fast_export(monkeypatch):
+    monkeypatch.setenv("SEMIVIT_ONNX_EXPORTER", "torchscript")
+
+
+@pytest.fixture(scope="session")
+def base_registry(tiny_run, tmp_path_factory) -> Path:
+    """A registry whose v0001 is tiny_run (registered + exported once per session; read-only)."""
+    old = os.environ.get("SEMIVIT_ONNX_EXPORTER")
+    os.environ["SEMIVIT_ONNX_EXPORTER"] = "torchscript"
+    try:
+        registry = tmp_path_factory.mktemp("base_registry") / "REG"
+        reg.register_run(registry, tiny_run)
+    finally:
+        if old is None:
+            os.environ.pop("SEMIVIT_ONNX_EXPORTER", None)
+        else:
+            os.environ["SEMIVIT_ONNX_EXPORTER"] = old
+    return registry
+
+
+@pytest.fixture
+def registry(base_registry, tmp_path) -> Path:
+    dst = tmp_path / "REG"
+    shutil.copytree(base_registry, dst, symlinks=True)
+    return dst
+
+
+# --------------------------------------------------------------------------------------------- units
+
+@pytest.mark.parametrize("text,seconds", [("90s", 90), ("30m", 1800), ("6h", 21600), ("1d", 86400),
+                                          ("1h30m", 5400), ("1.5h", 5400), (" 2 m ", 120)])
+def test_parse_duration(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "6", "6x", "h", "0s", "-1h", "6h foo"])
+def test_parse_duration_rejects_nonsense(text):
+    with pytest.raises(UserError):
+        parse_duration(text)
+
+
+def test_version_names():
+    assert [reg.parse_version(t) for t in ("3", "v3", "v0003", "0003")] == ["v0003"] * 4
+    assert reg.parse_version("v12345") == "v12345"
+    with pytest.raises(UserError):
+        reg.parse_version("latest")
+
+
+def test_inbox_state_hashes_dedups_tracks_changes_and_never_touches_files(tmp_path):
+    inbox = tmp_path / "INBOX"
+    files = write_inbox(inbox, 2, seed=1)
+    shutil.copy(files[0], inbox / "copy_of_first.png")  # same content, another path
+    (inbox / ".hidden.png").write_bytes(files[1].read_bytes())
+    (inbox / "notes.txt").write_text("not an image")
+    before = snapshot(inbox)
+    reg_dir = tmp_path / "REG"
+    reg_dir.mkdir()
+    with Inbox(reg_dir) as db:
+        st = db.ingest(inbox)
+        assert (st.files, st.new_content, st.duplicates) == (7, 6, 1)
+        assert db.counts()["new"] == 6 and db.counts()["paths"] == 7
+        st = db.ingest(inbox)  # nothing changed: nothing new, nothing rehashed
+        assert (st.new_content, st.duplicates, st.unchanged) == (0, 0, 7)
+        # a file rewritten under the same name is new content; the old content's row stays
+        rng = np.random.default_rng(99)
+        write_image(files[2], class_image("red", rng))
+        after_change = snapshot(inbox)
+        st = db.ingest(inbox)
+        assert (st.new_content, st.changed) == (1, 1)
+        assert db.counts()["new"] == 7
+        sha_new = hashlib.sha256(files[2].read_bytes()).hexdigest()
+        assert db.locate(sha_new) == files[2].resolve()
+        old_sha = before[str(files[2].relative_to(inbox))][0]
+        assert db.row(old_sha)["state"] == "new" and db.locate(old_sha) is None  # content gone from disk
+        # state transitions are transactions; used is idempotent
+        first = hashlib.sha256(files[0].read_bytes()).hexdigest()
+        db.record_labels("v0001", [{"sha256": first, "label": "red", "confidence": 0.99, "source": "threshold",
+                                    "probs": [0.0, 0.01, 0.99]}], [(sha_new, "unconfident")])
+        assert db.pending() == 1 and db.row(sha_new)["state"] == "rejected"
+        assert [s for s, _ in db.to_label("v0001")].count(sha_new) == 0  # same version: not again
+        assert [s for s, _ in db.to_label("v0002")].count(sha_new) == 1  # a new version looks again
+        assert db.mark_used("v0002", [first]) == 1 and db.mark_used("v0002", [first]) == 1
+        assert db.row(first)["state"] == "used" and db.row(first)["used_in"] == "v0002" and db.pending() == 0
+        assert db.check() == []
+    assert snapshot(inbox) == after_change  # only the test itself changed a file
+    assert set(before) == set(after_change)
+
+
+def test_promotion_journal_survives_a_kill_between_its_steps(tmp_path):
+    r = tmp_path / "REG"
+    for v in ("v0001", "v0002", "v0003"):
+        (r / v).mkdir(parents=True)
+        reg.write_manifest(r / v, {"format": reg.MANIFEST_FORMAT, "version": v, "status": "candidate"})
+    reg.switch_current(r, "v0001")
+    reg.switch_current(r, "v0002")
+    assert reg.promotion_stack(r) == ["v0001", "v0002"] and os.readlink(r / "current") == "v0002"
+    # killed after writing the intent, before switching: the switch did not happen
+    stack = reg.promotion_stack(r)
+    from semivit.utils import atomic_write_json
+
+    atomic_write_json(r / "promotions.json", {"stack": stack, "pending": {"target": "v0003",
+                                                                          "stack_after": stack + ["v0003"]}})
+    assert reg.promotion_stack(r) == ["v0001", "v0002"]
+    # killed after switching, before committing: the switch happened
+    reg._switch_link(r, "v0003")
+    assert reg.promotion_stack(r) == ["v0001", "v0002", "v0003"]
+    # a rollback killed after its switch: the stack is popped, not pushed
+    atomic_write_json(r / "promotions.json", {"stack": ["v0001", "v0002", "v0003"],
+                                              "pending": {"target": "v0002", "stack_after": ["v0001", "v0002"]}})
+    reg._switch_link(r, "v0002")
+    assert reg.promotion_stack(r) == ["v0001", "v0002"]
+    with pytest.raises(reg.CurrentChanged):
+        reg.switch_current(r, "v0003", expect={"v0001"})
+    assert reg.current_version(r) == "v0002"
+    assert not list(r.glob(".current.*"))  # no temporary link left behind
+
+
+def test_stale_lock_is_taken_over_and_a_held_lock_refuses(tmp_path):
+    lock = tmp_path / "refresh.lock"
+    holder = subprocess.Popen([sys.executable, "-c",
+                               "import sys, time; from semivit.refresh.lock import FileLock\n"
+                               f"with FileLock({str(lock)!r}):\n    print('locked', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RegistryBusy, match=f"pid {holder.pid}") as e:
+            with FileLock(lock):
+                pass
+        assert e.value.exit_code == EXIT_LOCKED
+    finally:
+        holder.kill()  # SIGKILL: no cleanup, its pid stays written in the lock file
+        holder.wait()
+    assert json.loads(lock.read_text())["pid"] == holder.pid
+    with FileLock(lock) as fl:
+        assert fl.previous["pid"] == holder.pid  # taken over (the kernel dropped the dead flock)
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert lock.read_text() == ""  # released cleanly
+
+
+# --------------------------------------------------------------------------------------------- end to end
+
+def test_two_refresh_cycles_promote_then_reject_list_rollback_and_serve_current(registry, tmp_path, fast_export):
+    from semivit.serve.backends import open_backend
+    from semivit.serve.resolve import resolve_model_dir
+
+    inbox = tmp_path / "INBOX"
+    write_inbox(inbox, 6, seed=11)  # 18 field images: enough for UMAP + KMeans cluster cores
+    shutil.copy(next(inbox.glob("*.png")), inbox / "day0" / "same_bytes_again.png")
+    (inbox / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (inbox / "readme.txt").write_text("field notes")
+    before = snapshot(inbox)
+
+    # cycle 1: everything new is pseudo-labeled, retrained, exported, compared and promoted
+    rec = refresh_once(registry, inbox, min_new=5, tolerance=1.0)
+    assert rec["decision"] == "promoted" and rec["version"] == "v0002", rec
+    assert rec["ingested"]["files"] == 20 and rec["ingested"]["new_content"] == 19 and rec["ingested"]["duplicates"] == 1
+    assert rec["labeled"]["undecodable"] == 1 and rec["labeled"]["clusters"] is True
+    assert reg.current_version(registry) == "v0002"
+    man2 = reg.read_manifest(registry / "v0002")
+    assert man2["status"] == "promoted" and man2["parent"] == "v0001"
+    assert man2["data"]["inbox_pseudo_labels"] == rec["labeled"]["accepted"] > 0
+    assert man2["comparison"]["checks"][0]["current"] == reg.read_manifest(registry / "v0001")["metrics"]["val"]["macro_f1"]
+    ens = json.loads((registry / "v0002" / "run" / "ensemble.json").read_text())
+    assert sorted(m["name"] for m in ens["members"]) == ["stage1/fold0", "stage1/fold1", "stage3/fold0", "stage3/fold1"]
+    s3 = json.loads((registry / "v0002" / "run" / "stage3" / "fold0" / "done.json").read_text())
+    assert s3["extra_samples"] >= rec["labeled"]["accepted"]  # original stage-2 + inbox pseudo-labels
+    # stage 1 is the parent's, unchanged (shared by hard link, never rewritten)
+    a, b = (registry / v / "run" / "stage1" / "fold0" / "best.pt" for v in ("v0001", "v0002"))
+    assert a.read_bytes() == b.read_bytes()
+    with Inbox(registry) as db:
+        c = db.counts()
+    assert c["used"] == rec["labeled"]["accepted"] and c["rejected"] >= 1 and c["paths"] == 20
+    assert snapshot(inbox) == before  # never moved, modified or deleted
+
+    # cycle 2: new images plus one rewritten file; a tolerance that demands an impossible
+    # improvement (macro F1 + 1.0) keeps the candidate as rejected, with its numbers
+    write_inbox(inbox, 3, seed=12, prefix="late")
+    rng = np.random.default_rng(5)
+    write_image(inbox / "readme_image.png", class_image("green", rng))
+    before = snapshot(inbox)
+    code = refresh_cli(registry, inbox, min_new=3, tolerance=-1.0, overrides=[])
+    assert code == 0
+    man3 = reg.read_manifest(registry / "v0003")
+    assert man3["status"] == "rejected" and man3["comparison"]["passed"] is False
+    assert "improvement of at least 1" in man3["comparison"]["reason"]
+    assert man3["metrics"]["val"]["macro_f1"] is not None and reg.current_version(registry) == "v0002"
+    assert snapshot(inbox) == before
+    with Inbox(registry) as db:
+        assert db.pending() == 0  # the rejected candidate used them: the next retrain waits for new ones
+    assert_consistent(registry, "after two cycles")
+
+    # models list shows all three with their status and numbers, and which is current
+    r = CliRunner().invoke(app, ["models", "list", "--registry", str(registry)], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    lines = {ln.split()[ln.split()[0] == "*"]: ln for ln in r.output.splitlines()
+             if ln.strip().startswith(("v0", "* "))}
+    assert set(lines) == {"v0001", "v0002", "v0003"}, r.output
+    assert "promoted" in lines["v0002"] and lines["v0002"].lstrip().startswith("*")
+    assert "rejected" in lines["v0003"] and f"{man3['metrics']['val']['macro_f1']:.4f}" in lines["v0003"]
+
+    # predictions follow current: v0002 now, v0001 after a rollback
+    imgs = np.stack([class_image(c, np.random.default_rng(3), (32, 32)) for c in TINY_CLASSES])
+
+    def served():
+        ref = resolve_model_dir(registry)
+        return ref.version, open_backend(ref, "onnxruntime").predict(imgs)[0]
+
+    def of(version):
+        return open_backend(registry / version / "export", "onnxruntime").predict(imgs)[0]
+
+    v, p = served()
+    assert v == "v0002" and np.allclose(p, of("v0002"))
+    r = cli("models", "rollback", "--registry", str(registry))
+    assert r.exit_code == 0 and "v0002 -> v0001" in r.output, r.output
+    v, p = served()
+    assert v == "v0001" and np.allclose(p, of("v0001")) and not np.allclose(p, of("v0002"))
+    r = cli("models", "rollback", "--registry", str(registry))
+    assert r.exit_code == 2 and "nothing to roll back to" in r.output
+    # a rejected candidate can still be promoted by hand, and rolled back again
+    r = cli("models", "promote", "3", "--registry", str(registry))
+    assert r.exit_code == 0 and reg.current_version(registry) == "v0003"
+    assert reg.read_manifest(registry / "v0003")["status"] == "promoted"
+    assert cli("models", "rollback", "--registry", str(registry)).exit_code == 0
+    assert reg.current_version(registry) == "v0001"
+    r = cli("models", "promote", "v0042", "--registry", str(registry))
+    assert r.exit_code == 2 and "no version v0042" in r.output
+
+    # ssl predict --model REGISTRY serves current
+    out = tmp_path / "pred.csv"
+    r = cli("predict", str(inbox / "day1"), "--model", str(registry), "--out", str(out))
+    assert r.exit_code == 0, r.output
+    assert out.is_file() and len(out.read_text().splitlines()) > 1
+
+    hist = history.read(registry)
+    actions = [h["action"] for h in hist]
+    assert actions == ["register", "refresh", "refresh", "rollback", "promote", "rollback"], actions
+    assert [h.get("decision") for h in hist[1:3]] == ["promoted", "rejected"]
+    md = (registry / "history.md").read_text()
+    assert md.count("| refresh |") == 2 and "rejected" in md
