@@ -191,7 +191,8 @@ def no_tta_refused(run_copy, tmp_path_factory):
     any possible drop, over an existing EXPORT holding a stale file."""
     out = tmp_path_factory.mktemp("ntta") / "EXPORT"
     out.mkdir()
-    (out / "stale.txt").write_text("old")
+    (out / "meta.json").write_text("{}")  # an earlier export ...
+    (out / "stale.txt").write_text("old")  # ... with a file the new one does not have
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(int8mod, "TOLERANCE", -1.0)
         res = cli("export", run_copy, "--out", out, "--no-tta", "--int8", "--force")
@@ -262,6 +263,15 @@ def test_force_replaces_an_export(no_tta_refused):
     out, _ = no_tta_refused
     assert not (out / "stale.txt").exists() and read_meta(out)["tta"] is False
     assert [p.name for p in out.parent.iterdir()] == ["EXPORT"]  # no temporary or old copy left
+
+
+def test_force_never_replaces_a_run_or_a_foreign_directory(run_copy, tmp_path):
+    assert "replace the run itself" in one_line_error(cli("export", run_copy, "--out", run_copy, "--force"))
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "holiday.jpg").write_bytes(b"x")
+    assert "not a semivit export" in one_line_error(cli("export", run_copy, "--out", foreign, "--force"))
+    assert (foreign / "holiday.jpg").is_file()
 
 
 def test_failed_verification_fails_the_export_and_leaves_nothing(run_copy, tmp_path, monkeypatch):

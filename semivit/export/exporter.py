@@ -73,8 +73,7 @@ def export_run(run: Path, out: Optional[Path] = None, trt: bool = False, int8: b
     if max_batch < 1:
         raise UserError(f"--max-batch must be >= 1, not {max_batch}")
     doc = read_ensemble(run)  # before anything is written: a clear error for a non-run
-    if out.exists() and not force:
-        raise UserError(f"{out} already exists; use --force to replace it (nothing was changed)")
+    _check_out(run, out, force)
     if trt:
         from semivit.export import tensorrt
 
@@ -161,6 +160,20 @@ def export_run(run: Path, out: Optional[Path] = None, trt: bool = False, int8: b
     if refused is not None:
         raise refused
     return out
+
+
+def _check_out(run: Path, out: Path, force: bool) -> None:
+    """EXPORT may be replaced only with --force, and only when it is an export (or empty):
+    ``--force`` must never delete a run, its parent, or an unrelated directory."""
+    if not out.exists():
+        return
+    if not force:
+        raise UserError(f"{out} already exists; use --force to replace it (nothing was changed)")
+    r, o = run.resolve(), out.resolve()
+    if o == r or o in r.parents:
+        raise UserError(f"--out {out} would replace the run itself; choose another directory")
+    if not out.is_dir() or not ((out / "meta.json").is_file() or not any(out.iterdir())):
+        raise UserError(f"{out} exists and is not a semivit export; not replacing it even with --force")
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
