@@ -281,58 +281,93 @@ def test_killed_run_leaves_no_output_under_the_final_name(many_dir, slow_export,
     p = subprocess.Popen([*ssl_script(), "predict", str(many_dir), "--model", str(slow_export), "--out", str(out)],
                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not list(tmp_path.glob(".pred.csv.*.tmp")):
-        time.sleep(0.05)
-    time.sleep(0.3)  # some rows streamed into the temporary file
+    while time.monotonic() < deadline and p.poll() is None:  # until some rows have streamed out
+        tmp = list(tmp_path.glob(".pred.csv.*.tmp"))
+        if tmp and tmp[0].read_text().count("\n") > 10:
+            break
+        time.sleep(0.02)
+    assert p.poll() is None, p.stderr.read()
     p.send_signal(signal.SIGKILL)
     p.wait(timeout=30)
     assert not out.exists()
     tmp = list(tmp_path.glob(".pred.csv.*.tmp"))
-    assert tmp and tmp[0].read_text().startswith("path,label")  # partial rows went to the hidden temp file only
+    assert tmp and tmp[0].read_text().startswith("path,label")  # the partial rows are in the hidden temp file only
 
 
 # --------------------------------------------------------------------------------------------- time limit
 
-def test_time_limit_far_too_short_finishes_in_time_and_accounts_for_every_image(many_dir, slow_export, tmp_path):
-    out = tmp_path / "pred.csv"
-    limit = 2.0
-    env = {**os.environ, "SEMIVIT_QUIET": "1", "COLUMNS": "200"}
-    t = time.monotonic()
-    r = subprocess.run([*ssl_script(), "predict", str(many_dir), "--model", str(slow_export), "--out", str(out),
-                        "--time-limit", str(limit)], env=env, capture_output=True, text=True, timeout=60)
-    elapsed = time.monotonic() - t
-    assert r.returncode == 0, r.stderr
-    assert elapsed < limit + 1.0, f"took {elapsed:.2f} s for a {limit} s limit\n{r.stderr}"
-    rows = read_rows(out)
+def check_time_limited_rows(rows: list[dict]) -> tuple[int, int]:
     assert len(rows) == 3000 and len({x["path"] for x in rows}) == 3000
     status = [x["status"] for x in rows]
     n_ok, n_to = status.count("ok"), status.count("timeout")
-    assert n_ok > 0 and n_to > 0 and n_ok + n_to == 3000
+    assert n_to > 0 and n_ok + n_to == 3000
     # degraded in steps, never back up: levels along the file order are non-decreasing
     order = ["full", "no_tta", "top3_no_tta"]
     levels = [order.index(x["level"]) for x in rows if x["status"] == "ok"]
-    assert levels == sorted(levels) and levels[-1] > 0
-    assert f"timeouts {n_to}" in r.stderr and "level top3_no_tta" in r.stderr
+    assert levels == sorted(levels)
+    return n_ok, n_to
 
 
-def test_time_limit_summary_counts_images_per_level(many_dir, slow_export, tmp_path):
+def test_time_limit_far_too_short_finishes_in_time_and_accounts_for_every_image(many_dir, slow_export, tmp_path):
+    """2 s for 3000 images that need ~6-15 s at the cheapest level: returns in time, every image a row."""
     t = time.monotonic()
-    s = run_predict(many_dir, slow_export, out=tmp_path / "p.json", fmt="json", time_limit=1.5, quiet=True)
-    assert time.monotonic() - t < 1.5 + 0.5
+    s = run_predict(many_dir, slow_export, out=tmp_path / "p.json", fmt="json", time_limit=2.0, quiet=True)
+    elapsed = time.monotonic() - t
+    assert elapsed < 2.0 + 0.5, f"took {elapsed:.2f} s for a 2 s limit"
     doc = json.loads((tmp_path / "p.json").read_text())
+    n_ok, n_to = check_time_limited_rows([{k: ("" if v is None else v) for k, v in p.items()}
+                                          for p in doc["predictions"]])
+    assert (s.ok, s.timeouts) == (n_ok, n_to) and doc["summary"]["timeouts"] == n_to
     per_level = {lv["name"]: lv["images"] for lv in s.levels}
     got = {}
     for p in doc["predictions"]:
         if p["status"] == "ok":
             got[p["level"]] = got.get(p["level"], 0) + 1
-    assert {k: v for k, v in per_level.items() if v} == got
-    assert s.ok + s.timeouts + s.errors == s.images == 3000 and doc["summary"]["timeouts"] == s.timeouts
-    assert s.steps and s.steps[0]["level"] in ("no_tta", "top3_no_tta")
+    assert {k: v for k, v in per_level.items() if v} == got  # the summary counts images per level
+    if n_ok > 2:  # beyond the probe: it must have stepped down (full cannot finish), and said so
+        assert s.steps and s.steps[0]["level"] in ("no_tta", "top3_no_tta") and got.get("full", 0) < n_ok
+
+
+def _startup_seconds() -> float:
+    """Wall time of a bare interpreter importing what `ssl predict` imports (the floor on this box now)."""
+    t = time.monotonic()
+    subprocess.run([sys.executable, "-c", "import semivit.cli, semivit.serve.predict, onnxruntime"], check=True)
+    return time.monotonic() - t
+
+
+def test_time_limit_from_the_command_line_counts_from_process_start(many_dir, slow_export, tmp_path):
+    out = tmp_path / "pred.csv"
+    limit = 3.0
+    floor = _startup_seconds()
+    env = {**os.environ, "SEMIVIT_QUIET": "1", "COLUMNS": "200"}
+    t = time.monotonic()
+    r = subprocess.run([*ssl_script(), "predict", str(many_dir), "--model", str(slow_export), "--out", str(out),
+                        "--time-limit", str(limit)], env=env, capture_output=True, text=True, timeout=60)
+    elapsed = time.monotonic() - t
+    assert r.returncode in (0, 1), r.stderr  # 1: the box was so loaded that start-up ate the whole limit
+    # margin: 1 s, plus the interpreter's own start/exit cost beyond 0.5 s when the box is overloaded
+    assert elapsed < limit + 1.0 + max(0.0, floor - 0.5), f"{elapsed:.2f} s (start-up floor {floor:.2f} s)\n{r.stderr}"
+    n_ok, n_to = check_time_limited_rows(read_rows(out))
+    assert f"timeouts {n_to}" in r.stderr
+
+
+def test_limit_over_before_the_model_loads_writes_timeouts_only(mixed_dir, fake_export, tmp_path):
+    s = run_predict(mixed_dir, fake_export, out=tmp_path / "p.csv", time_limit=1.0, started=time.monotonic() - 5,
+                    quiet=True)
+    assert s.backend == "none" and s.exit_code == 1 and s.timeouts == s.images
+    assert {r["status"] for r in read_rows(tmp_path / "p.csv")} == {"timeout"}
 
 
 def test_generous_time_limit_keeps_the_full_level(mixed_dir, fake_export, tmp_path):
     s = run_predict(mixed_dir, fake_export, out=tmp_path / "p.csv", time_limit=60, quiet=True)
     assert s.timeouts == 0 and s.ok == len(GOOD) and s.levels[0]["images"] == len(GOOD) and not s.steps
+
+
+def test_decoding_in_workers_or_inline_gives_the_same_rows(mixed_dir, fake_export, tmp_path):
+    a = run_predict(mixed_dir, fake_export, out=tmp_path / "w.csv", workers=2, batch_size=2, quiet=True)
+    b = run_predict(mixed_dir, fake_export, out=tmp_path / "deeper" / "new" / "i.csv", workers=0, quiet=True)
+    assert (a.ok, a.errors) == (b.ok, b.errors) == (len(GOOD), len(BAD))
+    assert read_rows(tmp_path / "w.csv") == read_rows(tmp_path / "deeper" / "new" / "i.csv")
 
 
 class FakeClock:

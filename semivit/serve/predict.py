@@ -17,7 +17,7 @@ from typing import Optional
 
 from semivit.data.discover import discover_images
 from semivit.errors import UserError
-from semivit.serve.backends import open_backend
+from semivit.serve.backends import Backend, Level, open_backend
 from semivit.serve.engine import run_loop
 from semivit.serve.loader import DecodePool
 from semivit.serve.resolve import resolve_model_dir
@@ -60,6 +60,22 @@ def say(msg: str) -> None:
 def warn(msg: str) -> None:
     console.print("[yellow]warning:[/yellow] ", end="", soft_wrap=True)
     say(msg)
+
+
+class NotLoaded(Backend):
+    """Stands in when the time limit is over before the model could even be loaded."""
+
+    name = "none"
+
+    def __init__(self, ref):
+        super().__init__(ref)
+        self.levels = [Level("full", bool(ref.meta.get("tta", True)), len(ref.meta.get("members", [])) or 1)]
+
+    def _activate(self, i: int) -> None:
+        pass
+
+    def describe(self) -> str:
+        return "not loaded: the time limit was over before the model could be loaded"
 
 
 def command_start() -> float:
@@ -119,11 +135,12 @@ def run_predict(dir: Path, model: Optional[Path], out: Path = Path("predictions.
 
     # Decoding starts first: the workers fork before any runtime thread pool exists, and they
     # decode the first chunks while the model loads.
-    pool = DecodePool(paths, ref.img_size, batch_size, workers)
+    late = deadline is not None and clock() >= deadline  # the limit went on starting up: load nothing
+    pool = DecodePool([] if late else paths, ref.img_size, batch_size, workers)
     be = None
     try:
         t_load = clock()
-        be = open_backend(ref, backend, **(backend_options or {}))
+        be = NotLoaded(ref) if late else open_backend(ref, backend, **(backend_options or {}))
         load_s = clock() - t_load
         log = (lambda m: None) if quiet else say
         log(f"model: {ref.describe()}")

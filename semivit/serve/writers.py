@@ -50,11 +50,9 @@ def check_output(out: Path, force: bool) -> Path:
         raise UserError(f"--out {out} is a directory; give a file name")
     if out.exists() and not force:
         raise UserError(f"{out} already exists (use --force to overwrite it)")
-    if not out.parent.exists():
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"cannot create the output directory {out.parent}: {e.strerror}") from None
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not (parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)):
+        raise UserError(f"cannot write {out}: {parent} is not a writable directory")
     return out
 
 
@@ -64,11 +62,16 @@ class Writer:
     def __init__(self, out: Path, classes: Sequence[str]):
         self.out = Path(out)
         self.classes = list(classes)
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create the output directory {self.out.parent}: {e.strerror}") from None
         fd, tmp = tempfile.mkstemp(prefix=f".{self.out.name}.", suffix=".tmp", dir=self.out.parent)
         self.tmp = Path(tmp)
         self.f = os.fdopen(fd, "w", newline="", encoding="utf-8")
         self.rows = 0
         self._open()
+        self.f.flush()
 
     def write(self, row: Row) -> None:
         self._write(row)
