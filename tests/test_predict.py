@@ -380,16 +380,37 @@ class FakeClock:
 
 def test_scheduler_degrades_in_steps_and_stops_when_nothing_fits():
     clock = FakeClock()
-    sched = Scheduler([8, 4, 3], deadline=5.0, clock=clock)
-    assert sched.plan(32, 1000).size == 2  # nothing measured: a probe batch
-    sched.record_batch(0, 0.02, 2)  # 10 ms / image at full: 1000 images need 10 s > 5 s left
-    p = sched.plan(32, 1000)
-    assert p.level == 2 and p.size == 32  # 1000 x 5 ms (no_tta) still too much -> top3 (3.75 ms)
-    assert [lv for lv, _ in sched.steps] == [1, 2]  # through no_tta, recorded
+    sched = Scheduler([8, 4, 3], deadline=4.0, clock=clock)
+    assert sched.plan(32, 1000).size == 2  # nothing measured: a warm-up probe
+    sched.record_batch(0, 0.1, 2)
+    assert sched.plan(32, 998).size == 2  # and a measuring probe
+    sched.record_batch(0, 0.02, 2)  # 10 ms / image at full: 996 images need 10 s, 4 s left
+    p = sched.plan(32, 996)
+    # no level finishes (top3: 996 x 3.75 ms x 1.25 safety > 4 s): straight to the one that does most
+    assert p.level == 2 and p.size == 32 and sched.steps == [(2, 996)]
     sched.record_batch(2, 0.032 * 3.75, 32)
-    clock.t = 4.999
-    assert sched.plan(32, 500) is None  # not one image fits in 10 ms with the safety factor
+    clock.t = 3.999
+    assert sched.plan(32, 500) is None  # not one image fits in 1 ms with the safety factor
     assert sched.level == 2  # never back up
+
+
+def test_scheduler_keeps_the_best_level_as_long_as_the_rest_still_fits():
+    clock = FakeClock()
+    sched = Scheduler([2, 1], deadline=10.0, clock=clock)
+    sched.record_batch(0, 0.1, 10)  # warm-up
+    sched.record_batch(0, 0.1, 10)  # 10 ms / image at full, 5 ms without TTA
+    # 1000 images: all at full = 10 s (x1.25 > 10 s left), all at no_tta = 5 s: full as long as the
+    # rest still fits without TTA, then no_tta; everything done in time
+    levels = []
+    remaining = 1000
+    while remaining:
+        p = sched.plan(50, remaining)
+        levels += [p.level] * p.size
+        clock.t += p.size * (0.01 if p.level == 0 else 0.005)
+        remaining -= p.size
+    n_full = levels.count(0)
+    assert levels == sorted(levels) and 600 <= n_full < 1000 and len(levels) == 1000
+    assert clock.t <= 10.0
 
 
 def test_scheduler_without_deadline_takes_everything():

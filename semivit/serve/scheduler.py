@@ -2,17 +2,23 @@
 
 The budget counts from the start of the command (model loading, discovery and decoding included)
 and ends ``reserve`` seconds before the limit, kept for writing the remaining rows and renaming
-the output into place.  Before every batch the scheduler
+the output into place.  Estimates are multiplied by ``SAFETY`` before they are compared with the
+time left.  Before every batch the scheduler
 
-1. estimates the seconds per image at the current level: measured over its recent batches, or,
-   before any measurement there, extrapolated from another level's measurement by relative cost
-   (members x (2 with TTA, 1 without)), or, before any measurement at all, found with a small
-   probe batch;
-2. if the images still to do cannot all fit in the time left at this level (their inference plus
-   the measured wait for decoding), steps down to the next level - cheaper, recorded per image -
-   as long as that is a real gain after the next level's load time; levels never go back up;
-3. cuts the batch to what fits before the deadline (with a safety factor), or stops when not one
-   more image fits: every image not reached then gets the status ``timeout``.
+1. estimates the seconds per image at each level: measured over the level's recent batches (its
+   first batch, a warm-up, is dropped once there is another), or extrapolated from a measured level
+   by relative cost (members x 2 with flip TTA, x 1 without); before any measurement at all it
+   runs two small probe batches;
+2. keeps the current level for this batch when the images left can still all be done - all at
+   this level, or this batch here and the rest at some cheaper level (its load time included);
+   otherwise it steps down to the next level and asks again.  So the best level runs for as many
+   images as the budget allows, then the next one takes over; levels never go back up, and every
+   image records the level that predicted it;
+3. at the cheapest level (when even that cannot finish) it runs what fits, cutting the last batch
+   to the time left, and stops when not one more image fits: every image not reached then gets
+   the status ``timeout``.
+
+The time spent waiting for decoded images is measured too and counted per image in step 2.
 """
 
 from __future__ import annotations
@@ -22,8 +28,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
-PROBE = 2  # images in the first batch when nothing has been measured yet
-SAFETY = 1.25  # estimates are multiplied by this before checking that a batch fits
+PROBE = 2  # images per probe batch while nothing has been measured yet
+SAFETY = 1.25  # estimates are multiplied by this before checking that work fits
 
 
 def reserve_seconds(time_limit: float, n_files: int) -> float:
@@ -32,26 +38,30 @@ def reserve_seconds(time_limit: float, n_files: int) -> float:
 
 
 class _Rate:
-    """Seconds per image over the last few batches (the first batch of a level - warm-up - is
-    dropped as soon as there is a second one)."""
+    """Seconds per image over the last few batches; the first batch (warm-up) is kept apart."""
 
     def __init__(self, window: int = 8):
         self.samples: deque = deque(maxlen=window)
-        self.first: Optional[tuple[float, int]] = None
+        self.warmup: Optional[tuple[float, int]] = None
 
     def add(self, seconds: float, images: int) -> None:
         if images <= 0:
             return
-        if self.first is None and not self.samples:
-            self.first = (seconds, images)
+        if self.warmup is None:
+            self.warmup = (seconds, images)
         else:
             self.samples.append((seconds, images))
 
     @property
-    def value(self) -> Optional[float]:
-        s = list(self.samples) or ([self.first] if self.first else [])
-        n = sum(k for _, k in s)
-        return sum(t for t, _ in s) / n if n else None
+    def steady(self) -> Optional[float]:
+        n = sum(k for _, k in self.samples)
+        return sum(t for t, _ in self.samples) / n if n else None
+
+    @property
+    def any(self) -> Optional[float]:
+        if self.steady is not None:
+            return self.steady
+        return self.warmup[0] / self.warmup[1] if self.warmup else None
 
 
 @dataclass
@@ -81,17 +91,31 @@ class Scheduler:
         self.wait.add(seconds, max(1, images))
 
     def per_image(self, level: int) -> Optional[float]:
-        v = self.rates[level].value
-        if v is not None:
-            return v
-        for j, r in enumerate(self.rates):  # extrapolate from the nearest measured level
-            if r.value is not None:
-                return r.value * self.costs[level] / self.costs[j]
+        """Steady measurement at ``level``, else extrapolated from the nearest level with a steady
+        measurement, else from any warm-up measurement; None before any batch ran."""
+        if self.rates[level].steady is not None:
+            return self.rates[level].steady
+        for attr in ("steady", "any"):
+            for j in sorted(range(len(self.rates)), key=lambda j: abs(j - level)):
+                v = getattr(self.rates[j], attr)
+                if v is not None:
+                    return v * self.costs[level] / self.costs[j]
         return None
 
     # -- decisions ---------------------------------------------------------------------------
     def time_left(self) -> float:
         return float("inf") if self.deadline is None else self.deadline - self.clock()
+
+    def _finishes(self, batch: int, remaining: int, budget: float) -> bool:
+        """Can ``batch`` images run at the current level and all ``remaining`` still be done?"""
+        w = self.wait.steady or self.wait.any or 0.0
+        here = self.per_image(self.level) + w
+        if remaining * here <= budget:
+            return True
+        for j in range(self.level + 1, len(self.costs)):
+            if batch * here + self.load_estimate(j) + (remaining - batch) * (self.per_image(j) + w) <= budget:
+                return True
+        return False
 
     def plan(self, available: int, remaining: int) -> Optional[Plan]:
         """What to run next: ``available`` images are decoded and waiting, ``remaining`` (>=
@@ -101,23 +125,29 @@ class Scheduler:
         left = self.time_left()
         if left <= 0:
             return None
-        t = self.per_image(self.level)
-        if t is None:
+        if not any(r.steady is not None for r in self.rates):
+            # probes: the first batch warms the session up, the second one measures
             return Plan(self.level, min(available, PROBE))
-        w = self.wait.value or 0.0
-        while self.level + 1 < len(self.costs) and remaining * (t + w) * SAFETY > left:
-            nxt = self.level + 1
-            t_next = self.per_image(nxt)
-            gain = remaining * (t - t_next) - self.load_estimate(nxt)
-            if gain <= 0:
+        budget = left / SAFETY
+        batch = min(available, remaining)
+        start, target = self.level, None
+        for j in range(start, len(self.costs)):
+            self.level = j
+            if self._finishes(batch, remaining, budget):
+                target = j
                 break
-            self.level, t = nxt, t_next
-            self.steps.append((nxt, remaining))
-        fit = int(left / (t * SAFETY)) if t > 0 else available
+        if target is None:  # nothing finishes everything: the level that gets the most images done
+            w = self.wait.steady or self.wait.any or 0.0
+            target = max(range(start, len(self.costs)),
+                         key=lambda j: (budget - (self.load_estimate(j) if j != start else 0.0))
+                         / (self.per_image(j) + w))
+        self.level = target
+        if target != start:
+            self.steps.append((target, remaining))
+        t = self.per_image(self.level)
+        fit = int(budget / t) if t > 0 else available
         size = min(available, fit)
-        if size < 1:
-            return None
-        return Plan(self.level, size)
+        return Plan(self.level, size) if size >= 1 else None
 
     def freeze(self, level: int) -> None:
         """Never go below ``level`` (its next level could not be loaded)."""
