@@ -184,6 +184,26 @@ def test_dynamo_exporter_full_graph(run_copy, held_out, tmp_path):
     assert d["layer_norm_nodes"] > 0 and d["flip_slices"] >= 1 and d["member_weight_sets"] == 2
 
 
+def test_predict_serves_the_export_with_the_graphs_probabilities(exported, tiny_data_shared, tmp_path):
+    """The contract end to end: `ssl predict` on this export gives the graph's own numbers."""
+    import csv
+
+    from semivit.serve.predict import run_predict
+
+    src = tiny_data_shared / "test"
+    run_predict(src, exported, out=tmp_path / "p.csv", backend="onnxruntime", quiet=True)
+    with open(tmp_path / "p.csv", newline="") as f:
+        rows = {r["path"]: r for r in csv.DictReader(f)}
+    paths = sorted(src.rglob("*.*"))
+    assert sorted(rows) == sorted(p.relative_to(src).as_posix() for p in paths)
+    p, _ = verify.run_ort(verify.ort_session(exported / "model.onnx"), decode_many(paths, 32).images, 17)
+    for path, probs in zip(paths, p):
+        row = rows[path.relative_to(src).as_posix()]
+        assert row["status"] == "ok" and row["label"] == ["blue", "green", "red"][int(probs.argmax())]
+        got = [float(row[f"p_{c}"]) for c in ("blue", "green", "red")]
+        np.testing.assert_allclose(got, probs, atol=1e-4)
+
+
 # ----------------------------------------------------------------------------- --no-tta, INT8
 @pytest.fixture(scope="module")
 def no_tta_refused(run_copy, tmp_path_factory):
