@@ -178,7 +178,8 @@ def refresh(
     inbox: Path = typer.Option(..., "--inbox", help="Directory where new field images arrive (never modified)."),
     every: Optional[str] = typer.Option(None, "--every", help="Run in a loop, e.g. 30m, 6h, 1d."),
     min_new: int = typer.Option(50, "--min-new", min=1, help="Retrain once this many new pseudo-labels exist."),
-    tolerance: float = typer.Option(0.0, "--tolerance", min=0.0, help="Promote if macro F1 drops by at most this."),
+    tolerance: float = typer.Option(0.0, "--tolerance", min=-1.0, max=1.0,
+                                    help="Promote if macro F1 drops by at most this (negative: demand a gain)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a training key for the retrain."),
 ):
     """Pseudo-label new inbox images, retrain, compare, promote atomically (or keep the old model)."""
