@@ -348,3 +348,175 @@ def test_two_refresh_cycles_promote_then_reject_list_rollback_and_serve_current(
     assert [h.get("decision") for h in hist[1:3]] == ["promoted", "rejected"]
     md = (registry / "history.md").read_text()
     assert md.count("| refresh |") == 2 and "rejected" in md
+
+
+def ssl_refresh(registry: Path, inbox: Path, kill: str | None = None, wait: bool = True, *extra: str):
+    """A real `ssl refresh` process (optionally told to SIGKILL itself at a step)."""
+    env = {**os.environ, "SEMIVIT_ONNX_EXPORTER": "torchscript", "SEMIVIT_QUIET": "1", "COLUMNS": "200"}
+    env.pop("SEMIVIT_TEST_KILL_AT", None)
+    if kill:
+        env["SEMIVIT_TEST_KILL_AT"] = kill
+    args = [sys.executable, "-c", "from semivit.cli import main; main()", "refresh", "--registry", str(registry),
+            "--inbox", str(inbox), "--min-new", "3", "--tolerance", "1.0",
+            *[a for s in FAST_TRAIN for a in ("--set", s)], *extra]
+    if not wait:
+        return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_refresh_killed_at_every_step_leaves_a_serving_registry_and_the_next_one_finishes(registry, tmp_path):
+    """SIGKILL at each step in turn.  Each following refresh first gets past the step where the
+    previous one died (finishing or redoing its work) before it is killed at a later step; after
+    every kill `current` predicts and the integrity check passes; the last refresh completes."""
+    inbox = tmp_path / "INBOX"
+    write_inbox(inbox, 3, seed=21)
+    files = snapshot(inbox)
+    seen_staging = []
+    for step in ("ingest", "train", "export@1", "published", "switched"):
+        r = ssl_refresh(registry, inbox, kill=step)
+        assert r.returncode == -signal.SIGKILL, (step, r.returncode, r.stdout[-2000:], r.stderr[-3000:])
+        assert_consistent(registry, f"after SIGKILL at {step}")
+        staging = sorted(p.name for p in (registry / reg.STAGING).glob("*")) if (registry / reg.STAGING).is_dir() else []
+        assert len(staging) <= 1 and not set(staging) & set(seen_staging), (step, staging)  # old ones cleaned
+        seen_staging += staging
+        with Inbox(registry) as db:
+            c = db.counts()
+        if step == "ingest":
+            assert c["new"] == 9 and reg.versions(registry) == ["v0001"]
+        elif step in ("train", "export@1"):
+            assert c["pseudo_labeled"] == 9 and reg.versions(registry) == ["v0001"]  # nothing half-built visible
+        elif step == "published":
+            assert reg.versions(registry) == ["v0001", "v0002"] and reg.current_version(registry) == "v0001"
+            assert reg.read_manifest(registry / "v0002")["status"] == "candidate"  # complete, undecided
+        elif step == "switched":  # the recovery of the published candidate was killed mid-promotion
+            assert reg.current_version(registry) == "v0002" and reg.versions(registry) == ["v0001", "v0002"]
+    r = ssl_refresh(registry, inbox)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    assert reg.read_manifest(registry / "v0002")["status"] == "promoted"
+    assert reg.promotion_stack(registry) == ["v0001", "v0002"]
+    with Inbox(registry) as db:
+        assert db.counts()["used"] == 9 and db.pending() == 0
+    hist = history.read(registry)
+    assert [h["decision"] for h in hist if h.get("version") == "v0002"] == ["promoted"]  # recorded once
+    assert_consistent(registry, "after the completing refresh")
+
+    # one real external SIGKILL at a random moment of a refresh that has work to do
+    write_inbox(inbox, 2, seed=22, prefix="more")
+    files = snapshot(inbox)
+    seed = int(os.environ.get("SEMIVIT_TEST_SEED", random.randrange(10**6)))
+    delay = random.Random(seed).uniform(0.5, 20.0)
+    p = ssl_refresh(registry, inbox, None, False)
+    try:
+        p.wait(timeout=delay)
+    except subprocess.TimeoutExpired:
+        p.send_signal(signal.SIGKILL)
+    out = p.communicate()[0]
+    why = f"external SIGKILL after {delay:.1f}s (SEMIVIT_TEST_SEED={seed}, rc {p.returncode}): {out[-1500:]}"
+    assert_consistent(registry, why)
+    r = ssl_refresh(registry, inbox)
+    assert r.returncode == 0, (why, r.stdout[-2000:], r.stderr[-3000:])
+    assert_consistent(registry, why)
+    with Inbox(registry) as db:
+        assert db.counts()["used"] == 15 and db.pending() == 0, why
+    assert reg.versions(registry)[-1] == "v0003" and reg.current_version(registry) == "v0003", why
+    assert not (registry / reg.STAGING).is_dir() or not list((registry / reg.STAGING).iterdir())
+    assert snapshot(inbox) == files  # no kill ever touched an inbox file
+
+
+def test_second_refresh_while_one_holds_the_lock_exits_3_and_changes_nothing(registry, tmp_path):
+    """A real refresh holds the lock (it is retraining); a second one exits 3 with the holder's pid
+    and changes nothing.  Then SIGTERM stops the first cleanly at its next step boundary."""
+    inbox = tmp_path / "INBOX"
+    write_inbox(inbox, 2, seed=31)
+    holder = ssl_refresh(registry, inbox, None, False)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:  # wait until it holds the lock and is building a candidate
+            lock = registry / "refresh.lock"
+            if lock.is_file() and lock.read_text().strip() and any((registry / reg.STAGING).glob("v*")):
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("the first refresh never took the lock")
+        db = db_dump(registry)
+        state = tree_state(registry)
+        staging = sorted(p.name for p in (registry / reg.STAGING).iterdir())
+        r = cli("refresh", "--registry", str(registry), "--inbox", str(inbox), "--min-new", "1")
+        assert r.exit_code == EXIT_LOCKED, r.output
+        assert "another refresh is running" in r.output and f"pid {holder.pid}" in r.output
+        assert len(r.output.strip().splitlines()) == 1
+        with pytest.raises(RegistryBusy):
+            reg.register_run(registry, registry / "v0001" / "run")
+        # nothing changed: files (lock files aside), the inbox database, the first one's build
+        assert db_dump(registry) == db
+        assert {k: v for k, v in tree_state(registry).items() if not k.startswith((reg.STAGING, "inbox.sqlite"))} == \
+               {k: v for k, v in state.items() if not k.startswith((reg.STAGING, "inbox.sqlite"))}
+        assert sorted(p.name for p in (registry / reg.STAGING).iterdir()) == staging
+        holder.send_signal(signal.SIGTERM)
+        out = holder.communicate(timeout=120)[0]
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+    assert holder.returncode == 130 and "stopped by SIGTERM" in out, out[-3000:]
+    assert reg.versions(registry) == ["v0001"] and not list((registry / reg.STAGING).iterdir())
+    assert history.read(registry)[-1]["decision"] == "stopped"
+    assert (registry / "refresh.lock").read_text() == ""  # released cleanly
+    assert_consistent(registry, "after stopping the lock holder")
+
+
+def test_low_disk_space_refuses_before_changing_anything(registry, tmp_path, monkeypatch):
+    inbox = tmp_path / "INBOX"
+    write_inbox(inbox, 2, seed=41)
+    settings = (registry / "registry.yaml").read_text()
+    (registry / "registry.yaml").write_text(settings.replace("min_free_mb: 512.0", "min_free_mb: 1.0e+12"))
+    db = db_dump(registry)
+    state = tree_state(registry)
+    r = cli("refresh", "--registry", str(registry), "--inbox", str(inbox), "--min-new", "1")
+    assert r.exit_code == EXIT_LOW_DISK and "not enough free disk space" in r.output, r.output
+    assert tree_state(registry) == state and db_dump(registry) == db
+
+    # enough for the refresh to start, not for the retrain: ingest + labels are kept, nothing is built
+    (registry / "registry.yaml").write_text(settings)
+    import semivit.refresh.lock as lockmod
+
+    real = lockmod.shutil.disk_usage
+    monkeypatch.setattr(lockmod.shutil, "disk_usage",
+                        lambda p: real(p)._replace(free=512 * 2**20 + 1024))  # reserve + 1 KiB
+    with pytest.raises(UserError, match="not enough free disk space for retraining"):
+        refresh_once(registry, inbox, min_new=1, overrides=FAST_TRAIN)
+    assert reg.versions(registry) == ["v0001"] and reg.current_version(registry) == "v0001"
+    assert not (registry / reg.STAGING).is_dir() or not list((registry / reg.STAGING).iterdir())
+    with Inbox(registry) as db:
+        assert db.pending() == 6  # labeled and waiting: the next refresh with space retrains
+    assert history.read(registry)[-1]["action"] == "failed"
+
+
+def test_every_loop_runs_repeatedly_and_stops_cleanly_on_sigterm(registry, tmp_path):
+    inbox = tmp_path / "INBOX"
+    inbox.mkdir()
+    p = ssl_refresh(registry, inbox, None, False, "--every", "1s")
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and len([h for h in history.read(registry) if h["action"] == "refresh"]) < 2:
+            time.sleep(0.2)
+        assert len([h for h in history.read(registry) if h["action"] == "refresh"]) >= 2
+        p.send_signal(signal.SIGTERM)
+        out = p.communicate(timeout=30)[0]
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0 and "stopped by SIGTERM" in out, out
+    assert_consistent(registry, "after SIGTERM")
+
+
+def test_bad_inputs_are_one_line_errors(registry, tmp_path):
+    inbox = tmp_path / "INBOX"
+    inbox.mkdir()
+    for args, msg in ((["--inbox", str(tmp_path / "nope")], "inbox directory not found"),
+                      (["--inbox", str(inbox), "--set", "model.img_size=64"], "keeps the current version's model"),
+                      (["--inbox", str(inbox), "--every", "soon"], "not a duration")):
+        r = cli("refresh", "--registry", str(registry), *args)
+        assert r.exit_code == 2 and msg in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    r = cli("models", "list", "--registry", str(tmp_path / "empty"))
+    assert r.exit_code == 2 and "registry not found" in r.output

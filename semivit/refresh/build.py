@@ -223,10 +223,10 @@ def build_candidate(registry: Path, parent: str, db, overrides: list[str], toler
             warn(f"report for {name} not written: {type(e).__name__}: {e}")
         stop.check()
         check_disk(registry, int(1.2 * dir_size(registry / parent / "export")), settings.min_free_mb, "exporting")
+        kill_point("export")
         t_exp = time.time()
         export_into(st, settings)
         t_exp = time.time() - t_exp
-        kill_point("export")
         holdout = settings.holdout_dir(registry)
         t_eval = time.time()
         cand_m = version_metrics(run_dir, holdout)

@@ -36,16 +36,16 @@ class LabelStats:
 
 
 def label_inbox(db: Inbox, run_dir: Path, version: str, cfg) -> LabelStats:
-    from semivit.data.dataset import decode_many
-    from semivit.trainer.ensemble import ensemble_predict, read_ensemble
-    from semivit.trainer.pseudo import cluster_cores, select, umap_2d
-
     st = LabelStats()
     todo = db.to_label(version)
     present = [(sha, p) for sha, p in todo if p is not None]
     st.missing = len(todo) - len(present)
     if not present:
-        return st
+        return st  # (before importing torch: a refresh with nothing new takes well under a second)
+    from semivit.data.dataset import decode_many
+    from semivit.trainer.ensemble import ensemble_predict, read_ensemble
+    from semivit.trainer.pseudo import cluster_cores, select, umap_2d
+
     ens = read_ensemble(run_dir)
     classes, size = ens["classes"], int(ens["img_size"])
     pcfg = cfg.pseudo
