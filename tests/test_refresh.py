@@ -262,7 +262,7 @@ def test_two_refresh_cycles_promote_then_reject_list_rollback_and_serve_current(
     before = snapshot(inbox)
 
     # cycle 1: everything new is pseudo-labeled, retrained, exported, compared and promoted
-    rec = refresh_once(registry, inbox, min_new=5, tolerance=1.0)
+    rec = refresh_once(registry, inbox, min_new=5, tolerance=1.0, overrides=["train.epochs=1"])
     assert rec["decision"] == "promoted" and rec["version"] == "v0002", rec
     assert rec["ingested"]["files"] == 20 and rec["ingested"]["new_content"] == 19 and rec["ingested"]["duplicates"] == 1
     assert rec["labeled"]["undecodable"] == 1 and rec["labeled"]["clusters"] is True
@@ -289,7 +289,7 @@ def test_two_refresh_cycles_promote_then_reject_list_rollback_and_serve_current(
     rng = np.random.default_rng(5)
     write_image(inbox / "readme_image.png", class_image("green", rng))
     before = snapshot(inbox)
-    code = refresh_cli(registry, inbox, min_new=3, tolerance=-1.0, overrides=[])
+    code = refresh_cli(registry, inbox, min_new=3, tolerance=-1.0, overrides=FAST_TRAIN)
     assert code == 0
     man3 = reg.read_manifest(registry / "v0003")
     assert man3["status"] == "rejected" and man3["comparison"]["passed"] is False
@@ -366,8 +366,9 @@ def ssl_refresh(registry: Path, inbox: Path, kill: str | None = None, wait: bool
 
 def test_refresh_killed_at_every_step_leaves_a_serving_registry_and_the_next_one_finishes(registry, tmp_path):
     """SIGKILL at each step in turn.  Each following refresh first gets past the step where the
-    previous one died (finishing or redoing its work) before it is killed at a later step; after
-    every kill `current` predicts and the integrity check passes; the last refresh completes."""
+    previous one died (finishing, resuming or redoing its work) before it is killed at a later
+    step; after every kill `current` predicts and the integrity check passes; the last refresh
+    completes.  The build killed after its first fold is resumed, not retrained."""
     inbox = tmp_path / "INBOX"
     write_inbox(inbox, 3, seed=21)
     files = snapshot(inbox)
@@ -385,6 +386,11 @@ def test_refresh_killed_at_every_step_leaves_a_serving_registry_and_the_next_one
             assert c["new"] == 9 and reg.versions(registry) == ["v0001"]
         elif step in ("train", "export@1"):
             assert c["pseudo_labeled"] == 9 and reg.versions(registry) == ["v0001"]  # nothing half-built visible
+            fold0 = registry / reg.STAGING / staging[0] / "run" / "stage3" / "fold0" / "done.json"
+            if step == "train":
+                fold0_done = fold0.read_text()
+            else:  # the build was resumed: the finished fold was not trained again
+                assert fold0.read_text() == fold0_done
         elif step == "published":
             assert reg.versions(registry) == ["v0001", "v0002"] and reg.current_version(registry) == "v0001"
             assert reg.read_manifest(registry / "v0002")["status"] == "candidate"  # complete, undecided
@@ -393,6 +399,7 @@ def test_refresh_killed_at_every_step_leaves_a_serving_registry_and_the_next_one
     r = ssl_refresh(registry, inbox)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
     assert reg.read_manifest(registry / "v0002")["status"] == "promoted"
+    assert (registry / "v0002" / "run" / "stage3" / "fold0" / "done.json").read_text() == fold0_done
     assert reg.promotion_stack(registry) == ["v0001", "v0002"]
     with Inbox(registry) as db:
         assert db.counts()["used"] == 9 and db.pending() == 0
@@ -459,7 +466,9 @@ def test_second_refresh_while_one_holds_the_lock_exits_3_and_changes_nothing(reg
             holder.kill()
             holder.wait()
     assert holder.returncode == 130 and "stopped by SIGTERM" in out, out[-3000:]
-    assert reg.versions(registry) == ["v0001"] and not list((registry / reg.STAGING).iterdir())
+    assert reg.versions(registry) == ["v0001"]
+    kept = list((registry / reg.STAGING).iterdir())  # the prepared build is kept for the next refresh
+    assert len(kept) == 1 and (kept[0] / "inputs.json").is_file()
     assert history.read(registry)[-1]["decision"] == "stopped"
     assert (registry / "refresh.lock").read_text() == ""  # released cleanly
     assert_consistent(registry, "after stopping the lock holder")
@@ -520,3 +529,23 @@ def test_bad_inputs_are_one_line_errors(registry, tmp_path):
         assert r.exit_code == 2 and msg in r.output and len(r.output.strip().splitlines()) == 1, r.output
     r = cli("models", "list", "--registry", str(tmp_path / "empty"))
     assert r.exit_code == 2 and "registry not found" in r.output
+
+
+def test_integrity_check_finds_broken_versions_and_promote_refuses_them(registry, tiny_run, fast_export):
+    assert reg.check_registry(registry) == []
+    # a second registration stays a candidate beside current (ssl train --registry on a live registry)
+    assert reg.register_run(registry, tiny_run) == "v0002"
+    assert reg.current_version(registry) == "v0001"
+    man = reg.read_manifest(registry / "v0002")
+    assert man["status"] == "candidate" and "ssl models promote v0002" in man["decision"]["reason"]
+    assert reg.check_registry(registry, all_versions=True) == []
+    (registry / "v0002" / "export" / "model.onnx").write_bytes(b"not a graph")
+    assert any("v0002" in p and "does not load" in p for p in reg.check_registry(registry, all_versions=True))
+    r = cli("models", "promote", "v0002", "--registry", str(registry))
+    assert r.exit_code == 2 and "refusing to promote v0002" in r.output and reg.current_version(registry) == "v0001"
+    (registry / "v0002" / "export" / "meta.json").unlink()
+    assert any("export/meta.json missing" in p for p in reg.check_registry(registry))
+    reg._switch_link(registry, "v0009")
+    assert any("v0009, which does not exist" in p for p in reg.check_registry(registry))
+    reg._switch_link(registry, "v0001")
+    assert reg.check_registry(registry) == [p for p in reg.check_registry(registry) if "v0002" in p]

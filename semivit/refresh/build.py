@@ -34,9 +34,9 @@ import numpy as np
 
 from semivit.errors import UserError
 from semivit.refresh import registry as reg
-from semivit.refresh.lock import FileLock, StopFlag, check_disk, dir_size, kill_point
+from semivit.refresh.lock import FileLock, StopFlag, StopRequested, check_disk, dir_size, kill_point
 from semivit.refresh.metrics import compare, version_metrics
-from semivit.utils import info, read_json, warn
+from semivit.utils import atomic_write_json, info, read_json, warn
 
 FORBIDDEN_OVERRIDES = ("model.", "cv.", "data.")
 RUN_IGNORE = shutil.ignore_patterns("export", "eval", "stage3", "ensemble.json", "report.md", "*.png",
@@ -169,6 +169,16 @@ def read_used_shas(vdir: Path) -> list[str]:
         return [r["sha256"] for r in csv.DictReader(f)]
 
 
+def build_inputs(parent: str, overrides: list[str], accepted) -> dict:
+    """What a candidate is built from (a resumed build must match it exactly)."""
+    import hashlib
+    import json
+
+    rows = sorted((a.sha256, a.label, round(a.confidence, 6), a.path is not None) for a in accepted)
+    return {"parent": parent, "overrides": list(overrides),
+            "pseudo_labels": hashlib.sha256(json.dumps(rows).encode()).hexdigest(), "count": len(rows)}
+
+
 def build_candidate(registry: Path, parent: str, db, overrides: list[str], tolerance: float,
                     settings: reg.Settings, stop: StopFlag) -> str:
     """Retrain, export, evaluate and publish a candidate (status candidate + its decision)."""
@@ -183,19 +193,25 @@ def build_candidate(registry: Path, parent: str, db, overrides: list[str], toler
     _, data = load_run_config(parent_run)
     estimate = int(1.2 * (dir_size(parent_run / "stage3") + dir_size(registry / parent / "export")))
     check_disk(registry, estimate, settings.min_free_mb, "retraining")
-    name, st = reg.new_staging(registry)
+    accepted = db.accepted()
+    inputs = build_inputs(parent, overrides, accepted)
+    adopted = reg.adopt_staging(registry, inputs)
+    name, st = adopted or reg.new_staging(registry)
     t0 = time.time()
     try:
         run_dir = st / "run"
-        reg.link_or_copy_tree(parent_run, run_dir, ignore=RUN_IGNORE)
-        from semivit import config as cfgmod
+        if adopted:
+            info(f"refresh: resuming the interrupted build of {name} (same inputs; finished folds are kept)")
+        else:
+            reg.link_or_copy_tree(parent_run, run_dir, ignore=RUN_IGNORE)
+            from semivit import config as cfgmod
 
-        cfgmod.save(cfg, run_dir / "config.yaml", extra={"data": str(data), "refresh": {
-            "parent": parent, "overrides": list(overrides), "stage1": f"the members of {parent} (unchanged)"}})
+            cfgmod.save(cfg, run_dir / "config.yaml", extra={"data": str(data), "refresh": {
+                "parent": parent, "overrides": list(overrides), "stage1": f"the members of {parent} (unchanged)"}})
+            atomic_write_json(st / "inputs.json", inputs)  # prepared: a killed build can be resumed
         run = Run(run_dir, cfg, data)
         _ = run.folds  # the parent's split; UserError if the labeled data changed since
         orig = pseudo_extra(run) if (run_dir / "pseudo" / "pseudo_labels.csv").is_file() else None
-        accepted = db.accepted()
         new_extra, used = inbox_extra(accepted, run.classes, cfg)
         extra = _concat(orig, new_extra) if orig is not None else new_extra
         write_used_csv(run_dir / "inbox_pseudo_labels.csv", used)
@@ -249,8 +265,10 @@ def build_candidate(registry: Path, parent: str, db, overrides: list[str], toler
         stop.check()
         kill_point("publish")
         reg.publish(registry, st, name)
+    except (StopRequested, KeyboardInterrupt):
+        raise  # a requested stop keeps the prepared build: the next refresh resumes it
     except BaseException:
-        shutil.rmtree(st, ignore_errors=True)  # a clean failure leaves nothing; a SIGKILL leaves staging
+        shutil.rmtree(st, ignore_errors=True)  # a failure leaves nothing (a SIGKILL leaves staging)
         raise
     kill_point("published")
     return name

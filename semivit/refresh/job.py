@@ -5,7 +5,8 @@ One refresh, step by step (each step is safe to kill; see docs/refresh.md):
 
 1. refuse at once (exit 4, nothing changed) if less than ``min_free_mb`` is free;
 2. take REGISTRY/refresh.lock (exit 3 with a message if another refresh holds it);
-3. delete stale staging dirs; finish the decision of a candidate a killed refresh had published;
+3. delete stale staging dirs (a killed build with the same inputs is resumed in step 7 instead);
+   finish the decision of a candidate a killed refresh had published;
 4. ingest: hash every inbox file into inbox.sqlite (new content, duplicates, changed files);
 5. pseudo-label the new content with the current ensemble (labeling.py);
 6. fewer than ``--min-new`` accepted pseudo-labels not yet trained on: stop here ("waiting");
@@ -88,7 +89,7 @@ def refresh_once(registry: Path, inbox: Path, *, min_new: int = 50, tolerance: f
     rec: dict = {"action": "refresh", "inbox": str(inbox.resolve()), "min_new": min_new, "tolerance": tolerance}
     with FileLock(registry / "refresh.lock", "refresh"), Inbox(registry) as db:
         try:
-            cleaned = reg.clean_staging(registry)
+            cleaned = reg.clean_staging(registry, keep_prepared=True)
             if cleaned:
                 info(f"refresh: removed {len(cleaned)} unfinished build(s) of a killed refresh: {', '.join(cleaned)}")
                 rec["cleaned_staging"] = cleaned
@@ -116,6 +117,7 @@ def refresh_once(registry: Path, inbox: Path, *, min_new: int = 50, tolerance: f
                  f"({', '.join(f'{k} {v}' for k, v in lab.by_source.items()) or 'none'}); "
                  f"{pending} new pseudo-labels waiting for training (--min-new {min_new})")
             if pending < min_new:
+                reg.clean_staging(registry)  # nothing to resume a build for
                 rec.update(decision="waiting", reason=f"{pending} new pseudo-labels < --min-new {min_new}",
                            seconds=round(time.time() - t0, 1))
                 history.append(registry, rec)

@@ -16,7 +16,9 @@ Layout (a contract shared with ``ssl predict --model REGISTRY``, see semivit/ser
                                 renamed to REGISTRY/v0003 only when complete (run + export +
                                 manifest written and fsynced), so a SIGKILL at any point leaves no
                                 half-written version visible.  Stale staging dirs (a killed build)
-                                are deleted by the next refresh or registration, under the lock.
+                                are deleted by the next refresh or registration, under the lock -
+                                except that a refresh resumes a killed build made from the very
+                                same inputs (inputs.json), keeping its finished folds.
       promotions.json           the stack of promoted versions (rollback pops it), journaled
       registry.yaml             settings: holdout path, disk reserve, export options
       holdout/<class>/*         optional fixed labeled holdout (or `holdout:` in registry.yaml)
@@ -184,13 +186,16 @@ def next_version(registry: Path) -> str:
     return version_name(max(nums, default=0) + 1)
 
 
-def clean_staging(registry: Path) -> list[str]:
-    """Delete every staging dir.  Only the refresh-lock holder builds versions, so under the lock
-    any staging dir is a leftover of a killed build."""
+def clean_staging(registry: Path, keep_prepared: bool = False) -> list[str]:
+    """Delete staging dirs (call under the refresh lock: only its holder builds versions, so any
+    staging dir is a leftover of a killed build).  With ``keep_prepared``, a build that got as far
+    as writing its inputs.json is kept for :func:`adopt_staging` to resume."""
     staging = Path(registry) / STAGING
     removed = []
     if staging.is_dir():
         for p in sorted(staging.iterdir()):
+            if keep_prepared and (p / "inputs.json").is_file():
+                continue
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p.name)
     return removed
@@ -201,6 +206,31 @@ def new_staging(registry: Path) -> tuple[str, Path]:
     d = Path(registry) / STAGING / f"{name}-{os.getpid()}"
     d.mkdir(parents=True)
     return name, d
+
+
+def adopt_staging(registry: Path, inputs: dict) -> Optional[tuple[str, Path]]:
+    """Resume a killed build made from exactly the same ``inputs`` (its inputs.json, written once
+    its run directory was prepared): rename it to this process and return (name, dir).  Every
+    other staging dir is deleted.  Finished folds (done.json) are then not trained again."""
+    staging = Path(registry) / STAGING
+    found = None
+    if staging.is_dir():
+        for p in sorted(staging.iterdir()):
+            m = re.match(r"(v\d+)-\d+$", p.name)
+            try:
+                same = m is not None and read_json(p / "inputs.json") == inputs
+            except (OSError, ValueError):
+                same = False
+            if same and found is None and m.group(1) not in versions(registry):
+                dst = staging / f"{m.group(1)}-{os.getpid()}"
+                if p != dst:
+                    os.rename(p, dst)
+                for tmp in dst.glob(".export.tmp-*"):  # a killed export's leftovers
+                    shutil.rmtree(tmp, ignore_errors=True)
+                found = (m.group(1), dst)
+            else:
+                shutil.rmtree(p, ignore_errors=True)
+    return found
 
 
 def _fsync_tree(root: Path) -> None:
