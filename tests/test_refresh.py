@@ -250,9 +250,12 @@ def test_stale_lock_is_taken_over_and_a_held_lock_refuses(tmp_path):
 
 # --------------------------------------------------------------------------------------------- end to end
 
-def test_two_refresh_cycles_promote_then_reject_list_rollback_and_serve_current(registry, tmp_path, fast_export):
+def test_two_refresh_cycles_promote_then_reject_list_rollback_and_serve_current(registry, tmp_path, fast_export,
+                                                                                tiny_data_shared):
     from semivit.serve.backends import open_backend
     from semivit.serve.resolve import resolve_model_dir
+
+    shutil.copytree(tiny_data_shared / "test", registry / "holdout")  # a fixed labeled holdout
 
     inbox = tmp_path / "INBOX"
     write_inbox(inbox, 6, seed=11)  # 18 field images: enough for UMAP + KMeans cluster cores
@@ -271,6 +274,8 @@ def test_two_refresh_cycles_promote_then_reject_list_rollback_and_serve_current(
     assert man2["status"] == "promoted" and man2["parent"] == "v0001"
     assert man2["data"]["inbox_pseudo_labels"] == rec["labeled"]["accepted"] > 0
     assert man2["comparison"]["checks"][0]["current"] == reg.read_manifest(registry / "v0001")["metrics"]["val"]["macro_f1"]
+    assert [c["metric"] for c in man2["comparison"]["checks"]] == ["val_macro_f1", "holdout_macro_f1"]
+    assert man2["metrics"]["holdout"]["n_images"] == 18 and 0 <= man2["metrics"]["holdout"]["macro_f1"] <= 1
     ens = json.loads((registry / "v0002" / "run" / "ensemble.json").read_text())
     assert sorted(m["name"] for m in ens["members"]) == ["stage1/fold0", "stage1/fold1", "stage3/fold0", "stage3/fold1"]
     s3 = json.loads((registry / "v0002" / "run" / "stage3" / "fold0" / "done.json").read_text())
