@@ -1,0 +1,388 @@
+"""Prediction speed benchmark (issue 7).
+
+For one ensemble, on the same images (the ELPV demo data's held-out test split: 300x300 greyscale
+PNGs, decoded and resized to the model's size), with the same batch size and thread count:
+
+  raw_ort       ONNX Runtime session (the backend ``ssl predict`` uses) on pre-decoded uint8
+                arrays: the model's own throughput, per degradation level
+  e2e           ``ssl predict DIR`` as a user runs it (a new process: interpreter start, model
+                load, discovery, decoding in worker processes, batching, CSV writing); images/s
+                over the whole wall time, and the steady part (model load excluded)
+  overhead      1 - e2e steady images/s / raw_ort images/s: what the pipeline costs
+  decode        the decode pool alone (workers, load_rgb resize), images/s
+  torch_eager   the same ensemble as a PyTorch EnsembleModel on the same arrays, same batch and
+                threads, and the largest probability difference to ONNX Runtime
+
+Models: ``--run RUN`` (a trained run; exported with ``ssl export`` unless RUN/export exists), else
+the first quick-preset run found under runs/ or /tmp, else (saying so in the results) a tiny-preset
+run trained here AND the quick preset's architecture (10 x vit_hybrid_lite0 at 128 px) with
+untrained weights - inference cost does not depend on the weights' values.
+
+Usage:
+    python benchmarks/predict_speed.py [--run RUN] [--images 656] [--batch 32] [--threads 1 2]
+
+Results: benchmarks/results/predict_speed.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from semivit.serve.backends import open_backend, physical_cores  # noqa: E402
+from semivit.serve.loader import DecodePool  # noqa: E402
+from semivit.utils import cpu_count, read_json  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+# ------------------------------------------------------------------------------------------ setup
+
+def find_quick_run() -> Path | None:
+    cands = list((ROOT / "runs").glob("*/ensemble.json")) + list(Path("/tmp").glob("*/ensemble.json"))
+    for ens in sorted(cands, key=lambda p: p.stat().st_mtime, reverse=True):
+        cfg = ens.parent / "config.yaml"
+        if cfg.is_file() and "preset: quick" in cfg.read_text():
+            return ens.parent
+    return None
+
+
+def demo_images(work: Path, n: int) -> Path:
+    """The demo data's test split (first n files, sorted) under work/images."""
+    from semivit.data.demo import write_demo
+    from semivit.data.discover import discover_images
+
+    demo = work / "demo"
+    if not (demo / "test").is_dir():
+        write_demo(demo, labeled_fraction=0.2, seed=0)
+    imgs = work / f"images_{n}"
+    if not imgs.is_dir():
+        files = discover_images(demo / "test").files[:n]
+        imgs.mkdir(parents=True)
+        for i, f in enumerate(files):
+            os.symlink(f, imgs / f"{i:05d}_{f.name}")
+    return imgs
+
+
+def tiny_run(work: Path) -> Path:
+    from semivit import config as cfgmod
+    from semivit.trainer.pipeline import run_training
+
+    run = work / "tiny_run"
+    if not (run / "ensemble.json").is_file():
+        run_training(data=work / "demo", out=run, cfg=cfgmod.resolve(preset="tiny"))
+    return run
+
+
+def untrained_quick_run(work: Path, members: int = 10) -> Path:
+    """The quick preset's architecture with random weights: the speed of a quick run."""
+    from semivit import config as cfgmod
+    from semivit.data.demo import CLASS_NAMES
+    from semivit.trainer.ensemble import write_ensemble
+    from semivit.trainer.models import build_model, save_checkpoint
+
+    run = work / "quick_arch_untrained"
+    if (run / "ensemble.json").is_file():
+        return run
+    cfg = cfgmod.resolve(preset="quick")
+    entries = []
+    for k in range(members):
+        stage = "stage1" if k < members // 2 else "stage3"
+        rel = f"{stage}/fold{k % (members // 2)}/best.pt"
+        model = build_model(cfg.model, len(CLASS_NAMES), pretrained=False).eval()
+        (run / rel).parent.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(run / rel, model, cfg.model, list(CLASS_NAMES))
+        entries.append({"name": rel.rsplit("/", 1)[0], "path": rel, "val_macro_f1": 0.5 + 0.01 * k})
+    write_ensemble(run, entries, list(CLASS_NAMES), cfg.model.img_size)
+    return run
+
+
+def mini_export(run: Path, out: Path) -> Path:
+    """meta.json + the three level graphs, without the exporter's verification (which needs the
+    run's data): used only for the untrained architecture."""
+    import math
+
+    import torch
+
+    from semivit.trainer.ensemble import EnsembleModel, load_members, read_ensemble
+
+    doc = read_ensemble(run)
+    models, weights, entries = load_members(run, doc)
+    m = len(models)
+    k = math.ceil(m / 2)
+    top = sorted(sorted(range(m), key=lambda i: -weights[i])[:k])
+    specs = [("full", "model.onnx", True, list(range(m))), ("no_tta", "levels/no_tta.onnx", False, list(range(m))),
+             (f"top{k}_no_tta", f"levels/top{k}_no_tta.onnx", False, top)]
+    try:
+        from semivit.export.graph import export_graph
+    except ImportError:
+        export_graph = None
+    s = doc["img_size"]
+    for _, f, tta, idx in specs:
+        ens = EnsembleModel([models[i] for i in idx], [weights[i] for i in idx], tta=tta,
+                            mean=doc["mean"], std=doc["std"]).eval()
+        (out / f).parent.mkdir(parents=True, exist_ok=True)
+        if export_graph is not None:
+            export_graph(ens, out / f, s, exporter="torchscript")
+        else:
+            torch.onnx.export(ens, (torch.zeros(2, s, s, 3, dtype=torch.uint8),), str(out / f), dynamo=False,
+                              input_names=["images"], output_names=["probs", "label"], opset_version=18,
+                              dynamic_axes={"images": {0: "n"}, "probs": {0: "n"}, "label": {0: "n"}})
+    meta = {"classes": doc["classes"], "img_size": s, "mean": doc["mean"], "std": doc["std"], "tta": True,
+            "members": [{"name": e["name"], "weight": w} for e, w in zip(entries, weights)],
+            "levels": [{"name": n, "file": f, "tta": t, "members": len(i)} for n, f, t, i in specs],
+            "note": "benchmark mini-export (no verification)"}
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    return out
+
+
+def export_of(run: Path, work: Path, untrained: bool) -> Path:
+    if (run / "export" / "meta.json").is_file():
+        return run / "export"
+    out = work / f"export_{run.name}"
+    if (out / "meta.json").is_file():
+        return out
+    if untrained:
+        return mini_export(run, out)
+    from semivit.export.exporter import export_run
+
+    return export_run(run, out=out)
+
+
+# ------------------------------------------------------------------------------------------ measurements
+
+def decode_arrays(paths: list[str], size: int, batch: int) -> np.ndarray:
+    pool = DecodePool(paths, size, batch, workers=0)
+    chunks = []
+    while (c := pool.next()) is not None:
+        chunks.append(c.images)
+    return np.concatenate(chunks)
+
+
+def throughput(fn, images: np.ndarray, batch: int, min_seconds: float = 5.0, min_batches: int = 2) -> float:
+    """Images/s of ``fn`` on full batches of ``images`` (cycled), after one warm-up batch."""
+    fn(images[:batch])  # warm-up (first-run allocations)
+    n, k, t0 = 0, 0, time.perf_counter()
+    while k < min_batches or time.perf_counter() - t0 < min_seconds:
+        s = (k * batch) % max(1, len(images) - batch + 1)
+        fn(images[s:s + batch])
+        n, k = n + batch, k + 1
+    return n / (time.perf_counter() - t0)
+
+
+def measure_decode(paths: list[str], size: int, batch: int, workers: int) -> float:
+    t0 = time.perf_counter()
+    pool = DecodePool(paths, size, batch, workers=workers)
+    n = 0
+    while (c := pool.next()) is not None:
+        n += c.stop - c.start
+    pool.close()
+    return n / (time.perf_counter() - t0)
+
+
+def measure_e2e(images_dir: Path, export: Path, work: Path, batch: int, threads: int) -> dict:
+    out = work / "e2e.json"
+    script = Path(sys.executable).parent / "ssl"
+    cmd = [str(script)] if script.exists() else [sys.executable, "-c", "from semivit.cli import main; main()"]
+    env = {**os.environ, "SEMIVIT_QUIET": "1"}
+    t0 = time.perf_counter()
+    r = subprocess.run([*cmd, "predict", str(images_dir), "--model", str(export), "--out", str(out), "--force",
+                        "--batch-size", str(batch), "--backend", "onnxruntime", "--format", "json"],
+                       env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise RuntimeError(f"ssl predict failed: {r.stderr}")
+    s = json.loads(out.read_text())["summary"]
+    steady = s["ok"] / max(1e-9, s["seconds"] - s["load_seconds"])
+    return {"images": s["images"], "ok": s["ok"], "wall_seconds": round(wall, 3),
+            "images_per_s_wall": round(s["ok"] / wall, 2), "command_seconds": s["seconds"],
+            "model_load_seconds": s["load_seconds"], "images_per_s_steady": round(steady, 2),
+            "provider": s["provider"], "threads_note": f"ssl predict uses physical cores = {threads}"}
+
+
+def bench_model(label: str, run: Path, export: Path, images_dir: Path, work: Path, batch: int,
+                threads_list: list[int], untrained: bool, e2e_seconds: float = 60.0) -> dict:
+    meta = read_json(export / "meta.json")
+    size = int(meta["img_size"])
+    paths = sorted(str(p) for p in images_dir.iterdir())
+    t = time.perf_counter()
+    arrays = decode_arrays(paths, size, batch)
+    decode_1proc = len(arrays) / (time.perf_counter() - t)
+    res = {"label": label, "run": str(run), "export": str(export), "untrained_weights": untrained,
+           "img_size": size, "members": len(meta["members"]), "tta": meta.get("tta", True),
+           "images": len(paths), "batch": batch,
+           "decode_images_per_s": {"main_process": round(decode_1proc, 1)}, "raw_ort": {}, "torch_eager": {},
+           "ort_vs_torch": {}}
+    for w in sorted({1, cpu_count()}):
+        res["decode_images_per_s"][f"pool_{w}_workers"] = round(measure_decode(paths, size, batch, w), 1)
+    for th in threads_list:
+        ort_be = open_backend(export, "onnxruntime-cpu", threads=th)
+        per_level = {}
+        for i, lv in enumerate(ort_be.levels):
+            ort_be.set_level(i)
+            per_level[lv.name] = round(throughput(ort_be.predict, arrays, batch), 2)
+        res["raw_ort"][f"{th}_threads"] = per_level
+        ort_be.set_level(0)
+        tb = open_backend(run, "torch", threads=th)
+        res["torch_eager"][f"{th}_threads"] = round(throughput(tb.predict, arrays, batch), 2)
+        x = arrays[:batch]
+        diff = float(np.abs(ort_be.predict(x)[0] - tb.predict(x)[0]).max())
+        res["ort_vs_torch"][f"{th}_threads"] = {
+            "speedup": round(per_level["full"] / res["torch_eager"][f"{th}_threads"], 2),
+            "max_abs_prob_diff": diff}
+        del ort_be, tb
+    th = physical_cores()
+    # end to end on as many images as the model does in ~e2e_seconds (the whole set when fast)
+    raw_full = res["raw_ort"].get(f"{th}_threads", {}).get("full") or next(iter(res["raw_ort"].values()))["full"]
+    n_e2e = int(min(len(paths), max(4 * batch, raw_full * e2e_seconds)))
+    e2e_dir = demo_images(work, n_e2e) if n_e2e < len(paths) else images_dir
+    res["e2e"] = measure_e2e(e2e_dir, export, work, batch, th)
+    raw = res["raw_ort"].get(f"{th}_threads", {}).get("full")
+    if raw:
+        res["e2e"]["raw_ort_images_per_s_same_threads"] = raw
+        res["e2e"]["pipeline_overhead_steady"] = round(1 - res["e2e"]["images_per_s_steady"] / raw, 3)
+        res["e2e"]["pipeline_overhead_wall"] = round(1 - res["e2e"]["images_per_s_wall"] / raw, 3)
+        # the slower of the two stages bounds the pipeline: how close does it get to that?
+        dec = max(v for k, v in res["decode_images_per_s"].items())
+        bound = min(raw, dec)
+        res["e2e"]["bottleneck"] = "decoding" if dec < raw else "model"
+        res["e2e"]["steady_vs_bottleneck"] = round(res["e2e"]["images_per_s_steady"] / bound, 3)
+    return res
+
+
+# ------------------------------------------------------------------------------------------ report
+
+def machine_info() -> dict:
+    import onnx
+    import onnxruntime
+    import PIL
+    import torch
+
+    cpu = "?"
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    mem = "?"
+    try:
+        kb = int(next(ln.split()[1] for ln in open("/proc/meminfo") if ln.startswith("MemTotal")))
+        mem = f"{kb / 2**20:.1f} GiB"
+    except (OSError, StopIteration):
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True).stdout.strip()
+    except OSError:
+        commit = "?"
+    return {"cpu": cpu, "physical_cores": physical_cores(), "usable_cpus": cpu_count(), "memory": mem,
+            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__, "numpy": np.__version__,
+            "pillow": PIL.__version__, "git_commit": commit, "load_average_start": os.getloadavg()}
+
+
+def write_md(doc: dict, path: Path) -> None:
+    m = doc["machine"]
+    lines = ["# Prediction speed (`ssl predict`)", "",
+             f"Machine: {m['cpu']}, {m['physical_cores']} physical cores ({m['usable_cpus']} usable), {m['memory']}; "
+             f"{m['platform']}; Python {m['python']}, torch {m['torch']}, onnxruntime {m['onnxruntime']}, "
+             f"onnx {m['onnx']}; commit {m['git_commit']}.",
+             f"Load average at start {tuple(round(x, 1) for x in m['load_average_start'])}, at end "
+             f"{tuple(round(x, 1) for x in doc['load_average_end'])} (the box is shared: other jobs ran at the same "
+             "time, so absolute numbers are noisy; ratios measured back to back are the useful part).",
+             f"Benchmark wall time: {doc['wall_seconds']:.0f} s.  Command: `{doc['command']}`.", ""]
+    if doc.get("note"):
+        lines += [f"**Note:** {doc['note']}", ""]
+    for r in doc["models"]:
+        e = r["e2e"]
+        lines += [f"## {r['label']}", "",
+                  f"{r['members']} members, {r['img_size']} px, TTA {'on' if r['tta'] else 'off'}; images from the ELPV "
+                  f"test split (300x300 greyscale PNG): {r['images']} for decoding and the raw sessions, "
+                  f"{e['images']} end to end; batch {r['batch']}"
+                  + ("; **untrained weights** (same compute as trained)" if r["untrained_weights"] else "") + ".", "",
+                  "| measurement | images/s |", "|---|---:|"]
+        for th, lv in r["raw_ort"].items():
+            for name, v in lv.items():
+                lines.append(f"| raw ONNX Runtime, level {name}, {th.replace('_', ' ')} (pre-decoded arrays) | {v:.1f} |")
+        for th, v in r["torch_eager"].items():
+            sp = r["ort_vs_torch"][th]
+            lines.append(f"| PyTorch eager, full, {th.replace('_', ' ')} (same arrays, batch) | {v:.1f} "
+                         f"(ORT {sp['speedup']:.2f}x; max abs prob diff {sp['max_abs_prob_diff']:.1e}) |")
+        for k, v in r["decode_images_per_s"].items():
+            lines.append(f"| decode + resize only, {k.replace('_', ' ')} | {v:.1f} |")
+        lines += [f"| `ssl predict` end to end, whole wall time ({e['wall_seconds']:.2f} s, model load "
+                  f"{e['model_load_seconds']:.2f} s) | {e['images_per_s_wall']:.1f} |",
+                  f"| `ssl predict` steady state (model load excluded) | {e['images_per_s_steady']:.1f} |", ""]
+        if "pipeline_overhead_steady" in e:
+            lines += [f"Pipeline overhead vs the raw session at the same threads: {100 * e['pipeline_overhead_steady']:.0f}% "
+                      f"steady state, {100 * e['pipeline_overhead_wall']:.0f}% over the whole command. "
+                      f"The slower stage here is {e['bottleneck']} (alone: {min(max(r['decode_images_per_s'].values()), e['raw_ort_images_per_s_same_threads']):.1f} "
+                      f"images/s); the pipeline's steady state reaches {100 * e['steady_vs_bottleneck']:.0f}% of it "
+                      f"(decoding and the model share the same cores). Backend: {e['provider']}.", ""]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", type=Path, help="a trained run (default: a quick run found, else tiny + quick-arch)")
+    ap.add_argument("--images", type=int, default=656)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--threads", type=int, nargs="+", default=None)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/semivit-predict-bench"))
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    os.environ.setdefault("SEMIVIT_QUIET", "1")
+    args.work.mkdir(parents=True, exist_ok=True)
+    threads = args.threads or sorted({1, physical_cores()})
+    script = Path(sys.argv[0]).resolve()
+    script = script.relative_to(ROOT).as_posix() if script.is_relative_to(ROOT) else sys.argv[0]
+    doc = {"command": "python " + " ".join([script, *sys.argv[1:]]),
+           "machine": machine_info(), "models": []}
+    images = demo_images(args.work, args.images)
+    run = args.run or find_quick_run()
+    if run is not None:
+        ens = read_json(Path(run) / "ensemble.json")
+        cfg = (Path(run) / "config.yaml").read_text()
+        preset = "quick" if "preset: quick" in cfg else ("tiny" if "preset: tiny" in cfg else "?")
+        stages = sorted({m.get("stage", "?") for m in ens["members"]})
+        models = [(f"{Path(run).name}: trained {preset}-preset run, {len(ens['members'])} members "
+                   f"({', '.join(stages)})", Path(run), False)]
+        if len(ens["members"]) < 10 and preset == "quick":
+            doc["note"] = (f"the quick-preset run found ({run}) holds {len(ens['members'])} members, not the full "
+                           "ensemble's 10: the quick preset's 10-member architecture is measured too, with "
+                           "untrained weights (inference cost does not depend on the weights' values)")
+            models.append(("quick preset architecture, 10 members (untrained weights)",
+                           untrained_quick_run(args.work), True))
+    else:
+        doc["note"] = ("no quick-preset run existed when this ran: measured a tiny-preset run trained here on the "
+                       "demo data, and the quick preset's architecture (10 x vit_hybrid_lite0, 128 px) with untrained "
+                       "weights, whose inference cost is that of a trained quick run")
+        models = [("tiny preset run (trained here)", tiny_run(args.work), False),
+                  ("quick preset architecture, 10 members (untrained weights)", untrained_quick_run(args.work), True)]
+    for label, r, untrained in models:
+        print(f"== {label}: {r}", flush=True)
+        exp = export_of(r, args.work, untrained)
+        res = bench_model(label, r, exp, images, args.work, args.batch, threads, untrained)
+        print(json.dumps(res, indent=1), flush=True)
+        doc["models"].append(res)
+    doc["load_average_end"] = os.getloadavg()
+    doc["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "predict_speed.json").write_text(json.dumps(doc, indent=1) + "\n")
+    write_md(doc, args.out / "predict_speed.md")
+    print(f"wrote {args.out / 'predict_speed.json'} and .md")
+
+
+if __name__ == "__main__":
+    main()
