@@ -502,6 +502,16 @@ def test_resolve_model_dir_export_run_and_registry(fake_export, fake_run, tmp_pa
         resolve_model_dir(reg)
 
 
+def test_stale_export_inside_a_run_is_flagged(fake_export, fake_run, tmp_path, capsys):
+    run = tmp_path / "RUN"
+    shutil.copytree(fake_run, run)
+    shutil.copytree(fake_export, run / "export")
+    meta = json.loads((run / "export" / "meta.json").read_text())
+    (run / "export" / "meta.json").write_text(json.dumps({**meta, "source_ensemble_sha256": "0" * 64}))
+    assert resolve_model_dir(run).export_dir == run / "export"
+    assert "exported from an earlier" in capsys.readouterr().err
+
+
 def test_predict_through_a_registry(mixed_dir, fake_export, tmp_path):
     reg = tmp_path / "REG"
     shutil.copytree(fake_export, reg / "v0001" / "export")

@@ -89,6 +89,18 @@ def _read_current(registry: Path) -> tuple[Path, str]:
     return vdir, name
 
 
+def _warn_if_stale(export: Path, run: Path, meta: dict) -> None:
+    """RUN/export made from an earlier ensemble.json (the run was retrained since): say so."""
+    want = meta.get("source_ensemble_sha256")
+    if not want:
+        return
+    from semivit.utils import sha256_file, warn
+
+    if sha256_file(run / "ensemble.json") != want:
+        warn(f"{export} was exported from an earlier {run / 'ensemble.json'}; serving the export anyway "
+             f"(re-export with `ssl export {run} --force`, or use --backend torch for the run itself)")
+
+
 def _plain(d: Path) -> ModelRef:
     if (d / "meta.json").is_file():
         meta = _read_doc(d / "meta.json", "model export")
@@ -103,6 +115,8 @@ def _plain(d: Path) -> ModelRef:
         export = d / "export" if (d / "export" / "meta.json").is_file() else None
     if export is not None:
         meta = _read_doc(export / "meta.json", "model export")
+        if run is not None:
+            _warn_if_stale(export, run, meta)
         return ModelRef(d, export, run, meta["classes"], int(meta["img_size"]), meta)
     if run is not None:
         doc = _read_doc(run / "ensemble.json", "ensemble")
