@@ -34,6 +34,7 @@ import numpy as np
 
 from semivit.errors import UserError
 from semivit.refresh import registry as reg
+from semivit.refresh.settings import Settings, init_registry, load_settings
 from semivit.refresh.lock import FileLock, StopFlag, StopRequested, check_disk, dir_size, kill_point
 from semivit.refresh.metrics import compare, version_metrics
 from semivit.utils import atomic_write_json, info, read_json, warn
@@ -43,7 +44,7 @@ RUN_IGNORE = shutil.ignore_patterns("export", "eval", "stage3", "ensemble.json",
                                     "heldout.json", "timings.yaml", "skipped.csv", "inbox_pseudo_labels.csv")
 
 
-def export_into(vdir: Path, settings: reg.Settings) -> None:
+def export_into(vdir: Path, settings: Settings) -> None:
     try:
         from semivit.export.exporter import export_run
     except ImportError as e:
@@ -69,8 +70,8 @@ def register_run(registry: Path, run_dir: Path) -> str:
     run_dir = Path(run_dir)
     if not (run_dir / "ensemble.json").is_file() or not (run_dir / "folds.json").is_file():
         raise UserError(f"{run_dir} is not a trained run (ensemble.json and folds.json needed)")
-    registry = reg.init_registry(registry)
-    settings = reg.load_settings(registry)
+    registry = init_registry(registry)
+    settings = load_settings(registry)
     with FileLock(registry / "refresh.lock", "refresh or registration"):
         reg.clean_staging(registry)
         check_disk(registry, int(1.2 * dir_size(run_dir)), settings.min_free_mb, "registering the run")
@@ -180,7 +181,7 @@ def build_inputs(parent: str, overrides: list[str], accepted) -> dict:
 
 
 def build_candidate(registry: Path, parent: str, db, overrides: list[str], tolerance: float,
-                    settings: reg.Settings, stop: StopFlag) -> str:
+                    settings: Settings, stop: StopFlag) -> str:
     """Retrain, export, evaluate and publish a candidate (status candidate + its decision)."""
     from semivit.trainer.ensemble import members_from_stages, write_ensemble
     from semivit.trainer.folds import run_stage

@@ -31,6 +31,7 @@ from typing import Optional
 from semivit.errors import UserError
 from semivit.refresh import history
 from semivit.refresh import registry as reg
+from semivit.refresh.settings import load_settings
 from semivit.refresh.build import apply_decision, build_candidate, candidate_config
 from semivit.refresh.inbox import Inbox
 from semivit.refresh.labeling import label_inbox
@@ -83,7 +84,7 @@ def refresh_once(registry: Path, inbox: Path, *, min_new: int = 50, tolerance: f
     """One refresh (the steps in the module doc).  Returns its history record."""
     overrides = list(overrides or [])
     registry, inbox = _check_inputs(registry, inbox, overrides)
-    settings = reg.load_settings(registry)
+    settings = load_settings(registry)
     check_disk(registry, 0, settings.min_free_mb, "a refresh")
     t0 = time.time()
     rec: dict = {"action": "refresh", "inbox": str(inbox.resolve()), "min_new": min_new, "tolerance": tolerance}

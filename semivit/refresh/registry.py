@@ -20,7 +20,7 @@ Layout (a contract shared with ``ssl predict --model REGISTRY``, see semivit/ser
                                 except that a refresh resumes a killed build made from the very
                                 same inputs (inputs.json), keeping its finished folds.
       promotions.json           the stack of promoted versions (rollback pops it), journaled
-      registry.yaml             settings: holdout path, disk reserve, export options
+      registry.yaml             settings: holdout path, disk reserve, export options (settings.py)
       holdout/<class>/*         optional fixed labeled holdout (or `holdout:` in registry.yaml)
       inbox.sqlite              the inbox state (semivit/refresh/inbox.py), WAL mode
       history.jsonl, history.md what every refresh (and promote/rollback) did
@@ -39,15 +39,12 @@ import os
 import re
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import yaml
-
 from semivit.errors import UserError
 from semivit.refresh.lock import FileLock
-from semivit.utils import atomic_write_json, atomic_write_text, fsync_dir, read_json
+from semivit.utils import atomic_write_json, fsync_dir, read_json
 
 MANIFEST_FORMAT = "semivit-version/1"
 STATUSES = ("candidate", "promoted", "rejected")
@@ -69,65 +66,6 @@ def parse_version(text: str) -> str:
     if not m:
         raise UserError(f"not a version name: '{text}' (expected e.g. v0003 or 3)")
     return version_name(int(m.group(1)))
-
-
-# ---------------------------------------------------------------- settings
-
-@dataclass
-class Settings:
-    holdout: Optional[str] = None  # labeled holdout dir; default REGISTRY/holdout when it exists
-    min_free_mb: float = 512.0  # kept free beyond the estimated size of a new version
-    export_tta: bool = True
-    export_trt: bool = False
-    export_int8: bool = False
-    extra: dict = field(default_factory=dict)
-
-    def holdout_dir(self, registry: Path) -> Optional[Path]:
-        if self.holdout:
-            p = Path(self.holdout).expanduser()
-            p = p if p.is_absolute() else registry / p
-            if not p.is_dir():
-                raise UserError(f"holdout directory in {registry / 'registry.yaml'} not found: {p}")
-            return p
-        return registry / "holdout" if (registry / "holdout").is_dir() else None
-
-
-SETTINGS_HEADER = """# semivit model registry settings (edit freely; read at the start of every refresh)
-# holdout: a fixed labeled holdout (DIR/<class>/*, DIR/test/<class>/* or DIR/labels.csv), relative
-#          to the registry or absolute; default: REGISTRY/holdout/ when it exists.  Never trained on.
-# min_free_mb: free disk space to keep beyond the estimated size of a new version.
-# export: options for the export of every new version (ssl export --no-tta/--trt/--int8).
-"""
-
-
-def load_settings(registry: Path) -> Settings:
-    path = Path(registry) / "registry.yaml"
-    if not path.is_file():
-        return Settings()
-    try:
-        doc = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    exp = doc.get("export") or {}
-    known = {"holdout", "min_free_mb", "export", "format"}
-    try:
-        return Settings(holdout=doc.get("holdout"), min_free_mb=float(doc.get("min_free_mb", 512.0)),
-                        export_tta=bool(exp.get("tta", True)), export_trt=bool(exp.get("trt", False)),
-                        export_int8=bool(exp.get("int8", False)),
-                        extra={k: v for k, v in doc.items() if k not in known})
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{path}: bad value ({e})") from None
-
-
-def init_registry(registry: Path) -> Path:
-    registry = Path(registry)
-    registry.mkdir(parents=True, exist_ok=True)
-    if not (registry / "registry.yaml").exists():
-        s = Settings()
-        doc = {"format": "semivit-registry/1", "holdout": s.holdout, "min_free_mb": s.min_free_mb,
-               "export": {"tta": s.export_tta, "trt": s.export_trt, "int8": s.export_int8}}
-        atomic_write_text(registry / "registry.yaml", SETTINGS_HEADER + yaml.safe_dump(doc, sort_keys=False))
-    return registry
 
 
 def require_registry(registry: Path) -> Path:
