@@ -377,3 +377,118 @@ def test_tensorrt_engine_builds_verifies_and_rebuilds_on_mismatch(exported, run_
     assert json.loads((d / "engine.json").read_text())["rebuilt_because"]
     p, y = tensorrt.EngineRunner(d / "model.engine")(held_out[:5])
     assert p.shape == (5, 3) and (y == p.argmax(1)).all()
+
+
+# ----------------------------------------------------------------------------- TensorRT logic on CPU
+class _FakeTRT:
+    """The slice of the tensorrt Python API that build_engine uses, recording what it is asked."""
+
+    def __init__(self, version: str, plan=b"PLAN", parse_ok=True):
+        import types
+
+        self.__version__, self.plan, self.parse_ok = version, plan, parse_ok
+        self.flags, self.parsed, self.shapes, self.cache_in = [], [], [], None
+        self.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda s, level=None: None})
+        flags = {"FP16": "fp16"} if version.startswith("10.") else {}  # TensorRT 11 has no FP16 flag
+        self.BuilderFlag = types.SimpleNamespace(**flags)
+        fake = self
+
+        class Parser:
+            num_errors = 0 if parse_ok else 1
+
+            def __init__(self, network, logger):
+                pass
+
+            def parse_from_file(self, path):
+                model = onnx.load(path)
+                fake.parsed.append((Path(path).name, {t.data_type for t in model.graph.initializer}))
+                return fake.parse_ok
+
+            def get_error(self, i):
+                return "In node 3 (Slice): unsupported"
+
+        class Cache:
+            def serialize(self):
+                return b"TIMINGS"
+
+        class Config:
+            def set_flag(self, f):
+                fake.flags.append(f)
+
+            def add_optimization_profile(self, p):
+                pass
+
+            def create_timing_cache(self, blob):
+                fake.cache_in = blob
+                return Cache()
+
+            def set_timing_cache(self, cache, ignore_mismatch):
+                pass
+
+            def get_timing_cache(self):
+                return Cache()
+
+        class Profile:
+            def set_shape(self, name, lo, opt, hi):
+                fake.shapes.append((name, list(lo), list(opt), list(hi)))
+
+        class Builder:
+            def __init__(self, logger):
+                pass
+
+            def create_network(self, flags):
+                return object()
+
+            def create_builder_config(self):
+                return Config()
+
+            def create_optimization_profile(self):
+                return Profile()
+
+            def build_serialized_network(self, network, config):
+                return fake.plan
+
+        self.OnnxParser, self.Builder = Parser, Builder
+
+
+@pytest.mark.parametrize("version", ["10.13.0", "11.4.0"])
+def test_tensorrt_build_uses_fp16_flag_on_10_and_an_fp16_graph_on_11(version, exported, tmp_path, monkeypatch):
+    import sys
+
+    fake = _FakeTRT(version)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setenv("SEMIVIT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(tensorrt, "machine", lambda: {"tensorrt": version, "gpu": "NVIDIA Test GPU",
+                                                      "compute_capability": "9.0"})
+    d = tmp_path / "EXPORT"
+    shutil.copytree(exported, d)
+    doc = tensorrt.build_engine(d / "model.onnx", d / "model.engine", tensorrt.profile_for(32, 64))
+    assert (d / "model.engine").read_bytes() == b"PLAN"  # the raw plan, nothing glued on
+    assert fake.shapes == [("images", [1, 32, 32, 3], [32, 32, 32, 3], [64, 32, 32, 3])]
+    (name, dtypes), = fake.parsed
+    if version.startswith("10."):
+        assert fake.flags == ["fp16"] and name == "model.onnx" and dtypes == {onnx.TensorProto.FLOAT}
+    else:
+        assert fake.flags == [] and name.endswith(".fp16.onnx") and onnx.TensorProto.FLOAT not in dtypes
+        assert "strongly typed" in doc["fp16_method"]
+    assert not [p for p in d.iterdir() if "fp16" in p.name], "the FP16 graph is a build intermediate"
+    assert doc["onnx_sha256"] == read_meta(d)["files"]["model.onnx"] and doc["gpu"] == "NVIDIA Test GPU"
+    cache = Path(doc["timing_cache"])
+    assert cache.read_bytes() == b"TIMINGS" and cache.parent == tmp_path / "cache" / "tensorrt"
+    tensorrt.build_engine(d / "model.onnx", d / "model.engine", tensorrt.profile_for(32, 64))
+    assert fake.cache_in == b"TIMINGS", "the timing cache is reused by the next build"
+
+
+def test_tensorrt_build_failures_are_clear_errors(exported, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setenv("SEMIVIT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(tensorrt, "machine", lambda: {"tensorrt": "10.13.0", "gpu": "G", "compute_capability": "8.6"})
+    monkeypatch.setitem(sys.modules, "tensorrt", _FakeTRT("10.13.0", plan=None))
+    with pytest.raises(UserError, match="failed to build an engine"):
+        tensorrt.build_engine(exported / "model.onnx", tmp_path / "model.engine", tensorrt.profile_for(32, 8))
+    monkeypatch.setitem(sys.modules, "tensorrt", _FakeTRT("10.13.0", parse_ok=False))
+    with pytest.raises(UserError, match="cannot parse model.onnx: In node 3"):
+        tensorrt.build_engine(exported / "model.onnx", tmp_path / "model.engine", tensorrt.profile_for(32, 8))
+    assert not (tmp_path / "model.engine").exists()
+    assert tensorrt.profile_for(32, 8)["opt"] == [8, 32, 32, 3]
