@@ -141,7 +141,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "seed": {},
     "quick": {
         "model": {
-            "name": "vit_hybrid_lite0",
+            "name": "vit_hybrid_lite0",  # frozen ImageNet EfficientNet-Lite0 stem + 4-block ViT
             "img_size": 128,
             "pretrained": True,
             "head_hidden": 256,

@@ -236,7 +236,7 @@ def test_unknown_model_name_is_a_user_error():
 
 
 def test_hybrid_stem_at_backbone_lr_and_fresh_transformer_at_head_lr():
-    cfg = config.resolve(preset="quick")
+    cfg = config.resolve(preset="quick", overrides=["model.kwargs={freeze_stem: false}"])
     model = build_model(cfg.model, 4, pretrained=False)
     opt = build_optimizer(model, cfg.train)
     lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
@@ -245,3 +245,23 @@ def test_hybrid_stem_at_backbone_lr_and_fresh_transformer_at_head_lr():
     assert all(lr_of[id(p)] == pytest.approx(cfg.train.lr) for p in model.backbone.blocks.parameters())
     assert lr_of[id(model.backbone.pos_embed)] == pytest.approx(cfg.train.lr)
     assert len(lr_of) == sum(1 for _ in model.parameters())
+
+
+def test_frozen_stem_keeps_imagenet_weights_and_statistics_while_the_rest_trains():
+    cfg = config.resolve(preset="quick", overrides=["train.epochs=1", "train.batch_size=4", "model.img_size=32",
+                                                     "train.precision=fp32"])
+    model = build_model(cfg.model, 3)
+    stem = model.backbone.patch_embed.backbone
+    assert stem.frozen and not any(p.requires_grad for p in stem.parameters())
+    before = {k: v.clone() for k, v in stem.state_dict().items()}
+    blocks_before = [p.clone() for p in model.backbone.blocks.parameters()]
+    model.train()
+    assert not stem.training and model.backbone.blocks.training
+    from semivit.data.dataset import ArrayDataset
+
+    rng = np.random.default_rng(0)
+    ds = ArrayDataset(rng.integers(0, 255, (12, 32, 32, 3), dtype=np.uint8), rng.integers(0, 3, 12))
+    fit(model, ds, ds.images[:6], ds.labels[:6], cfg, FocalLoss(), torch.device("cpu"))
+    for k, v in stem.state_dict().items():
+        assert torch.equal(v, before[k]), k  # weights and BN running stats untouched
+    assert any(not torch.equal(a, b) for a, b in zip(blocks_before, model.backbone.blocks.parameters()))

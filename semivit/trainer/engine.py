@@ -147,8 +147,10 @@ def fit(model: nn.Module, train_ds: ArrayDataset, val_images: np.ndarray, val_la
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
     stopper = EarlyStopping(tcfg.patience, tcfg.min_delta)
 
+    trainable = [p for p in model.backbone.parameters() if p.requires_grad]  # a frozen stem stays frozen
+
     def set_frozen(frozen: bool):
-        for p in model.backbone.parameters():
+        for p in trainable:
             p.requires_grad_(not frozen)
 
     freeze = min(tcfg.freeze_epochs, epochs - 1) if tcfg.freeze_epochs else 0

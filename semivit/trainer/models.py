@@ -51,10 +51,31 @@ OFFLINE_PRETRAINED: dict[str, Callable[[nn.Module], None]] = {
 
 
 # ----------------------------------------------------------------------------- hybrid ViT
-def lite0_stem(depth: int = 5) -> nn.Sequential:
-    """EfficientNet-Lite0 truncated at stride 16: conv_stem, bn1 and the first ``depth`` stages."""
+class Lite0Stem(nn.Sequential):
+    """EfficientNet-Lite0 truncated at stride 16: conv_stem, bn1 and the first ``depth`` stages.
+
+    ``frozen``: the pretrained stem is a fixed feature extractor - no gradients (its forward runs
+    under no_grad, which also saves the activations' memory and the backward pass) and its
+    BatchNorm statistics stay ImageNet's (always in eval mode).
+    """
+
+    def __init__(self, *layers, frozen: bool = False):
+        super().__init__(*layers)
+        self.frozen = frozen
+
+    def forward(self, x):
+        if self.frozen and torch.is_grad_enabled():
+            with torch.no_grad():
+                return super().forward(x)
+        return super().forward(x)
+
+    def train(self, mode: bool = True):
+        return super().train(mode and not self.frozen)
+
+
+def lite0_stem(depth: int = 5, frozen: bool = False) -> Lite0Stem:
     cnn = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    return nn.Sequential(cnn.conv_stem, cnn.bn1, *cnn.blocks[:depth])
+    return Lite0Stem(cnn.conv_stem, cnn.bn1, *cnn.blocks[:depth], frozen=frozen)
 
 
 def _stem_state_from_lite0(depth: int) -> dict[str, torch.Tensor]:
@@ -76,11 +97,15 @@ def _stem_state_from_lite0(depth: int) -> dict[str, torch.Tensor]:
 class HybridViT(VisionTransformer):
     """The ViT paper's hybrid: a pretrained CNN stem makes the patch tokens, a ViT reads them."""
 
-    def __init__(self, stem_depth: int = 5, **kwargs):
-        stem = lite0_stem(stem_depth)
+    def __init__(self, stem_depth: int = 5, freeze_stem: bool = False, **kwargs):
+        stem = lite0_stem(stem_depth, frozen=freeze_stem)
         kwargs.setdefault("patch_size", 1)
         super().__init__(embed_layer=partial(HybridEmbed, backbone=stem), **kwargs)
         self.stem_depth = stem_depth
+        if freeze_stem:
+            stem.eval()
+            for p in stem.parameters():
+                p.requires_grad_(False)
 
     def load_pretrained_stem(self) -> None:
         sd = _stem_state_from_lite0(self.stem_depth)
@@ -97,9 +122,10 @@ class HybridViT(VisionTransformer):
 
 @register_model
 def vit_hybrid_lite0(pretrained: bool = False, **kwargs) -> HybridViT:
-    """Hybrid ViT: EfficientNet-Lite0 stem (ImageNet, stride 16) + a 4-block ViT (dim 192)."""
-    args = dict(img_size=128, embed_dim=192, depth=4, num_heads=3, mlp_ratio=4.0,
-                global_pool="avg", class_token=False, stem_depth=5)
+    """Hybrid ViT: EfficientNet-Lite0 stem (ImageNet, stride 16, frozen by default) + a 4-block
+    ViT (dim 128, 2 heads, mean-pooled tokens).  At 128 px the stem makes 8 x 8 = 64 tokens."""
+    args = dict(img_size=128, embed_dim=128, depth=4, num_heads=2, mlp_ratio=4.0,
+                global_pool="avg", class_token=False, stem_depth=5, freeze_stem=True)
     for k in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm factory extras
         kwargs.pop(k, None)
     args.update(kwargs)
