@@ -59,7 +59,7 @@ def _labeled_info(run_dir: Path) -> dict:
 
     _, data = load_run_config(run_dir)
     pl = run_dir / "pseudo" / "pseudo_labels.csv"
-    n_pl = sum(1 for _ in open(pl)) - 1 if pl.is_file() else 0
+    n_pl = len(pl.read_text().splitlines()) - 1 if pl.is_file() else 0
     return {"labeled_dir": str(data), "labeled_images": len(folds["items"]), "classes": folds["classes"],
             "folds": folds["folds"], "unlabeled_pseudo_labels": max(n_pl, 0)}
 
