@@ -54,6 +54,7 @@ class TrainConfig(_Section):
     backbone_lr_mult: float = Field(0.1, gt=0, le=1)  # backbone LR = 10% of the head's
     min_lr: float = Field(1e-6, ge=0)
     restart_epochs: int = Field(10, ge=1)  # CosineAnnealingWarmRestarts T_0 (epochs)
+    warmup_epochs: float = Field(0.0, ge=0)  # linear LR warm-up before the cosine schedule
     weight_decay: float = Field(0.01, ge=0)
     layer_decay: Optional[float] = Field(None, gt=0, le=1)  # Semi-ViT layer-wise LR decay
     loss: Literal["focal", "ce"] = "focal"
@@ -80,6 +81,12 @@ class CVConfig(_Section):
 
 class PseudoConfig(_Section):
     threshold: float = Field(0.96, gt=0, le=1)
+    # "global": one threshold for every class (the seed's rule).  "oof": per class, the lowest
+    # confidence at which the stage-1 out-of-fold predictions of that class reach
+    # `target_precision` (with >= `min_support` of them); a class that never does gets none.
+    threshold_mode: Literal["global", "oof"] = "global"
+    target_precision: float = Field(0.9, gt=0, le=1)
+    min_support: int = Field(5, ge=1)
     tta: bool = True
     cluster: bool = True
     purity: float = Field(0.9, gt=0, le=1)
@@ -145,15 +152,21 @@ PRESETS: dict[str, dict[str, Any]] = {
             "img_size": 128,
             "pretrained": True,
             "head_hidden": 256,
+            "drop_path": 0.1,
         },
         "train": {
             "epochs": 15,
             "batch_size": 32,
-            "lr": 1e-3,
+            "lr": 1e-3,  # the ViT part starts from scratch: 1e-4 barely moves it in ~150 steps
             "restart_epochs": 15,
+            "warmup_epochs": 1,
             "augment": "light",
             "precision": "auto",
         },
+        # The class-balanced focal loss keeps the majority class below 0.96 confidence, so the
+        # global threshold would pseudo-label one class only: calibrate per class on the OOF
+        # predictions instead, and cap each class so none swamps the others.
+        "pseudo": {"threshold_mode": "oof", "target_precision": 0.9, "max_per_class": 200},
         "pretrain": {"epochs": 10, "batch_size": 64},
         "ssl": {"ema_momentum": 0.999, "unlabeled_ratio": 2},
     },

@@ -173,3 +173,30 @@ def test_tiny_pipeline_end_to_end_and_resume(tiny_data, tmp_path):
     rep = json.loads(out.read_text())
     assert 0 <= rep["macro_f1"] <= 1 and rep["n_images"] == 18 and out.with_suffix(".png").exists()
     assert np.array(rep["confusion_matrix"]).sum() == 18
+
+
+def test_oof_thresholds_reach_the_target_precision_per_class():
+    from semivit.trainer.pseudo import oof_thresholds
+
+    # class 0: right above 0.6, wrong below; class 1: never 90% precise; class 2: too few
+    conf0 = np.array([0.9, 0.8, 0.7, 0.65, 0.6, 0.55, 0.5])
+    y0 = np.array([0, 0, 0, 0, 0, 1, 1])
+    probs, labels = [], []
+    for c, y in zip(conf0, y0):
+        probs.append([c, (1 - c) / 2, (1 - c) / 2])
+        labels.append(y)
+    for i in range(6):
+        probs.append([0.1, 0.8, 0.1])
+        labels.append(i % 2)  # 50% right
+    probs.append([0.05, 0.05, 0.9])
+    labels.append(2)
+    thr = oof_thresholds(np.array(probs), np.array(labels), target_precision=0.9, min_support=3)
+    assert thr[0] == pytest.approx(0.6) and np.isinf(thr[1]) and np.isinf(thr[2])
+    # used by select(): class 0 at >= 0.6, nothing for classes 1 and 2 (cluster cores included)
+    unl = np.array([[0.62, 0.2, 0.18], [0.58, 0.3, 0.12], [0.02, 0.97, 0.01], [0.0, 0.01, 0.99]])
+    from semivit.trainer.pseudo import Clusters
+
+    cl = Clusters(np.array([0, 0, 1, 1]), np.zeros((2, 2)), np.array([0, 1]), np.ones(2), np.array([2, 2]),
+                  cores=np.array([1, 2]))
+    pl = select(unl, thr, cl)
+    assert pl.index.tolist() == [0, 1] and pl.source == ["threshold", "cluster"]

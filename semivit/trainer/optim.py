@@ -68,7 +68,14 @@ def build_optimizer(model: nn.Module, train_cfg, lr=None) -> torch.optim.AdamW:
 
 def build_scheduler(optimizer, train_cfg, steps_per_epoch: int):
     """CosineAnnealingWarmRestarts from each group's LR down to ``min_lr``, stepped per batch;
-    the first cycle lasts ``restart_epochs`` epochs."""
-    return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+    the first cycle lasts ``restart_epochs`` epochs.  With ``warmup_epochs`` a linear warm-up
+    (torch's LinearLR) comes first."""
+    sched = torch.optim.lr_scheduler
+    cosine = sched.CosineAnnealingWarmRestarts(
         optimizer, T_0=max(1, train_cfg.restart_epochs * steps_per_epoch), eta_min=train_cfg.min_lr
     )
+    warm = int(round(train_cfg.warmup_epochs * steps_per_epoch))
+    if warm <= 0:
+        return cosine
+    linear = sched.LinearLR(optimizer, start_factor=1.0 / (warm + 1), end_factor=1.0, total_iters=warm)
+    return sched.SequentialLR(optimizer, [linear, cosine], milestones=[warm])

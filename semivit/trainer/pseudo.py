@@ -88,17 +88,51 @@ class PseudoLabels:
     probs: np.ndarray  # (n, C) ensemble probabilities (soft labels)
 
 
-def select(probs: np.ndarray, threshold: float, clusters: Optional[Clusters] = None,
+def oof_thresholds(oof_probs: np.ndarray, labels: np.ndarray, target_precision: float,
+                   min_support: int) -> np.ndarray:
+    """Per-class confidence thresholds calibrated on out-of-fold predictions.
+
+    For class c: among the labeled images the stage-1 models predicted as c (each by the model
+    that did not train on it), the lowest confidence t such that those predicted c with
+    confidence >= t are right at least ``target_precision`` of the time, with at least
+    ``min_support`` of them.  ``inf`` when no threshold reaches the target (the class gets no
+    confidence pseudo-labels).
+    """
+    n_cls = oof_probs.shape[1]
+    conf, pred = oof_probs.max(1), oof_probs.argmax(1)
+    out = np.full(n_cls, np.inf)
+    for c in range(n_cls):
+        m = pred == c
+        if m.sum() < min_support:
+            continue
+        order = np.argsort(-conf[m], kind="stable")
+        correct = (labels[m] == c)[order]
+        prec = np.cumsum(correct) / np.arange(1, len(correct) + 1)
+        ok = np.flatnonzero((prec >= target_precision) & (np.arange(1, len(correct) + 1) >= min_support))
+        if len(ok):
+            out[c] = conf[m][order][ok.max()]  # the largest prefix that still meets the target
+    return out
+
+
+def select(probs: np.ndarray, threshold, clusters: Optional[Clusters] = None,
            max_per_class: Optional[int] = None) -> PseudoLabels:
-    """Combine the confidence rule and the cluster cores; apply the per-class cap."""
+    """Combine the confidence rule and the cluster cores; apply the per-class cap.
+
+    ``threshold`` is one number or one per class (``inf``: no pseudo-labels for that class,
+    from either source).
+    """
     conf = probs.max(1)
     pred = probs.argmax(1)
-    src: dict[int, str] = {int(i): "threshold" for i in np.flatnonzero(conf >= threshold)}
+    thr = np.broadcast_to(np.asarray(threshold, dtype=np.float64), (probs.shape[1],))
+    src: dict[int, str] = {int(i): "threshold" for i in np.flatnonzero(conf >= thr[pred])}
     label = pred.copy()
     if clusters is not None:
         for i in clusters.cores:
             i = int(i)
-            label[i] = clusters.majority[clusters.assignment[i]]
+            maj = clusters.majority[clusters.assignment[i]]
+            if not np.isfinite(thr[maj]):
+                continue
+            label[i] = maj
             src[i] = "threshold+cluster" if i in src else "cluster"
     idx = np.asarray(sorted(src), dtype=np.int64)
     if max_per_class is not None and len(idx):
@@ -183,7 +217,15 @@ def run_pseudo(run) -> dict:
                              for s, m, p in zip(clusters.sizes, clusters.majority, clusters.purity)]
     elif pcfg.cluster:
         warn(f"only {len(paths)} unlabeled images: too few for UMAP + KMeans, using the confidence rule only")
-    pl = select(probs, pcfg.threshold, clusters, pcfg.max_per_class)
+    threshold = pcfg.threshold
+    if pcfg.threshold_mode == "oof":
+        oof = np.load(run.dir / "stage1" / "oof_probs.npy")
+        threshold = oof_thresholds(oof, run.labeled.labels, pcfg.target_precision, pcfg.min_support)
+        stats["thresholds"] = {c: (round(float(t), 4) if np.isfinite(t) else None) for c, t in zip(classes, threshold)}
+        info("per-class thresholds from out-of-fold precision >= "
+             f"{pcfg.target_precision}: " + ", ".join(f"{c} {t if t is not None else 'none'}"
+                                                      for c, t in stats["thresholds"].items()))
+    pl = select(probs, threshold, clusters, pcfg.max_per_class)
     rel = [run.rel(p) for p in paths]
     rows = [(rel[i], classes[l], c, s, probs[i]) for i, l, c, s in zip(pl.index, pl.label, pl.confidence, pl.source)]
     _write_rows(out / "pseudo_labels.csv", rows, classes)
