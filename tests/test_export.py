@@ -204,6 +204,19 @@ def test_predict_serves_the_export_with_the_graphs_probabilities(exported, tiny_
         np.testing.assert_allclose(got, probs, atol=1e-4)
 
 
+def test_dynamo_failure_falls_back_to_torchscript_and_says_so(run_copy, held_out, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated dynamo failure")
+
+    monkeypatch.setattr(graph, "_export_dynamo", broken)
+    model, _ = load_ensemble(run_copy, tta=True)
+    done = graph.export_graph(model, tmp_path / "model.onnx", 32, exporter="auto")
+    assert done["exporter"] == "torchscript" and "simulated dynamo failure" in done["dynamo_error"]
+    assert verify.compare(tmp_path / "model.onnx", model, held_out)["passed"]
+    with pytest.raises(RuntimeError):
+        graph.export_graph(model, tmp_path / "again.onnx", 32, exporter="dynamo")
+
+
 # ----------------------------------------------------------------------------- --no-tta, INT8
 @pytest.fixture(scope="module")
 def no_tta_refused(run_copy, tmp_path_factory):

@@ -23,7 +23,7 @@ import torch
 from semivit.errors import UserError
 from semivit.export import graph, levels as levelmod, verify
 from semivit.export.meta import write_meta
-from semivit.utils import info, sha256_file
+from semivit.utils import info, sha256_file, warn
 
 EXPORTERS = ("auto", "dynamo", "torchscript")
 
@@ -99,8 +99,11 @@ def export_run(run: Path, out: Optional[Path] = None, trt: bool = False, int8: b
                                   tta=level.tta, mean=doc["mean"], std=doc["std"]).eval()
             full_model = full_model or model
             path = tmp / level.file
+            info(f"exporting {level.name}: {len(level.members)} members{', flip TTA' if level.tta else ''} ...")
             exported[level.name] = graph.export_graph(model, path, size, exporter=exporter)
             if exported[level.name]["exporter"] == "torchscript" and exporter == "auto":
+                warn(f"the dynamo ONNX exporter failed ({exported[level.name]['dynamo_error']}); "
+                     "using the TorchScript exporter (meta.json records it)")
                 exporter = "torchscript"  # dynamo failed once: do not pay for it again per level
             checks[level.name] = verify.compare(path, model, check_images)
             info(verify.summary_line(level.name, checks[level.name]))
