@@ -212,52 +212,66 @@ def measure_e2e(images_dir: Path, export: Path, work: Path, batch: int, threads:
 
 
 def bench_model(label: str, run: Path, export: Path, images_dir: Path, work: Path, batch: int,
-                threads_list: list[int], untrained: bool, e2e_seconds: float = 60.0) -> dict:
+                threads_list: list[int], untrained: bool, reps: int = 3, e2e_seconds: float = 60.0) -> dict:
+    """Every measurement ``reps`` times, interleaved (A B C A B C ...), best and all runs kept: on a
+    shared box the best run is the one least disturbed by other jobs."""
     meta = read_json(export / "meta.json")
     size = int(meta["img_size"])
     paths = sorted(str(p) for p in images_dir.iterdir())
-    t = time.perf_counter()
     arrays = decode_arrays(paths, size, batch)
-    decode_1proc = len(arrays) / (time.perf_counter() - t)
+    ort = {th: open_backend(export, "onnxruntime-cpu", threads=th) for th in threads_list}
+    eager = {th: open_backend(run, "torch", threads=th) for th in threads_list}
+    levels = [lv.name for lv in ort[threads_list[0]].levels]
+    runs: dict[str, list[float]] = {}
+
+    def record(key: str, value: float) -> None:
+        runs.setdefault(key, []).append(round(value, 2))
+
+    for _ in range(reps):
+        for w in sorted({0, 1, cpu_count()}):
+            key = "main_process" if w == 0 else f"pool_{w}_workers"
+            if w == 0:
+                t = time.perf_counter()
+                decode_arrays(paths, size, batch)
+                record(f"decode/{key}", len(paths) / (time.perf_counter() - t))
+            else:
+                record(f"decode/{key}", measure_decode(paths, size, batch, w))
+        for th in threads_list:
+            for i, name in enumerate(levels):
+                ort[th].set_level(i)
+                record(f"ort/{th}/{name}", throughput(ort[th].predict, arrays, batch))
+            record(f"torch/{th}", throughput(eager[th].predict, arrays, batch))
+    best = {k: max(v) for k, v in runs.items()}
     res = {"label": label, "run": str(run), "export": str(export), "untrained_weights": untrained,
            "img_size": size, "members": len(meta["members"]), "tta": meta.get("tta", True),
-           "images": len(paths), "batch": batch,
-           "decode_images_per_s": {"main_process": round(decode_1proc, 1)}, "raw_ort": {}, "torch_eager": {},
-           "ort_vs_torch": {}}
-    for w in sorted({1, cpu_count()}):
-        res["decode_images_per_s"][f"pool_{w}_workers"] = round(measure_decode(paths, size, batch, w), 1)
+           "images": len(paths), "batch": batch, "repetitions": reps, "all_runs": runs,
+           "decode_images_per_s": {k.split("/", 1)[1]: v for k, v in best.items() if k.startswith("decode/")},
+           "raw_ort": {f"{th}_threads": {n: best[f"ort/{th}/{n}"] for n in levels} for th in threads_list},
+           "torch_eager": {f"{th}_threads": best[f"torch/{th}"] for th in threads_list}, "ort_vs_torch": {}}
+    x = arrays[:batch]
     for th in threads_list:
-        ort_be = open_backend(export, "onnxruntime-cpu", threads=th)
-        per_level = {}
-        for i, lv in enumerate(ort_be.levels):
-            ort_be.set_level(i)
-            per_level[lv.name] = round(throughput(ort_be.predict, arrays, batch), 2)
-        res["raw_ort"][f"{th}_threads"] = per_level
-        ort_be.set_level(0)
-        tb = open_backend(run, "torch", threads=th)
-        res["torch_eager"][f"{th}_threads"] = round(throughput(tb.predict, arrays, batch), 2)
-        x = arrays[:batch]
-        diff = float(np.abs(ort_be.predict(x)[0] - tb.predict(x)[0]).max())
+        ort[th].set_level(0)
         res["ort_vs_torch"][f"{th}_threads"] = {
-            "speedup": round(per_level["full"] / res["torch_eager"][f"{th}_threads"], 2),
-            "max_abs_prob_diff": diff}
-        del ort_be, tb
+            "speedup": round(best[f"ort/{th}/full"] / best[f"torch/{th}"], 2),
+            "max_abs_prob_diff": float(np.abs(ort[th].predict(x)[0] - eager[th].predict(x)[0]).max())}
+    del ort, eager
     th = physical_cores()
     # end to end on as many images as the model does in ~e2e_seconds (the whole set when fast)
-    raw_full = res["raw_ort"].get(f"{th}_threads", {}).get("full") or next(iter(res["raw_ort"].values()))["full"]
-    n_e2e = int(min(len(paths), max(4 * batch, raw_full * e2e_seconds)))
+    raw = res["raw_ort"].get(f"{th}_threads", {}).get("full") or next(iter(res["raw_ort"].values()))["full"]
+    n_e2e = int(min(len(paths), max(4 * batch, raw * e2e_seconds)))
     e2e_dir = demo_images(work, n_e2e) if n_e2e < len(paths) else images_dir
-    res["e2e"] = measure_e2e(e2e_dir, export, work, batch, th)
-    raw = res["raw_ort"].get(f"{th}_threads", {}).get("full")
-    if raw:
-        res["e2e"]["raw_ort_images_per_s_same_threads"] = raw
-        res["e2e"]["pipeline_overhead_steady"] = round(1 - res["e2e"]["images_per_s_steady"] / raw, 3)
-        res["e2e"]["pipeline_overhead_wall"] = round(1 - res["e2e"]["images_per_s_wall"] / raw, 3)
+    e2e_runs = [measure_e2e(e2e_dir, export, work, batch, th) for _ in range(2)]
+    res["e2e"] = max(e2e_runs, key=lambda r: r["images_per_s_wall"])
+    res["e2e"]["runs_images_per_s_wall"] = [r["images_per_s_wall"] for r in e2e_runs]
+    if f"{th}_threads" in res["raw_ort"]:
+        e = res["e2e"]
+        e["raw_ort_images_per_s_same_threads"] = raw
+        e["pipeline_overhead_steady"] = round(1 - e["images_per_s_steady"] / raw, 3)
+        e["pipeline_overhead_wall"] = round(1 - e["images_per_s_wall"] / raw, 3)
         # the slower of the two stages bounds the pipeline: how close does it get to that?
-        dec = max(v for k, v in res["decode_images_per_s"].items())
-        bound = min(raw, dec)
-        res["e2e"]["bottleneck"] = "decoding" if dec < raw else "model"
-        res["e2e"]["steady_vs_bottleneck"] = round(res["e2e"]["images_per_s_steady"] / bound, 3)
+        dec = max(res["decode_images_per_s"].values())
+        e["bottleneck"] = "decoding" if dec < raw else "model"
+        e["steady_vs_bottleneck"] = round(e["images_per_s_steady"] / min(raw, dec), 3)
     return res
 
 
@@ -298,8 +312,9 @@ def write_md(doc: dict, path: Path) -> None:
              f"{m['platform']}; Python {m['python']}, torch {m['torch']}, onnxruntime {m['onnxruntime']}, "
              f"onnx {m['onnx']}; commit {m['git_commit']}.",
              f"Load average at start {tuple(round(x, 1) for x in m['load_average_start'])}, at end "
-             f"{tuple(round(x, 1) for x in doc['load_average_end'])} (the box is shared: other jobs ran at the same "
-             "time, so absolute numbers are noisy; ratios measured back to back are the useful part).",
+             f"{tuple(round(x, 1) for x in doc['load_average_end'])}: the box is shared with other jobs, so every "
+             "number is the best of several interleaved runs (all runs are in the JSON) - the run least "
+             "disturbed by the other jobs; expect a quiet machine to be faster still.",
              f"Benchmark wall time: {doc['wall_seconds']:.0f} s.  Command: `{doc['command']}`.", ""]
     if doc.get("note"):
         lines += [f"**Note:** {doc['note']}", ""]
