@@ -70,6 +70,9 @@ class TrainConfig(_Section):
     patience: int = Field(5, ge=1)
     min_delta: float = Field(0.001, ge=0)
     augment: Literal["seed", "light", "none"] = "seed"
+    # Frozen-stem models only (the quick preset's hybrid): train on stem features of this many
+    # augmented views per image, computed once per run (0: run the stem at every step).
+    cache_views: int = Field(0, ge=0)
     precision: Literal["auto", "fp32", "bf16", "amp"] = "auto"  # auto: bf16 CPU, fp16 AMP CUDA
     num_workers: int = Field(0, ge=0)
     grad_clip: Optional[float] = Field(None, gt=0)
@@ -161,6 +164,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "restart_epochs": 15,
             "warmup_epochs": 1,
             "augment": "light",
+            "cache_views": 8,
             "precision": "auto",
         },
         # The class-balanced focal loss keeps the majority class below 0.96 confidence, so the

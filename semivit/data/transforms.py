@@ -71,10 +71,15 @@ def no_augment(size: int) -> A.Compose:
     return A.Compose([])
 
 
-def build(name: str, size: int) -> A.Compose:
+def build(name: str, size: int, seed: int | None = None) -> A.Compose:
+    """The named list for ``size``; with ``seed`` its random draws are reproducible
+    (albumentations 2 otherwise seeds itself from the OS)."""
     try:
-        return AUGMENTATIONS[name](size)
+        compose = AUGMENTATIONS[name](size)
     except KeyError:
         from semivit.errors import UserError
 
         raise UserError(f"unknown augmentation list '{name}' (choose from {', '.join(AUGMENTATIONS)})") from None
+    if seed is not None:
+        compose.set_random_seed(seed)
+    return compose

@@ -26,7 +26,9 @@ from semivit.data.dataset import ArrayDataset, Preprocess
 from semivit.progress import progress_bar
 from semivit.trainer.infer import autocast, predict_arrays
 from semivit.trainer.losses import FocalLoss
+from semivit.trainer.models import features_input
 from semivit.trainer.optim import build_optimizer, build_scheduler
+from semivit.trainer.stem_cache import CachedViewsDataset
 
 
 def macro_f1(y_true, y_pred, num_classes: int) -> float:
@@ -130,6 +132,9 @@ def fit(model: nn.Module, train_ds: ArrayDataset, val_images: np.ndarray, val_la
         epochs: Optional[int] = None, on_best: Optional[Callable[[nn.Module, dict], None]] = None) -> FitResult:
     """Train ``model``; validate macro F1 every epoch; keep the best; stop early.
 
+    ``train_ds`` yields uint8 images, or cached frozen-stem features (a
+    :class:`~semivit.trainer.stem_cache.CachedViewsDataset`; ``val_images`` then is
+    :class:`~semivit.trainer.stem_cache.StemFeatures`).
     ``on_best(model, row)`` is called when validation macro F1 improves (checkpointing).
     ``out_dir`` gets metrics.csv, rewritten after every epoch.
     """
@@ -139,6 +144,7 @@ def fit(model: nn.Module, train_ds: ArrayDataset, val_images: np.ndarray, val_la
     model.to(device)
     criterion.to(device)
     pre = Preprocess().to(device)
+    cached = isinstance(train_ds, CachedViewsDataset)
     loader = _labeled_loader(train_ds, tcfg, seed)
     u_loader = policy.loader() if policy is not None else None
     steps = len(u_loader) if u_loader is not None else len(loader)
@@ -176,11 +182,12 @@ def fit(model: nn.Module, train_ds: ArrayDataset, val_images: np.ndarray, val_la
             for _ in range(steps):
                 x, y, w, _ = next(lab_iter)
                 ubatch = next(u_iter)
-                x, y, w = pre(x.to(device, non_blocking=True)), y.to(device), w.to(device)
+                x = x.to(device, non_blocking=True)
+                x, y, w = (pre(x) if x.dtype == torch.uint8 else x), y.to(device), w.to(device)
                 if mixer is not None and len(x) % 2 == 0 and y.ndim == 1:
                     x, y = mixer(x, y)  # timm Mixup/CutMix pairs i with N-1-i
                     w = 0.5 * (w + w.flip(0))
-                with autocast(device, tcfg.precision):
+                with autocast(device, tcfg.precision), features_input(model, cached):
                     logits = model(x)
                 loss = criterion(logits.float(), y, w)
                 if policy is not None and ubatch is not None:

@@ -27,6 +27,7 @@ class Extra:
     images: np.ndarray
     labels: np.ndarray  # int (N,) or soft (N, C)
     weights: np.ndarray  # per-sample loss weights (confidence)
+    views: Optional[np.ndarray] = None  # cached stem features, filled once and shared by all folds
 
 
 def fold_seed(cfg, stage: str, k: int) -> int:
@@ -57,7 +58,19 @@ def train_fold(run: Run, stage: str, k: int, extra: Optional[Extra] = None,
     # Class-balanced weights count the labeled part only: pseudo-labels must not re-balance.
     counts = np.bincount(y[tr], minlength=n_cls)
     criterion = build_loss(cfg.train, counts)
-    ds = ArrayDataset(images, labels, weights, transforms.build(cfg.train.augment, cfg.model.img_size))
+    if run.stem is not None and make_policy is None:  # frozen stem: train on cached features
+        from semivit.trainer.stem_cache import CachedViewsDataset, StemFeatures
+
+        views = run.labeled_views[tr]
+        if extra is not None and len(extra.images):
+            if extra.views is None:
+                extra.views = run.augmented_views(extra.images, seed=seed + 50)
+            views = np.concatenate([views, extra.views])
+        ds = CachedViewsDataset(views, labels, weights, generator=torch.Generator().manual_seed(seed))
+        val_inputs = StemFeatures(run.labeled_views[va, 0])
+    else:
+        ds = ArrayDataset(images, labels, weights, transforms.build(cfg.train.augment, cfg.model.img_size, seed=seed))
+        val_inputs = run.images[va]
 
     model = build_model(run.model_cfg, n_cls, pretrained=None if init_state is None else False)
     if init_state is not None:
@@ -68,7 +81,7 @@ def train_fold(run: Run, stage: str, k: int, extra: Optional[Extra] = None,
         save_checkpoint(out / "best.pt", m, cfg.model, run.classes, stage=stage, fold=k,
                         epoch=row["epoch"], val_macro_f1=row["val_macro_f1"], val_acc=row["val_acc"])
 
-    res = fit(model, ds, run.images[va], y[va], cfg, criterion, run.device, out_dir=out, policy=policy,
+    res = fit(model, ds, val_inputs, y[va], cfg, criterion, run.device, out_dir=out, policy=policy,
               desc=f"{stage} fold {k + 1}/{cfg.cv.folds}", seed=seed, epochs=epochs, on_best=on_best)
     np.save(out / "val_probs.npy", res.val_probs)
     summary = {"stage": stage, "fold": k, "val_macro_f1": res.best_f1, "best_epoch": res.best_epoch,

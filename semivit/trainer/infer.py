@@ -28,19 +28,30 @@ def autocast(device: torch.device, precision: str):
 def predict_arrays(model: nn.Module, images: np.ndarray, batch_size: int = 64,
                    device: Optional[torch.device] = None, tta: bool = False,
                    with_embeddings: bool = False, precision: str = "fp32"):
-    """Softmax probabilities (N, C) for uint8 NHWC ``images``; with ``tta`` the mean of the
-    image and its horizontal mirror.  With ``with_embeddings`` also the penultimate features
-    (averaged over the TTA views)."""
+    """Softmax probabilities (N, C) for uint8 NHWC ``images`` (or cached frozen-stem
+    :class:`~semivit.trainer.stem_cache.StemFeatures`); with ``tta`` the mean of the image and
+    its horizontal mirror.  With ``with_embeddings`` also the penultimate features (averaged
+    over the TTA views)."""
+    from semivit.trainer.models import features_input
+    from semivit.trainer.stem_cache import StemFeatures
+
     device = device or torch.device("cpu")
     pre = Preprocess(channels_last_input=True).to(device)
+    cached = isinstance(images, StemFeatures)
+    if cached and tta and images.flip is None:
+        raise ValueError("flip TTA on cached stem features needs their mirrored features")
     was_training = model.training
     model.eval()
     probs, embs = [], []
     for s in range(0, len(images), batch_size):
-        x = pre(torch.from_numpy(np.ascontiguousarray(images[s:s + batch_size])).to(device))
-        views = [x, x.flip(3)] if tta else [x]
+        if cached:  # frozen-stem features (see stem_cache): the mirror's come precomputed
+            x = torch.from_numpy(images.orig[s:s + batch_size]).to(device)
+            views = [x, torch.from_numpy(images.flip[s:s + batch_size]).to(device)] if tta else [x]
+        else:
+            x = pre(torch.from_numpy(np.ascontiguousarray(images[s:s + batch_size])).to(device))
+            views = [x, x.flip(3)] if tta else [x]
         p_sum, e_sum = 0, 0
-        with autocast(device, precision):
+        with autocast(device, precision), features_input(model, cached):
             for v in views:
                 if with_embeddings:
                     logits, emb = model.forward_with_embedding(v)

@@ -6,6 +6,7 @@ Models are built by name through timm's registry.  semivit registers its own hyb
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
@@ -62,8 +63,11 @@ class Lite0Stem(nn.Sequential):
     def __init__(self, *layers, frozen: bool = False):
         super().__init__(*layers)
         self.frozen = frozen
+        self.passthrough = False  # set by features_input(): the input already is stem output
 
     def forward(self, x):
+        if self.passthrough:
+            return x
         if self.frozen and torch.is_grad_enabled():
             with torch.no_grad():
                 return super().forward(x)
@@ -71,6 +75,31 @@ class Lite0Stem(nn.Sequential):
 
     def train(self, mode: bool = True):
         return super().train(mode and not self.frozen)
+
+
+def frozen_stem(model: nn.Module) -> Optional[Lite0Stem]:
+    """The frozen CNN stem of a (Classifier over a) hybrid ViT, or None."""
+    backbone = getattr(model, "backbone", model)
+    stem = getattr(getattr(backbone, "patch_embed", None), "backbone", None)
+    return stem if isinstance(stem, Lite0Stem) and stem.frozen else None
+
+
+@contextlib.contextmanager
+def features_input(model: nn.Module, enabled: bool = True):
+    """Within this block ``model`` takes frozen-stem features (N, C, h, w) instead of images.
+
+    A frozen stem computes the same features in every epoch, fold and stage, so they are
+    computed once (:mod:`semivit.trainer.stem_cache`) and the training loop feeds them here.
+    """
+    stem = frozen_stem(model) if enabled else None
+    if stem is None:
+        yield model
+        return
+    stem.passthrough = True
+    try:
+        yield model
+    finally:
+        stem.passthrough = False
 
 
 def lite0_stem(depth: int = 5, frozen: bool = False) -> Lite0Stem:

@@ -205,8 +205,9 @@ def run_pseudo(run) -> dict:
         _write_rows(out / "pseudo_labels.csv", [], classes)
         atomic_write_json(out / "stats.json", stats | {"selected": 0})
         return stats
-    probs, embs = ensemble_predict(run.dir, images, stages=["stage1"], tta=pcfg.tta, device=run.device,
-                                   with_embeddings=True, weighting=cfg.ensemble.weighting)
+    probs, embs = ensemble_predict(run.dir, run.stem_features(images, tta=pcfg.tta), stages=["stage1"],
+                                   tta=pcfg.tta, device=run.device, with_embeddings=True,
+                                   weighting=cfg.ensemble.weighting)
     pred = probs.argmax(1)
     clusters, points = None, None
     if pcfg.cluster and len(paths) >= max(10, len(classes) * 3):

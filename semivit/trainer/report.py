@@ -89,10 +89,11 @@ def heldout_scores(run) -> dict:
     dec = decode_many(ls.paths, run.cfg.model.img_size)
     y = ls.labels[dec.ok]
     members = members_from_stages(run.dir, ["stage1", "stage3"])
+    inputs = run.stem_features(dec.images, tta=True)  # the frozen stem runs once, not per member
     probs = {}
     for m in members:
         model, _ = load_checkpoint(run.dir / m["path"])
-        probs[m["name"]] = predict_arrays(model.to(run.device), dec.images, device=run.device, tta=True)
+        probs[m["name"]] = predict_arrays(model.to(run.device), inputs, device=run.device, tta=True)
     out = {"n_images": int(len(y)), "members": {}}
     for m in members:
         out["members"][m["name"]] = classification_metrics(y, probs[m["name"]], run.classes)["macro_f1"]

@@ -88,6 +88,37 @@ class Run:
         self._record_skipped(dec, self.data)
         return [paths[i] for i in dec.ok], dec.images
 
+    @cached_property
+    def stem(self):
+        """The frozen CNN stem every model of this run shares, when ``train.cache_views`` asks
+        for the feature cache (:mod:`semivit.trainer.stem_cache`); else None."""
+        if not self.cfg.train.cache_views:
+            return None
+        from semivit.trainer.models import build_model, frozen_stem
+
+        stem = frozen_stem(build_model(self.model_cfg, len(self.classes)))
+        return stem.to(self.device).eval() if stem is not None else None
+
+    def augmented_views(self, images: np.ndarray, seed: int) -> np.ndarray:
+        """Cached stem features of ``train.cache_views`` augmented views (+ the plain image)."""
+        from semivit.data import transforms
+        from semivit.trainer.stem_cache import augmented_views
+
+        t = transforms.build(self.cfg.train.augment, self.cfg.model.img_size, seed=seed)
+        return augmented_views(self.stem, images, t, self.cfg.train.cache_views, self.device, self.cfg.train.precision)
+
+    @cached_property
+    def labeled_views(self) -> np.ndarray:
+        return self.augmented_views(self.images, seed=self.cfg.seed * 1000 + 700)
+
+    def stem_features(self, images: np.ndarray, tta: bool = True):
+        """Images -> StemFeatures when the run caches stem features, else the images as they are."""
+        if self.stem is None:
+            return images
+        from semivit.trainer.stem_cache import features
+
+        return features(self.stem, images, self.device, self.cfg.train.precision, tta=tta)
+
     @property
     def model_cfg(self):
         """The model config, with stage 0's encoder as initial weights once it exists."""

@@ -1,0 +1,97 @@
+"""Frozen-stem hybrids: the training feature cache and the ensemble's shared stem (one stem
+computation for all members, in PyTorch and in the exported ONNX graph)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from semivit import config
+from semivit.data.dataset import Preprocess
+from semivit.trainer.ensemble import EnsembleModel
+from semivit.trainer.infer import predict_arrays
+from semivit.trainer.models import build_model, frozen_stem
+from semivit.trainer.stem_cache import CachedViewsDataset, StemFeatures, augmented_views, features
+
+SMALL = ["model.img_size=32", "model.kwargs={embed_dim: 32, depth: 1, num_heads: 2}", "model.head_hidden=16"]
+
+
+def hybrids(n, seed=0):
+    cfg = config.resolve(preset="quick", overrides=SMALL)
+    torch.manual_seed(seed)
+    return [build_model(cfg.model, 3).eval() for _ in range(n)], cfg
+
+
+def reference(members, weights, images):
+    """Weighted mean over members of the mean over the image and its mirror, member by member."""
+    x = Preprocess(channels_last_input=True)(torch.from_numpy(images))
+    w = np.asarray(weights) / np.sum(weights)
+    with torch.no_grad():
+        return sum(wi * 0.5 * (torch.softmax(m(x), 1) + torch.softmax(m(x.flip(3)), 1))
+                   for wi, m in zip(w, members)).numpy()
+
+
+def test_ensemble_runs_one_shared_stem_and_matches_the_members():
+    members, _ = hybrids(3)
+    ens = EnsembleModel(members, [1, 2, 3]).eval()
+    assert ens.stem is not None
+    assert all(isinstance(m.backbone.patch_embed.backbone, torch.nn.Identity) for m in ens.members)
+    assert frozen_stem(members[0]) is not None  # the caller's members are not modified
+    imgs = np.random.default_rng(0).integers(0, 255, (5, 32, 32, 3), dtype=np.uint8)
+    with torch.no_grad():
+        probs, label = ens(torch.from_numpy(imgs))
+    np.testing.assert_allclose(probs.numpy(), reference(members, [1, 2, 3], imgs), atol=1e-6)
+    assert (label.numpy() == probs.numpy().argmax(1)).all()
+
+
+def test_members_with_different_stems_keep_their_own():
+    members, _ = hybrids(2)
+    with torch.no_grad():
+        frozen_stem(members[1])[0].weight.add_(0.01)
+    assert EnsembleModel(members, [1, 1]).stem is None
+
+
+def test_exported_graph_holds_one_stem(tmp_path):
+    from semivit.export.graph import export_graph
+
+    members, _ = hybrids(3)
+    one = EnsembleModel(members[:1], [1]).eval()
+    three = EnsembleModel(members, [1, 2, 3]).eval()
+    convs = {}
+    for name, model in (("one", one), ("three", three)):
+        path = tmp_path / f"{name}.onnx"
+        export_graph(model, path, 32, exporter="torchscript")
+        convs[name] = sum(n.op_type == "Conv" for n in onnx.load(str(path)).graph.node)
+    # one stem in both graphs; the 3-member graph adds only the members' 1x1 token projections
+    assert convs["three"] == convs["one"] + 2
+    imgs = np.random.default_rng(1).integers(0, 255, (17, 32, 32, 3), dtype=np.uint8)
+    sess = ort.InferenceSession(str(tmp_path / "three.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(["probs"], {"images": imgs})[0]
+    np.testing.assert_allclose(got, reference(members, [1, 2, 3], imgs), atol=1e-4)
+
+
+def test_cached_features_give_the_same_predictions_as_pixels():
+    members, cfg = hybrids(1)
+    model = members[0]
+    imgs = np.random.default_rng(2).integers(0, 255, (6, 32, 32, 3), dtype=np.uint8)
+    feats = features(frozen_stem(model), imgs, torch.device("cpu"), tta=True)
+    assert isinstance(feats, StemFeatures) and feats.orig.dtype == np.float32
+    np.testing.assert_allclose(predict_arrays(model, feats, tta=True), predict_arrays(model, imgs, tta=True), atol=1e-5)
+
+
+def test_augmented_views_and_dataset():
+    members, cfg = hybrids(1)
+    stem = frozen_stem(members[0])
+    imgs = np.random.default_rng(3).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)
+    from semivit.data import transforms
+
+    views = augmented_views(stem, imgs, transforms.build("light", 32, seed=0), 3, torch.device("cpu"))
+    assert views.shape[:2] == (4, 4)
+    np.testing.assert_allclose(views[:, 0], features(stem, imgs, torch.device("cpu")).orig, atol=1e-6)
+    assert not np.allclose(views[:, 1], views[:, 0])  # augmented views differ from the plain one
+    ds = CachedViewsDataset(views, np.array([0, 1, 2, 0]), generator=torch.Generator().manual_seed(0))
+    picked = {int(np.argmin([np.abs(ds[0][0].numpy() - views[0, v]).sum() for v in range(4)])) for _ in range(40)}
+    assert len(picked) > 1  # different epochs see different views
