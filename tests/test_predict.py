@@ -413,6 +413,21 @@ def test_scheduler_keeps_the_best_level_as_long_as_the_rest_still_fits():
     assert clock.t <= 10.0
 
 
+def test_scheduler_steps_one_level_at_a_time():
+    """Full cannot finish, no_tta can: full as long as possible, then no_tta - never fewer members."""
+    clock = FakeClock()
+    sched = Scheduler([8, 4, 3], deadline=10.0, clock=clock)
+    sched.record_batch(0, 0.1, 10)
+    sched.record_batch(0, 0.1, 10)  # 10 ms / image at full, 5 ms no_tta, 3.75 ms top3
+    levels, remaining = [], 1200  # full: 12 s, no_tta: 6 s (x1.25 = 7.5 s < 10 s)
+    while remaining:
+        p = sched.plan(40, remaining)
+        levels += [p.level] * p.size
+        clock.t += p.size * [0.01, 0.005, 0.00375][p.level]
+        remaining -= p.size
+    assert set(levels) == {0, 1} and levels == sorted(levels) and clock.t <= 10.0
+
+
 def test_scheduler_without_deadline_takes_everything():
     sched = Scheduler([2, 1], deadline=None)
     p = sched.plan(64, 10_000)

@@ -10,10 +10,10 @@ time left.  Before every batch the scheduler
    by relative cost (members x 2 with flip TTA, x 1 without); before any measurement at all it
    runs two small probe batches;
 2. keeps the current level for this batch when the images left can still all be done - all at
-   this level, or this batch here and the rest at some cheaper level (its load time included);
+   this level, or this batch here and the rest at the next level (its load time included);
    otherwise it steps down to the next level and asks again.  So the best level runs for as many
-   images as the budget allows, then the next one takes over; levels never go back up, and every
-   image records the level that predicted it;
+   images as the budget allows, then the next one takes over (no TTA first, then fewer members);
+   levels never go back up, and every image records the level that predicted it;
 3. at the cheapest level (when even that cannot finish) it runs what fits, cutting the last batch
    to the time left, and stops when not one more image fits: every image not reached then gets
    the status ``timeout``.
@@ -107,15 +107,15 @@ class Scheduler:
         return float("inf") if self.deadline is None else self.deadline - self.clock()
 
     def _finishes(self, batch: int, remaining: int, budget: float) -> bool:
-        """Can ``batch`` images run at the current level and all ``remaining`` still be done?"""
+        """Can ``batch`` images run at the current level and all ``remaining`` still be done - at
+        this level, or the rest at the next one (one step at a time: no TTA before fewer members)?"""
         w = self.wait.steady or self.wait.any or 0.0
         here = self.per_image(self.level) + w
         if remaining * here <= budget:
             return True
-        for j in range(self.level + 1, len(self.costs)):
-            if batch * here + self.load_estimate(j) + (remaining - batch) * (self.per_image(j) + w) <= budget:
-                return True
-        return False
+        j = self.level + 1
+        return j < len(self.costs) and (
+            batch * here + self.load_estimate(j) + (remaining - batch) * (self.per_image(j) + w) <= budget)
 
     def plan(self, available: int, remaining: int) -> Optional[Plan]:
         """What to run next: ``available`` images are decoded and waiting, ``remaining`` (>=
