@@ -247,3 +247,16 @@ def test_mae_pretrain_end_to_end_and_resume(tiny_data, tmp_path):
     assert "resuming MAE after epoch 1/1" in r.output.replace("\n", " ")
     enc2 = torch.load(pre / "encoder.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(enc[k], enc2[k]) for k in enc)
+
+
+def test_hybrid_mae_then_ema_teacher_with_stem_cache(tiny_data, tmp_path):
+    """The quick preset's path in small: MAE on the CNN-stem hybrid, stage 1 on cached frozen-stem
+    features of the MAE encoder, EMA-Teacher stage 3 on pixels, all members in the ensemble."""
+    run = tmp_path / "run"
+    _train(str(tiny_data), "--preset", "tiny", "--set", "model.name=vit_hybrid_lite0",
+           "--set", "model.kwargs={embed_dim: 32, depth: 1, num_heads: 2}", "--set", "train.cache_views=2",
+           "--set", "ssl.method=ema-teacher", "--set", "pretrain.method=mae", "--out", str(run))
+    assert (run / "pretrain" / "encoder.pt").is_file()
+    ens = json.loads((run / "ensemble.json").read_text())
+    assert sorted(m["stage"] for m in ens["members"]) == ["stage1", "stage1", "stage3", "stage3"]
+    assert "stage3_ensemble" in json.loads((run / "heldout.json").read_text())
