@@ -173,7 +173,7 @@ def _optimizer(mae: MAE, lr: float, weight_decay: float) -> torch.optim.AdamW:
         if p.requires_grad:
             (no_decay if p.ndim <= 1 or n in skip else decay).append(p)
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95), fused=True)
 
 
 def lr_at(step: int, total: int, base: float, warmup_frac: float = 0.05) -> float:
