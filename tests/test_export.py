@@ -285,9 +285,12 @@ def test_oof_predictions_use_only_members_of_the_images_fold():
 
 
 # ----------------------------------------------------------------------------- CLI rules
-def test_second_export_without_force_exits_2_and_changes_nothing(exported, run_copy):
+def test_same_export_again_is_a_no_op_and_other_options_need_force(exported, run_copy):
     before = (exported / "meta.json").read_text()
-    line = one_line_error(cli("export", run_copy))
+    res = cli("export", run_copy)  # same ensemble.json, same options: up to date
+    assert res.exit_code == 0 and "up to date" in res.output
+    assert (exported / "meta.json").read_text() == before
+    line = one_line_error(cli("export", run_copy, "--no-tta"))  # different options: refuse
     assert "--force" in line
     assert (exported / "meta.json").read_text() == before
 

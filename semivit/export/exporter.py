@@ -73,6 +73,10 @@ def export_run(run: Path, out: Optional[Path] = None, trt: bool = False, int8: b
     if max_batch < 1:
         raise UserError(f"--max-batch must be >= 1, not {max_batch}")
     doc = read_ensemble(run)  # before anything is written: a clear error for a non-run
+    if not force and _up_to_date(run, out, tta=tta, int8=int8, trt=trt):
+        info(f"{out} is up to date with {run / 'ensemble.json'} (same options): nothing to do "
+             "(--force re-exports)")
+        return out
     _check_out(run, out, force)
     if trt:
         from semivit.export import tensorrt
@@ -163,6 +167,21 @@ def export_run(run: Path, out: Optional[Path] = None, trt: bool = False, int8: b
     if refused is not None:
         raise refused
     return out
+
+
+def _up_to_date(run: Path, out: Path, tta: bool, int8: bool, trt: bool) -> bool:
+    """EXPORT was made from this very ensemble.json with the options asked for now, so running
+    the same command again (a re-run quickstart, a script) is a no-op instead of an error."""
+    from semivit.utils import read_json
+
+    try:
+        meta = read_json(out / "meta.json")
+    except (OSError, ValueError):
+        return False
+    return (meta.get("source_ensemble_sha256") == sha256_file(run / "ensemble.json")
+            and bool(meta.get("tta")) == tta
+            and (not int8 or bool((meta.get("int8") or {}).get("accepted")))
+            and (not trt or bool(meta.get("tensorrt"))))
 
 
 def _check_out(run: Path, out: Path, force: bool) -> None:
