@@ -32,7 +32,7 @@ from semivit.errors import UserError
 from semivit.serve.backends import BackendUnavailable, open_backend
 from semivit.serve.predict import run_predict
 from semivit.serve.resolve import resolve_model_dir
-from semivit.serve.scheduler import Scheduler
+from semivit.serve.scheduler import Plan, Scheduler
 from semivit.serve.shard import parse_shard, select_shard
 
 from conftest import TINY_CLASSES, class_image, write_image
@@ -381,13 +381,13 @@ class FakeClock:
 def test_scheduler_degrades_in_steps_and_stops_when_nothing_fits():
     clock = FakeClock()
     sched = Scheduler([8, 4, 3], deadline=4.0, clock=clock)
-    assert sched.plan(32, 1000).size == 2  # nothing measured: a warm-up probe
-    sched.record_batch(0, 0.1, 2)
-    assert sched.plan(32, 998).size == 2  # and a measuring probe
-    sched.record_batch(0, 0.02, 2)  # 10 ms / image at full: 996 images need 10 s, 4 s left
-    p = sched.plan(32, 996)
-    # no level finishes (top3: 996 x 3.75 ms x 1.25 safety > 4 s): straight to the one that does most
-    assert p.level == 2 and p.size == 32 and sched.steps == [(2, 996)]
+    assert sched.plan(32, 1000).size == 2  # nothing measured: a 2-image warm-up
+    sched.record_batch(0, 0.1, 2)  # 50 ms / image (first-run costs): no decision on that
+    assert sched.plan(32, 998) == Plan(0, 32)  # a full batch measures (fits even at 50 ms / image)
+    sched.record_batch(0, 0.32, 32)  # 10 ms / image at full: 966 images need 9.7 s, 4 s left
+    p = sched.plan(32, 966)
+    # no level finishes (top3: 966 x 3.75 ms x 1.25 safety > 4 s): straight to the one that does most
+    assert p.level == 2 and p.size == 32 and sched.steps == [(2, 966)]
     sched.record_batch(2, 0.032 * 3.75, 32)
     clock.t = 3.999
     assert sched.plan(32, 500) is None  # not one image fits in 1 ms with the safety factor

@@ -8,7 +8,8 @@ time left.  Before every batch the scheduler
 1. estimates the seconds per image at each level: measured over the level's recent batches (its
    first batch, a warm-up, is dropped once there is another), or extrapolated from a measured level
    by relative cost (members x 2 with flip TTA, x 1 without); before any measurement at all it
-   runs two small probe batches;
+   runs a 2-image warm-up batch, then one batch (as large as the warm-up's pessimistic estimate
+   allows) that measures - small batches cost more per image, so they never decide a step down;
 2. keeps the current level for this batch when the images left can still all be done - all at
    this level, or this batch here and the rest at the next level (its load time included);
    otherwise it steps down to the next level and asks again.  So the best level runs for as many
@@ -28,7 +29,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
-PROBE = 2  # images per probe batch while nothing has been measured yet
+PROBE = 2  # images in the warm-up batch
 SAFETY = 1.25  # estimates are multiplied by this before checking that work fits
 
 
@@ -125,10 +126,13 @@ class Scheduler:
         left = self.time_left()
         if left <= 0:
             return None
-        if not any(r.steady is not None for r in self.rates):
-            # probes: the first batch warms the session up, the second one measures
-            return Plan(self.level, min(available, PROBE))
         budget = left / SAFETY
+        if not any(r.steady is not None for r in self.rates):
+            # a small first batch warms the session up; the next one, a full batch (cut to what the
+            # warm-up's pessimistic estimate says fits), measures.  No step down on a warm-up alone.
+            t = self.per_image(self.level)
+            size = min(available, PROBE) if t is None else min(available, int(budget / t) if t > 0 else available)
+            return Plan(self.level, size) if size >= 1 else None
         batch = min(available, remaining)
         start, target = self.level, None
         for j in range(start, len(self.costs)):
