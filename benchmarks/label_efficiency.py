@@ -8,17 +8,18 @@ For each label fraction (of the training pool) and seed, on ONE fixed held-out t
   (d) MAE pre-training, then (a) and (b) on top       -- run D
   (e) supervised upper bound: all labels, 5 folds     -- run E (labeled fraction 1.0)
   (f) one pretrained EfficientNet-Lite0 fine-tuned    -- run F, fold 0 only (80% of the labels,
-      early-stopped on the other 20%): what a practitioner would do instead
+      early-stopped on the other 20%; same 128 px): what a practitioner would do instead
   (g) compute-matched supervised control: A's 5 stage-1 models + 5 more on the same folds with
       other seeds = 10 models on the labels alone    -- run G
 
 (b) - (g) is the gain that comes from the unlabeled images, not from more models and epochs.
 "gap closed" = (b - a) / (e - a).
 
-Usage (each run directory resumes, so an interrupted benchmark continues where it stopped):
+Usage (each run directory resumes, so an interrupted benchmark continues where it stopped; each
+(fraction, seed) result is kept in --work, and the summary covers all of them):
 
-    python benchmarks/label_efficiency.py --fractions 0.1 0.25 --seeds 0 1 --work /tmp/semivit-bench
-    python benchmarks/label_efficiency.py --variants a,b,f,g   # a subset
+    python benchmarks/label_efficiency.py --fractions 0.1 0.25 --seeds 0 --work /tmp/semivit-bench
+    python benchmarks/label_efficiency.py --seeds 1 --variants a,b,f,g   # a second seed, a subset
 
 Results: benchmarks/results/label_efficiency.{json,md,png}.
 """
@@ -62,13 +63,31 @@ class Scorer:
         dec = decode_many(ls.paths, size)
         self.images, self.y, self.classes = dec.images, ls.labels[dec.ok], classes
         self.cache: dict[str, np.ndarray] = {}
+        self.stems: dict = {}
 
     def member_probs(self, run_dir: Path, m: dict) -> np.ndarray:
         key = str(Path(run_dir) / m["path"])
         if key not in self.cache:
             model, _ = load_checkpoint(Path(run_dir) / m["path"])
-            self.cache[key] = predict_arrays(model, self.images, tta=True)
+            self.cache[key] = predict_arrays(model, self._inputs(model), tta=True)
         return self.cache[key]
+
+    def _inputs(self, model):
+        """The test images, or their frozen-stem features (computed once per distinct stem)."""
+        import hashlib
+
+        from semivit.trainer.models import frozen_stem
+        from semivit.trainer.stem_cache import features
+
+        stem = frozen_stem(model)
+        if stem is None:
+            return self.images
+        h = hashlib.sha256(b"".join(v.numpy().tobytes() for v in stem.state_dict().values())).hexdigest()
+        if h not in self.stems:
+            import torch
+
+            self.stems[h] = features(stem, self.images, torch.device("cpu"), tta=True)
+        return self.stems[h]
 
     def score(self, pairs: list[tuple[Path, dict]]) -> dict:
         w = ensemble_weights([m["val_macro_f1"] for _, m in pairs])
@@ -139,22 +158,35 @@ def bench_one(work: Path, preset: str, fraction: float, seed: int, variants: str
                              data, D, ["folds.json", "pretrain", "stage1"], "retrain")
             res["d_mae_ema_teacher"] = sc.score(members(DC, ["stage1", "stage3"])) | {
                 "seconds": seconds(D, ["pretrain", "supervised"]) + seconds(DC)}
-    if "f" in variants:
+    if "f" in variants:  # one model: fold 0 only (trained on 80% of the labels, early-stopped on 20%)
+        from semivit.trainer.folds import train_fold
+
         F = runs / "F"
-        cfg_f = cfg_for(preset, seed, sets + ["model.name=tf_efficientnet_lite0", "model.kwargs={}"])
-        derived_run(F, cfg_f, data, A, ["folds.json"], "supervised")
+        cfg_f = cfg_for(preset, seed, sets + ["model.name=tf_efficientnet_lite0", "model.kwargs={}",
+                                              "train.cache_views=0"])
+        if not (F / "config.yaml").exists():
+            open_run(F, cfg_f, data)
+            shutil.copy2(A / "folds.json", F / "folds.json")
+        if not (F / "stage1/fold0/done.json").exists():
+            train_fold(open_run(F, cfg_f, data), "stage1", 0)
         res["f_lite0_single"] = sc.score(members(F, ["stage1"])[:1]) | {"seconds": read_json(F / "stage1/fold0/done.json")["seconds"]}
-        res["f_lite0_5fold"] = sc.score(members(F, ["stage1"])) | {"seconds": seconds(F, ["supervised"])}
     if "g" in variants:
         G = runs / "G"
         derived_run(G, cfg_for(preset, seed + 1000, sets), data, A, ["folds.json"], "supervised")
         res["g_supervised_10"] = sc.score(members(A, ["stage1"]) + members(G, ["stage1"])) | {
             "seconds": seconds(A, ["supervised"]) + seconds(G, ["supervised"])}
     res["wall_seconds"] = round(time.time() - t0, 1)
+    prev = work / f"result-f{fraction:g}-s{seed}.json"
+    if prev.exists():  # keep variants an earlier invocation measured (e.g. c and d for seed 0 only)
+        res = json.loads(prev.read_text()) | res
+    prev.write_text(json.dumps(res, indent=2) + "\n")
     return res
 
 
 def bench_upper(work: Path, preset: str, seed: int, sets: list[str]) -> dict:
+    cached = work / f"result-upper-s{seed}.json"
+    if cached.exists():
+        return json.loads(cached.read_text())
     data = work / f"data-f1-s{seed}"
     write_demo(data, labeled_fraction=1.0, seed=seed, test_seed=TEST_SEED)
     E = work / f"runs-f1-s{seed}" / "E"
@@ -162,7 +194,9 @@ def bench_upper(work: Path, preset: str, seed: int, sets: list[str]) -> dict:
     run_training(data, E, cfg, stages="supervised")
     classes = read_json(E / "ensemble.json")["classes"]
     sc = Scorer(data, classes, cfg.model.img_size)
-    return sc.score(members(E, ["stage1"])) | {"seconds": seconds(E, ["supervised"])}
+    res = sc.score(members(E, ["stage1"])) | {"seconds": seconds(E, ["supervised"])}
+    cached.write_text(json.dumps(res) + "\n")
+    return res
 
 
 LABELS = {
@@ -174,7 +208,6 @@ LABELS = {
     "d_mae_ema_teacher": "(d) MAE + EMA-Teacher ensemble",
     "e_all_labels": "(e) all labels, stage-1 ensemble (upper bound)",
     "f_lite0_single": "(f) one EfficientNet-Lite0 (pretrained)",
-    "f_lite0_5fold": "(f') 5-fold EfficientNet-Lite0 ensemble",
     "g_supervised_10": "(g) 10 supervised ViT (compute-matched control)",
 }
 
@@ -262,31 +295,37 @@ def main() -> None:
     ap.add_argument("--variants", default=VARIANTS, help="subset of abcdefg (a, b and e always run)")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="extra config override")
     ap.add_argument("--work", type=Path, default=Path("/tmp/semivit-bench"))
+    ap.add_argument("--no-upper", action="store_true", help="skip (e), the all-labels upper bound")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args()
     variants = args.variants.replace(",", "")
     t0 = time.time()
-    results, upper = [], {}
     for seed in args.seeds:
         for frac in args.fractions:
             print(f"=== fraction {frac:g}, seed {seed}", flush=True)
-            results.append(bench_one(args.work, args.preset, frac, seed, variants, args.sets))
-            print(json.dumps(results[-1]), flush=True)
-        upper[seed] = bench_upper(args.work, args.preset, seed, args.sets)
-        print(f"upper bound seed {seed}: {upper[seed]}", flush=True)
+            print(json.dumps(bench_one(args.work, args.preset, frac, seed, variants, args.sets)), flush=True)
+        if not args.no_upper:
+            print(f"upper bound seed {seed}: {bench_upper(args.work, args.preset, seed, args.sets)}", flush=True)
+    # the summary covers every (fraction, seed) measured in --work so far, by this or earlier runs
+    results = [json.loads(p.read_text()) for p in sorted(args.work.glob("result-f*-s*.json"))]
+    results = [r for r in results if r["fraction"] in args.fractions]
+    upper = {p.stem.split("-s")[-1]: json.loads(p.read_text()) for p in sorted(args.work.glob("result-upper-s*.json"))}
+    wall = sum(r.get("wall_seconds", 0) for r in results)
     from importlib.metadata import version
 
     import torch
 
-    test_images = len(load_eval(args.work / f"data-f{args.fractions[0]:g}-s{args.seeds[0]}", None).paths)
+    test_images = len(load_eval(args.work / f"data-f{results[0]['fraction']:g}-s{results[0]['seed']}", None).paths)
+    seeds = sorted({r["seed"] for r in results})
     doc = {
-        "benchmark": "label_efficiency", "preset": args.preset, "fractions": args.fractions, "seeds": args.seeds,
+        "benchmark": "label_efficiency", "preset": args.preset, "fractions": args.fractions, "seeds": seeds,
         "variants": variants, "overrides": args.sets, "test_images": test_images,
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
                    f"{platform.system()} {platform.release()}, Python {platform.python_version()}",
         "versions": {p: version(p) for p in ("torch", "timm", "onnxruntime", "umap-learn", "scikit-learn")},
-        "wall_seconds": round(time.time() - t0, 1),
-        "runs": results, "upper_bound": {str(k): v for k, v in upper.items()},
+        "wall_seconds": round(wall + sum(u.get("seconds", 0) for u in upper.values()), 1),
+        "this_invocation_seconds": round(time.time() - t0, 1),
+        "runs": results, "upper_bound": upper,
         "summary": summarise(results, upper),
     }
     write_outputs(doc, args.results)
