@@ -540,8 +540,9 @@ def test_predict_through_a_registry(mixed_dir, fake_export, tmp_path):
 def test_backend_auto_reports_the_real_provider(fake_export):
     be = open_backend(fake_export, "auto")
     assert be.name == "onnxruntime-cpu"
-    assert be.describe() == (f"onnxruntime {be.ort.__version__} {be.session.get_providers()[0]} "
-                             f"({be.threads} intra-op threads)")
+    assert be.describe().startswith(f"onnxruntime {be.ort.__version__} {be.session.get_providers()[0]} "
+                                    f"({be.threads} intra-op thread")
+    assert be.session.get_providers()[0] == "CPUExecutionProvider"
     assert [lv.name for lv in be.levels] == ["full", "no_tta", "top3_no_tta"]
     x = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
     for i in range(3):
@@ -549,6 +550,18 @@ def test_backend_auto_reports_the_real_provider(fake_export):
         probs, labels = be.predict(x)  # the call ssl eval makes: open_backend(EXPORT, "auto").predict(x)[0]
         assert probs.shape == (5, 3) and np.allclose(probs.sum(1), 1, atol=1e-5)
         assert (labels == probs.argmax(1)).all()
+
+
+def test_threads_follow_physical_cores_or_semivit_threads(fake_export, monkeypatch):
+    from semivit.serve.backends import physical_cores
+
+    assert open_backend(fake_export, "onnxruntime-cpu").threads == physical_cores()
+    monkeypatch.setenv("SEMIVIT_THREADS", "1")
+    be = open_backend(fake_export, "onnxruntime-cpu")
+    assert be.threads == 1 and "(1 intra-op thread)" in be.describe()
+    monkeypatch.setenv("SEMIVIT_THREADS", "many")
+    with pytest.raises(UserError, match="SEMIVIT_THREADS"):
+        open_backend(fake_export, "onnxruntime-cpu")
 
 
 def test_torch_backend_on_a_run(fake_run, mixed_dir, tmp_path):

@@ -28,6 +28,7 @@ never a quiet slowdown.
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,6 +149,18 @@ def physical_cores() -> int:
     except (OSError, ValueError):
         pass
     return max(1, n)
+
+
+def default_threads() -> int:
+    """Inference threads: ``SEMIVIT_THREADS`` when set, else one per physical core.  (On a box
+    shared with other jobs, 1 can beat one-per-core: see benchmarks/results/predict_speed.md.)"""
+    env = os.environ.get("SEMIVIT_THREADS", "").strip()
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError:
+            raise UserError(f"SEMIVIT_THREADS must be a whole number, not {env!r}") from None
+    return physical_cores()
 
 
 def has_nvidia_gpu() -> bool:

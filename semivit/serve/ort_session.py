@@ -17,7 +17,7 @@ from typing import Optional
 
 import numpy as np
 
-from semivit.serve.backends import (Backend, BackendUnavailable, export_levels, first_line, physical_cores,
+from semivit.serve.backends import (Backend, BackendUnavailable, export_levels, first_line, default_threads,
                                     register_backend)
 from semivit.serve.resolve import ModelRef
 
@@ -49,7 +49,7 @@ class OrtBackend(Backend):
             pkg = "onnxruntime-gpu" if device != "cpu" else "onnxruntime"
             raise BackendUnavailable(f"this onnxruntime {ort.__version__} has no {primary} "
                                      f"(available: {', '.join(ort.get_available_providers())}; install {pkg})")
-        self.threads = int(threads or physical_cores())
+        self.threads = int(threads or default_threads())
         self.spinning = spinning
         self.levels = export_levels(ref)
         self._sessions: dict[int, object] = {}
@@ -132,7 +132,8 @@ class OrtBackend(Backend):
 
     def describe(self) -> str:
         got = self.session.get_providers()[0]
-        extra = f"{self.threads} intra-op threads" if self.device == "cpu" else "device 0"
+        extra = (f"{self.threads} intra-op thread{'' if self.threads == 1 else 's'}" if self.device == "cpu"
+                 else "device 0")
         return f"onnxruntime {self.ort.__version__} {got} ({extra})"
 
     def close(self) -> None:

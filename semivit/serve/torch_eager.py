@@ -12,7 +12,7 @@ from typing import Optional
 
 import numpy as np
 
-from semivit.serve.backends import Backend, BackendUnavailable, Level, first_line, physical_cores, register_backend
+from semivit.serve.backends import Backend, BackendUnavailable, Level, default_threads, first_line, register_backend
 from semivit.serve.resolve import ModelRef
 
 
@@ -43,7 +43,7 @@ class TorchBackend(Backend):
         self.torch = torch
         self._Ensemble = EnsembleModel
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.threads = int(threads or physical_cores())
+        self.threads = int(threads or default_threads())
         if self.device.type == "cpu":
             torch.set_num_threads(self.threads)
         doc = read_ensemble(ref.run_dir)
