@@ -391,8 +391,9 @@ def write_md(doc: dict, path: Path) -> None:
         if "pipeline_overhead_steady" in e and e["pipeline_overhead_steady"] < 0:
             lines += [f"End to end ({e['images_per_s_steady']:.1f} images/s steady) came out faster than the raw session "
                       f"measured inside the benchmark process at the same {physical_cores()} threads "
-                      f"({e['raw_ort_images_per_s_same_threads']:.1f}): the other jobs on the box slowed those raw runs "
-                      "more (see all_runs); the pipeline's overhead is below what this box can resolve. "
+                      f"({e['raw_ort_images_per_s_same_threads']:.1f}), a process that also holds the other sessions "
+                      "and the PyTorch models, on a box shared with other jobs: the pipeline's overhead is below what "
+                      "this measurement resolves. "
                       f"Backend: {e['provider']}.", ""]
         elif "pipeline_overhead_steady" in e:
             lines += [f"Pipeline overhead vs the raw session at the same threads: {100 * e['pipeline_overhead_steady']:.0f}% "
