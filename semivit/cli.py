@@ -154,7 +154,7 @@ def export(
 @cli_errors
 def predict(
     dir: Path = typer.Argument(..., help="Directory of images (searched recursively)."),
-    model: Optional[Path] = typer.Option(None, "--model", help="Export dir, run dir or registry (default: ./runs/latest)."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Export dir, run dir or registry (then its current version)."),
     out: Path = typer.Option(Path("predictions.csv"), "--out", help="Output file."),
     time_limit: Optional[float] = typer.Option(None, "--time-limit", min=0.1, help="Finish within this many seconds."),
     batch_size: int = typer.Option(32, "--batch-size", min=1),

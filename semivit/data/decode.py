@@ -30,25 +30,31 @@ class DecodeError(Exception):
     """The file is not a decodable image; ``str(err)`` is the one-line reason."""
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """8-bit "L" (any single-channel image) or "RGB"."""
     mode = img.mode
-    if mode == "RGB":
+    if mode in ("RGB", "L"):
         return img
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         arr = np.asarray(img, dtype=np.float64)
         hi = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
         arr = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, "L").convert("RGB")
+        return Image.fromarray(arr, "L")
     if mode == "F":
         arr = np.asarray(img, dtype=np.float64)
         lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
         scale = 255.0 / (hi - lo) if hi > lo else 0.0
         arr = np.clip((arr - lo) * scale + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, "L").convert("RGB")
+        return Image.fromarray(arr, "L")
     if mode == "P":
         img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
         return img.convert("RGB")
-    return img.convert("RGB")  # L, LA, RGBA, CMYK, YCbCr, 1, ...
+    return img.convert("RGB")  # LA, RGBA, CMYK, YCbCr, 1, ...
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    img = _to_8bit(img)
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def resize_square(img: Image.Image, size: int) -> Image.Image:
@@ -70,9 +76,11 @@ def load_rgb(path: Path, size: Optional[int] = None) -> np.ndarray:
                 img.draft("RGB", (size, size))
             img.load()
             img = ImageOps.exif_transpose(img) or img
-            img = _to_rgb(img)
-            if size is not None:
-                img = resize_square(img, size)
+            img = _to_8bit(img)
+            if size is not None:  # a greyscale image is resized before it becomes 3 channels:
+                img = resize_square(img, size)  # the same pixels, a third of the work
+            if img.mode != "RGB":
+                img = img.convert("RGB")
             return np.asarray(img, dtype=np.uint8).copy()
     except DecodeError:
         raise
