@@ -251,11 +251,12 @@ def write_outputs(doc: dict, res_dir: Path) -> None:
             lines.append(f"\nShare of the (a)->(e) gap closed by the pseudo-label ensemble: {agg['gap_closed_by_pseudo_label']}")
         if "b_pseudo_label" in agg and "g_supervised_10" in agg:
             d = agg["b_pseudo_label"]["macro_f1_mean"] - agg["g_supervised_10"]["macro_f1_mean"]
-            verdict = "beats" if d > 0 else "does NOT beat"
-            lines.append(f"\nThe semi-supervised ensemble {verdict} the compute-matched supervised control by {d:+.4f} macro F1.")
+            verdict = "beats it" if d > 0 else "does NOT beat it"
+            lines.append(f"\nPseudo-label ensemble (b) vs the compute-matched supervised control (g): {d:+.4f} "
+                         f"macro F1 - the semi-supervised ensemble {verdict}.")
         if "b_pseudo_label" in agg and "a_stage1" in agg:
             d = agg["b_pseudo_label"]["macro_f1_mean"] - agg["a_stage1"]["macro_f1_mean"]
-            lines.append(f"The full 10-model ensemble vs the stage-1 ensemble: {d:+.4f} macro F1.")
+            lines.append(f"Full 10-model ensemble (b) vs the stage-1 ensemble (a): {d:+.4f} macro F1.")
         lines.append("")
     lines += ["![label efficiency](label_efficiency.png)", ""]
     (res_dir / "label_efficiency.md").write_text("\n".join(lines))
