@@ -104,6 +104,10 @@ class SSLConfig(_Section):
     method: Literal["pseudo-label", "ema-teacher"] = "pseudo-label"
     ema_momentum: float = Field(0.9999, gt=0, lt=1)
     threshold: float = Field(0.7, gt=0, le=1)  # EMA-Teacher pseudo-label confidence
+    # "global": `threshold` for every class (the paper).  "oof": per class, calibrated like
+    # pseudo.threshold_mode=oof (pseudo.target_precision, pseudo.min_support) on the stage-1
+    # out-of-fold predictions of the other folds.
+    threshold_mode: Literal["global", "oof"] = "global"
     unlabeled_weight: float = Field(5.0, ge=0)  # mu in the paper
     unlabeled_ratio: int = Field(5, ge=1)  # N_u = ratio * N_l per batch
     prob_mixup: bool = True

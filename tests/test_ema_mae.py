@@ -13,7 +13,7 @@ from torch import nn
 
 from semivit import config as cfgmod
 from semivit.trainer.ema_teacher import (EMATeacherPolicy, ema_update, mix_batch, mixed_targets,
-                                         pair_index, prob_mix_params)
+                                         pair_index, prob_mix_params, pseudo_mask)
 from semivit.trainer.losses import FocalLoss
 from semivit.trainer.mae import MAE, num_kept, random_masking
 
@@ -33,6 +33,20 @@ def test_prob_mix_ratio_and_mask_follow_the_formula():
     # 0.6, mixed with itself, does not
     assert (conf_mixed >= 0.7).tolist() == [True, True, False, True, True]
     assert lam[4].item() == pytest.approx(0.2 / 1.1)
+
+
+def test_mask_with_one_threshold_is_equation_5_and_per_class_thresholds_generalise_it():
+    conf = torch.tensor([0.9, 0.3, 0.6, 0.75, 0.2])
+    pseudo = torch.tensor([0, 1, 2, 1, 0])
+    j = pair_index(5)
+    _, conf_mixed = prob_mix_params(conf, j)
+    for tau in (0.25, 0.5, 0.7, 0.8, 0.95):
+        mask = pseudo_mask(conf, pseudo, torch.full((3,), tau), j)
+        assert mask.tolist() == (conf_mixed >= tau).float().tolist()
+    # per class: class 0 from 0.95, class 1 from 0.7, class 2 never (no calibrated threshold)
+    thr = torch.tensor([0.95, 0.7, float("inf")])
+    assert pseudo_mask(conf, pseudo, thr).tolist() == [0, 0, 0, 1, 0]  # only 0.75 of class 1 passes
+    assert pseudo_mask(conf, pseudo, thr, j).tolist() == [0, 1, 0, 1, 0]  # ... and its partner
 
 
 def test_mixup_images_and_targets_follow_the_formula():
@@ -255,7 +269,8 @@ def test_hybrid_mae_then_ema_teacher_with_stem_cache(tiny_data, tmp_path):
     run = tmp_path / "run"
     _train(str(tiny_data), "--preset", "tiny", "--set", "model.name=vit_hybrid_lite0",
            "--set", "model.kwargs={embed_dim: 32, depth: 1, num_heads: 2}", "--set", "train.cache_views=2",
-           "--set", "ssl.method=ema-teacher", "--set", "pretrain.method=mae", "--out", str(run))
+           "--set", "ssl.method=ema-teacher", "--set", "ssl.threshold_mode=oof", "--set", "pretrain.method=mae",
+           "--out", str(run))
     assert (run / "pretrain" / "encoder.pt").is_file()
     ens = json.loads((run / "ensemble.json").read_text())
     assert sorted(m["stage"] for m in ens["members"]) == ["stage1", "stage1", "stage3", "stage3"]

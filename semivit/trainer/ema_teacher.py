@@ -15,6 +15,10 @@ One :class:`EMATeacherPolicy` plugs into the one training loop (:func:`engine.fi
   1 - (clipped box area) / (image area).  With ``ssl.prob_mixup: false`` and an alpha > 0 it is
   the paper's plain "pseudo mixup" (lambda ~ Beta(alpha, alpha), mask o_i >= threshold); with
   both alphas 0 it is the plain EMA-Teacher;
+- ``ssl.threshold_mode: oof`` replaces the one threshold by one per class, calibrated like the
+  pseudo-label stage's on stage-1 out-of-fold predictions (a class whose confident predictions
+  never reach ``pseudo.target_precision`` gets none); a mixed pair then counts when either
+  member passes its class's threshold - with one threshold for all classes that is equation (5);
 - the unlabeled loss is the fold's own criterion (focal or CE, same class weights and label
   smoothing as the labeled term) on the soft mixed pseudo-targets,
   ``L_u = 1/N_u sum_i [o*_i >= tau] * loss(x~_i, y~_i)``, and the total is ``L_l + mu * L_u``;
@@ -39,7 +43,7 @@ from semivit.data import transforms
 from semivit.data.dataset import ArrayDataset, Preprocess
 from semivit.trainer.engine import UnlabeledPolicy
 from semivit.trainer.losses import FocalLoss, build_loss
-from semivit.utils import warn
+from semivit.utils import info, warn
 
 
 # ----------------------------------------------------------------------------- EMA
@@ -64,6 +68,18 @@ def prob_mix_params(conf: torch.Tensor, j: torch.Tensor) -> tuple[torch.Tensor, 
     """Equations (4) and (5): ``lambda_i = o_i / (o_i + o_j)`` and ``o*_i = max(o_i, o_j)``."""
     oj = conf[j]
     return conf / (conf + oj).clamp_min(1e-12), torch.maximum(conf, oj)
+
+
+def pseudo_mask(conf: torch.Tensor, pseudo: torch.Tensor, thresholds: torch.Tensor,
+                j: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """1 where a sample's loss counts.  Sample i passes when ``o_i >= tau[y_i]`` (one threshold
+    per class; a global threshold is the same number for every class).  After probabilistic
+    pseudo mixup with partner j it counts when either passes - with a global tau exactly
+    ``o*_i = max(o_i, o_j) >= tau`` (equation 5)."""
+    passes = conf >= thresholds.to(conf.device)[pseudo]
+    if j is not None:
+        passes = passes | passes[j]
+    return passes.float()
 
 
 def mix_batch(x: torch.Tensor, lam: torch.Tensor, j: torch.Tensor,
@@ -106,9 +122,12 @@ def choose_modes(n: int, mixup: bool, cutmix: bool, rng: np.random.Generator) ->
 # ----------------------------------------------------------------------------- the policy
 class EMATeacherPolicy(UnlabeledPolicy):
     def __init__(self, student: nn.Module, unlabeled: np.ndarray, cfg, criterion: FocalLoss,
-                 device: torch.device, seed: int = 0):
+                 device: torch.device, seed: int = 0, thresholds: Optional[np.ndarray] = None):
         self.cfg = cfg
         self.scfg = cfg.ssl
+        if thresholds is None:
+            thresholds = np.full(student.num_classes, cfg.ssl.threshold)
+        self.thresholds = torch.as_tensor(np.asarray(thresholds, dtype=np.float32))  # per class, inf = never
         self.criterion = criterion.to(device)
         self.device = device
         self.teacher = copy.deepcopy(student).to(device)
@@ -148,17 +167,17 @@ class EMATeacherPolicy(UnlabeledPolicy):
         if mixup_on or cutmix_on:
             modes = choose_modes(n, mixup_on, cutmix_on, self.rng)
             if self.scfg.prob_mixup:
-                lam, conf_mixed = prob_mix_params(conf, j)
+                lam, _ = prob_mix_params(conf, j)
+                mask = pseudo_mask(conf, pseudo, self.thresholds, j)
             else:  # plain pseudo mixup: lambda ~ Beta(alpha, alpha), mask on the sample's own confidence
                 alpha = np.where(modes.numpy(), self.scfg.cutmix_alpha, self.scfg.mixup_alpha)
                 alpha = np.maximum(alpha, 1e-6)
                 lam = torch.from_numpy(self.rng.beta(alpha, alpha).astype(np.float32)).to(conf.device)
-                conf_mixed = conf
+                mask = pseudo_mask(conf, pseudo, self.thresholds)
             xs, lam = mix_batch(xs, lam, j, modes)
         else:
-            lam, conf_mixed = torch.ones_like(conf), conf
+            lam, mask = torch.ones_like(conf), pseudo_mask(conf, pseudo, self.thresholds)
         target = mixed_targets(pseudo, lam, j, self.num_classes)
-        mask = (conf_mixed >= self.scfg.threshold).float()
         logits = student(xs)
         per_sample = self.criterion.per_sample(logits.float(), target)
         loss_u = (per_sample * mask).sum() / n  # 1/N_u sum_i [o*_i >= tau] loss_i  (equation 2)
@@ -198,11 +217,32 @@ def fold_kwargs(run) -> Callable[[int], dict]:
         init_state = {name: v.clone() for name, v in model.state_dict().items()}
         counts = np.bincount(run.labeled.labels[run.folds != k], minlength=len(run.classes))
         unlabeled = run.unlabeled[1]
+        thresholds = fold_thresholds(run, k)
 
         def make_policy(student: nn.Module) -> EMATeacherPolicy:
             return EMATeacherPolicy(student, unlabeled, cfg, build_loss(cfg.train, counts), run.device,
-                                    seed=fold_seed(cfg, "stage3", k))
+                                    seed=fold_seed(cfg, "stage3", k), thresholds=thresholds)
 
         return {"init_state": init_state, "make_policy": make_policy, "epochs": cfg.ssl.epochs}
 
     return kwargs
+
+
+def fold_thresholds(run, k: int) -> np.ndarray:
+    """Per-class pseudo-label thresholds of fold k: ``ssl.threshold`` for every class, or with
+    ``ssl.threshold_mode: oof`` calibrated on the stage-1 out-of-fold predictions of the *other*
+    folds (each made by a single model that did not train on the image, as the teacher's are;
+    fold k's validation labels are not used).  ``inf``: the class gets no pseudo-labels."""
+    from semivit.trainer.pseudo import oof_thresholds
+
+    cfg = run.cfg
+    n_cls = len(run.classes)
+    if cfg.ssl.threshold_mode == "global":
+        return np.full(n_cls, cfg.ssl.threshold)
+    oof = np.load(run.dir / "stage1" / "oof_probs.npy")
+    other = run.folds != k
+    thr = oof_thresholds(oof[other], run.labeled.labels[other], cfg.pseudo.target_precision, cfg.pseudo.min_support)
+    info(f"stage3 fold {k + 1}: EMA-Teacher per-class thresholds (out-of-fold precision >= "
+         f"{cfg.pseudo.target_precision}): " + ", ".join(
+             f"{c} {t:.3f}" if np.isfinite(t) else f"{c} none" for c, t in zip(run.classes, thr)))
+    return thr
