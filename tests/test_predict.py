@@ -155,11 +155,28 @@ def fake_export(tmp_path_factory) -> Path:
     return make_fake_export(tmp_path_factory.mktemp("fake_export") / "EXPORT")
 
 
+SLOW_SECONDS = 12.0
+
+
 @pytest.fixture(scope="module")
 def slow_export(tmp_path_factory) -> Path:
-    """Same contract, ~1 ms per image per member view on this CPU: a few thousand images take far
-    longer than 2 s at every level."""
-    return make_fake_export(tmp_path_factory.mktemp("slow_export") / "EXPORT", img_size=16, work=24)
+    """Same contract, calibrated on the machine running the tests so that 3000 images take about
+    SLOW_SECONDS at the cheapest level (top3_no_tta): far longer than the 2-3 s limits below on a
+    slow laptop and on a fast many-core CI runner alike."""
+    import onnxruntime as ort
+
+    root = tmp_path_factory.mktemp("slow_export") / "EXPORT"
+    work = 8
+    make_fake_export(root, img_size=16, work=work)
+    sess = ort.InferenceSession(str(root / "levels" / "top3_no_tta.onnx"), providers=["CPUExecutionProvider"])
+    batch = np.random.default_rng(0).integers(0, 256, (64, 16, 16, 3), dtype=np.uint8)
+    sess.run(None, {"images": batch})  # warm-up
+    t = time.perf_counter()
+    for _ in range(3):
+        sess.run(None, {"images": batch})
+    per_image = (time.perf_counter() - t) / (3 * 64)
+    work = int(np.clip(np.ceil(work * SLOW_SECONDS / (3000 * per_image)), 8, 1000))  # cost is linear in work
+    return make_fake_export(root, img_size=16, work=work)
 
 
 @pytest.fixture(scope="module")
@@ -309,7 +326,7 @@ def check_time_limited_rows(rows: list[dict]) -> tuple[int, int]:
 
 
 def test_time_limit_far_too_short_finishes_in_time_and_accounts_for_every_image(many_dir, slow_export, tmp_path):
-    """2 s for 3000 images that need ~6-15 s at the cheapest level: returns in time, every image a row."""
+    """2 s for 3000 images that need ~SLOW_SECONDS at the cheapest level: returns in time, every image a row."""
     t = time.monotonic()
     s = run_predict(many_dir, slow_export, out=tmp_path / "p.json", fmt="json", time_limit=2.0, quiet=True)
     elapsed = time.monotonic() - t

@@ -378,7 +378,7 @@ def test_refresh_killed_at_every_step_leaves_a_serving_registry_and_the_next_one
     write_inbox(inbox, 3, seed=21)
     files = snapshot(inbox)
     seen_staging = []
-    for step in ("ingest", "train", "export@1", "switched"):
+    for step in ("ingest", "train", "exporting", "switched"):
         r = ssl_refresh(registry, inbox, kill=step)
         assert r.returncode == -signal.SIGKILL, (step, r.returncode, r.stdout[-2000:], r.stderr[-3000:])
         assert_consistent(registry, f"after SIGKILL at {step}")
@@ -389,7 +389,7 @@ def test_refresh_killed_at_every_step_leaves_a_serving_registry_and_the_next_one
             c = db.counts()
         if step == "ingest":
             assert c["new"] == 9 and reg.versions(registry) == ["v0001"]
-        elif step in ("train", "export@1"):
+        elif step in ("train", "exporting"):
             assert c["pseudo_labeled"] == 9 and reg.versions(registry) == ["v0001"]  # nothing half-built visible
             fold0 = registry / reg.STAGING / staging[0] / "run" / "stage3" / "fold0" / "done.json"
             if step == "train":

@@ -15,7 +15,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -63,8 +63,10 @@ def _member_entry(m: dict) -> dict:
 
 def export_run(run: Path, out: Optional[Path] = None, trt: bool = False, int8: bool = False, tta: bool = True,
                max_batch: int = 64, force: bool = False, exporter: Optional[str] = None,
-               int8_tolerance: Optional[float] = None) -> Path:
-    """Export the run's ensemble; returns EXPORT.  See the module docstring and DESIGN.md."""
+               int8_tolerance: Optional[float] = None, on_level: Optional[Callable[[str], None]] = None) -> Path:
+    """Export the run's ensemble; returns EXPORT.  See the module docstring and DESIGN.md.
+    ``on_level(name)`` is called after each level's graph is written and verified (still in the
+    hidden temporary directory): progress for callers, and a deterministic crash point for tests."""
     from semivit.trainer.ensemble import EnsembleModel, load_members, read_ensemble
 
     run = Path(run)
@@ -123,6 +125,8 @@ def export_run(run: Path, out: Optional[Path] = None, trt: bool = False, int8: b
                 "source_run": str(run.resolve()), "opset": graph.OPSET, "exporter": exported[level.name]["exporter"],
                 "verification": {k: checks[level.name][k] for k in ("max_abs_diff", "argmax_agreement", "images", "passed")},
             })
+            if on_level is not None:
+                on_level(level.name)
         int8_report = None
         if int8:
             from semivit.export import int8 as int8mod

@@ -50,7 +50,7 @@ def export_into(vdir: Path, settings: Settings) -> None:
     except ImportError as e:
         raise UserError(f"cannot export the new version: semivit.export is not available ({e})") from None
     export_run(vdir / "run", out=vdir / "export", trt=settings.export_trt, int8=settings.export_int8,
-               tta=settings.export_tta, force=True)
+               tta=settings.export_tta, force=True, on_level=lambda _name: kill_point("exporting"))
 
 
 def _labeled_info(run_dir: Path) -> dict:
