@@ -19,7 +19,9 @@ all labeled images instead, and meta.json says so.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -54,11 +56,15 @@ def quantize(src: Path, dst: Path) -> None:
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # the quantizer warns through the root logger
+    src, dst, pre = Path(src).resolve(), Path(dst).resolve(), pre.resolve()
     try:
-        quant_pre_process(str(src), str(pre), skip_optimization=external, save_as_external_data=external,
-                          all_tensors_to_one_file=True, external_data_location=f"{pre.name}.data")
-        quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=OP_TYPES,
-                         per_channel=False, use_external_data_format=external)
+        # The pre-processing's symbolic shape inference leaves sym_shape_infer_temp.onnx (and a
+        # .data file) in the *current directory* when it fails: run it where that cannot litter.
+        with tempfile.TemporaryDirectory(prefix="semivit-int8-") as scratch, contextlib.chdir(scratch):
+            quant_pre_process(str(src), str(pre), skip_optimization=external, save_as_external_data=external,
+                              all_tensors_to_one_file=True, external_data_location=f"{pre.name}.data")
+            quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=OP_TYPES,
+                             per_channel=False, use_external_data_format=external)
     finally:
         root.setLevel(level)
         for p in (pre, Path(f"{pre}.data")):
