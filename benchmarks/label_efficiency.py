@@ -178,7 +178,8 @@ def bench_one(work: Path, preset: str, fraction: float, seed: int, variants: str
     res["wall_seconds"] = round(time.time() - t0, 1)
     prev = work / f"result-f{fraction:g}-s{seed}.json"
     if prev.exists():  # keep variants an earlier invocation measured (e.g. c and d for seed 0 only)
-        res = json.loads(prev.read_text()) | res
+        old = json.loads(prev.read_text())
+        res = old | res | {"wall_seconds": round(old.get("wall_seconds", 0) + res["wall_seconds"], 1)}
     prev.write_text(json.dumps(res, indent=2) + "\n")
     return res
 
