@@ -94,6 +94,20 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def read_format_json(path: Path, fmt: str, missing: str, wrong: str) -> dict:
+    """A semivit JSON document (ensemble.json, meta.json): ``missing`` as the UserError when the
+    file is absent, ``wrong`` (plus the format found) when its ``format`` is not ``fmt``."""
+    from semivit.errors import UserError
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(missing)
+    doc = read_json(path)
+    if doc.get("format") != fmt:
+        raise UserError(f"{wrong} (format {doc.get('format')!r})")
+    return doc
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

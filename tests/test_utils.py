@@ -82,3 +82,16 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="cuda"):
             resolve_device("cuda")
+
+
+def test_read_format_json_names_what_is_wrong(tmp_path):
+    from semivit.utils import read_format_json
+
+    p = tmp_path / "doc.json"
+    with pytest.raises(UserError, match="^no doc here$"):
+        read_format_json(p, "fmt/1", "no doc here", "not fmt")
+    p.write_text('{"format": "other/2", "x": 1}')
+    with pytest.raises(UserError, match=r"^not fmt \(format 'other/2'\)$"):
+        read_format_json(p, "fmt/1", "no doc here", "not fmt")
+    p.write_text('{"format": "fmt/1", "x": 1}')
+    assert read_format_json(p, "fmt/1", "no doc here", "not fmt") == {"format": "fmt/1", "x": 1}

@@ -13,8 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
-from semivit.errors import UserError
-from semivit.utils import atomic_write_json, read_json, sha256_file
+from semivit.utils import atomic_write_json, read_format_json, read_json, sha256_file
 
 EXPORT_FORMAT = "semivit-export/1"
 META = "meta.json"
@@ -38,12 +37,8 @@ def write_meta(export_dir: Path, doc: dict) -> dict:
 
 def read_meta(export_dir: Path) -> dict:
     path = Path(export_dir) / META
-    if not path.is_file():
-        raise UserError(f"{export_dir} is not a semivit export (no {META}; run `ssl export RUN`)")
-    doc = read_json(path)
-    if doc.get("format") != EXPORT_FORMAT:
-        raise UserError(f"{path} is not a {EXPORT_FORMAT} file (format {doc.get('format')!r})")
-    return doc
+    return read_format_json(path, EXPORT_FORMAT, f"{export_dir} is not a semivit export (no {META}; run `ssl export RUN`)",
+                            f"{path} is not a {EXPORT_FORMAT} file")
 
 
 def check_files(export_dir: Path) -> list[str]:

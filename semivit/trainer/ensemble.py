@@ -17,7 +17,7 @@ from torch import nn
 
 from semivit.data.dataset import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from semivit.errors import UserError
-from semivit.utils import atomic_write_json, read_json
+from semivit.utils import atomic_write_json, read_format_json, read_json
 
 ENSEMBLE_FORMAT = "semivit-ensemble/1"
 
@@ -53,12 +53,9 @@ def write_ensemble(run_dir: Path, members: list[dict], classes: list[str], img_s
 
 def read_ensemble(run_dir: Path) -> dict:
     path = Path(run_dir) / "ensemble.json"
-    if not path.is_file():
-        raise UserError(f"{run_dir} has no ensemble.json (train it first, or it is not a run directory)")
-    doc = read_json(path)
-    if doc.get("format") != ENSEMBLE_FORMAT:
-        raise UserError(f"{path} is not a semivit ensemble file")
-    return doc
+    return read_format_json(path, ENSEMBLE_FORMAT,
+                            f"{run_dir} has no ensemble.json (train it first, or it is not a run directory)",
+                            f"{path} is not a semivit ensemble file")
 
 
 class EnsembleModel(nn.Module):
