@@ -153,6 +153,19 @@ def test_tiny_pipeline_end_to_end_and_resume(tiny_data, tmp_path):
     assert stats["unlabeled"] == 24 and "truth" in stats
     report = (run / "report.md").read_text()
     assert "out-of-fold macro F1" in report and "Held-out test split" in report
+    assert "pseudo-labeled (threshold 0.5, cluster cores of clusters with purity >= 0.9)" in report
+
+    # with per-class OOF thresholds the report names each class's threshold, not the global one
+    from semivit import config as cfgmod
+    from semivit.trainer.report import write_report
+    from semivit.trainer.run import open_run
+
+    stats["thresholds"] = {c: (0.61 if i == 0 else None) for i, c in enumerate(ens["classes"])}
+    (run / "pseudo/stats.json").write_text(json.dumps(stats))
+    write_report(open_run(run, cfgmod.resolve(preset="tiny", overrides=["pseudo.threshold=0.5"]), tiny_data))
+    report = (run / "report.md").read_text()
+    assert f"{ens['classes'][0]} 0.61, {ens['classes'][1]} none (never that precise)" in report
+    assert "threshold 0.5" not in report
 
     # resume: an interrupted fold is retrained, finished ones are not
     kept = (run / "stage3/fold0/best.pt").stat().st_mtime_ns

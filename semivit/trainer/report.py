@@ -151,9 +151,18 @@ def write_report(run) -> Path:
     stats_path = d / "pseudo" / "stats.json"
     if stats_path.is_file():
         st = read_json(stats_path)
+        if st.get("thresholds"):  # pseudo.threshold_mode: oof
+            rule = ("per-class thresholds from the stage-1 out-of-fold predictions (lowest confidence at which a "
+                    f"class's predictions are >= {cfg.pseudo.target_precision:.0%} right): "
+                    + ", ".join(f"{c} {t if t is not None else 'none (never that precise)'}"
+                                for c, t in st["thresholds"].items())
+                    + f"; cluster cores of clusters with purity >= {cfg.pseudo.purity}, for the classes that have a "
+                      "threshold")
+        else:
+            rule = f"threshold {cfg.pseudo.threshold}, cluster cores of clusters with purity >= {cfg.pseudo.purity}"
+        cap = f"; at most {cfg.pseudo.max_per_class} per class" if cfg.pseudo.max_per_class else ""
         lines += ["## Pseudo-labels (stage 2)", "",
-                  f"{st.get('selected', 0)} of {st.get('unlabeled', 0)} unlabeled images pseudo-labeled "
-                  f"(threshold {cfg.pseudo.threshold}, cluster purity >= {cfg.pseudo.purity}).", "",
+                  f"{st.get('selected', 0)} of {st.get('unlabeled', 0)} unlabeled images pseudo-labeled ({rule}{cap}).", "",
                   "| source | count | precision vs held-back truth |", "|---|---|---|"]
         truth = st.get("truth", {})
         for src, n in st.get("by_source", {}).items():
