@@ -204,14 +204,16 @@ def measure_decode(paths: list[str], size: int, batch: int, workers: int) -> flo
     return n / (time.perf_counter() - t0)
 
 
-def measure_e2e(images_dir: Path, export: Path, work: Path, batch: int, threads: int) -> dict:
+def measure_e2e(images_dir: Path, export: Path, work: Path, batch: int, threads: int,
+                backend: str = "onnxruntime") -> dict:
+    """``ssl predict`` in a new process; ``export`` is what --model gets (a RUN for --backend torch)."""
     out = work / "e2e.json"
     script = Path(sys.executable).parent / "ssl"
     cmd = [str(script)] if script.exists() else [sys.executable, "-c", "from semivit.cli import main; main()"]
     env = {**os.environ, "SEMIVIT_QUIET": "1"}
     t0 = time.perf_counter()
     r = subprocess.run([*cmd, "predict", str(images_dir), "--model", str(export), "--out", str(out), "--force",
-                        "--batch-size", str(batch), "--backend", "onnxruntime", "--format", "json"],
+                        "--batch-size", str(batch), "--backend", backend, "--format", "json"],
                        env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if r.returncode != 0:

@@ -257,6 +257,11 @@ def sec_e2e(c: Ctx) -> dict:
     raw = max(raw["raw"], c.cache.get(("ort", 0, c.batch), 0))
     # `ssl predict --backend onnxruntime` takes the CUDA provider where onnxruntime-gpu and a GPU exist
     e["same_backend_as_raw"] = "CPUExecutionProvider" in e["provider"]
+    # the same command on the run's checkpoints with PyTorch eager: what the user gets without the export
+    # (the model shares the cores with the decode workers in both; CUDA where a GPU exists, as for ORT)
+    torch_runs = [ps.measure_e2e(c.images_dir, c.run, c.work, c.batch, c.threads, backend="torch") for _ in range(reps)]
+    e["torch_backend"] = max(torch_runs, key=lambda r: r["images_per_s_wall"])
+    e["torch_backend"]["runs_images_per_s_wall"] = [r["images_per_s_wall"] for r in torch_runs]
     return {**e, "runs_images_per_s_wall": [r["images_per_s_wall"] for r in e2e_runs], "batch": c.batch,
             "raw_session_images_per_s": raw, "overhead_steady": round(1 - e["images_per_s_steady"] / raw, 3),
             "overhead_wall": round(1 - e["images_per_s_wall"] / raw, 3)}
@@ -612,14 +617,25 @@ def md_e2e(r: dict) -> list[str]:
                "models, came out slower)")
     else:
         why = " (decoding, batching and writing the results share the cores with the model)"
-    return ["| measurement | images/s |", "|---|---:|",
-            f"| raw ONNX Runtime session (pre-decoded arrays) | {_ips(r['raw_session_images_per_s'])} |",
+    lines = ["| measurement | images/s |", "|---|---:|",
+             f"| raw ONNX Runtime session (pre-decoded arrays) | {_ips(r['raw_session_images_per_s'])} |",
             f"| `ssl predict` whole wall time ({r['wall_seconds']:.2f} s, model load "
             f"{r['model_load_seconds']:.2f} s) | {_ips(r['images_per_s_wall'])} |",
-            f"| `ssl predict` steady state (model load excluded) | {_ips(r['images_per_s_steady'])} |", "",
+            f"| `ssl predict` steady state (model load excluded) | {_ips(r['images_per_s_steady'])} |",
+            *([f"| `ssl predict --backend torch --model RUN` (PyTorch eager on the checkpoints) whole wall time "
+               f"({r['torch_backend']['wall_seconds']:.2f} s, model load {r['torch_backend']['model_load_seconds']:.2f} s)"
+               f" | {_ips(r['torch_backend']['images_per_s_wall'])} |",
+               f"| `ssl predict --backend torch` steady state | {_ips(r['torch_backend']['images_per_s_steady'])} |"]
+              if r.get("torch_backend") else []), "",
             f"On {r['ok']} images (batch {r['batch']}) `ssl predict` reaches {100 * (1 - r['overhead_steady']):.0f}% "
             f"of the raw session's images/s in its steady state and {100 * (1 - r['overhead_wall']):.0f}% over the "
             f"whole command{why}; backend {r['provider']}."]
+    if r.get("torch_backend"):
+        t = r["torch_backend"]
+        lines += ["", f"The same command with PyTorch eager instead of the export: "
+                  f"{_ips(t['images_per_s_steady'])} images/s steady - the export makes `ssl predict` "
+                  f"{r['images_per_s_steady'] / max(1e-9, t['images_per_s_steady']):.2f}x as fast ({t['provider']})."]
+    return lines
 
 
 TRAIN_ROWS = {
