@@ -337,7 +337,6 @@ def main() -> None:
             print(f"upper bound seed {seed}: {bench_upper(args.work, args.preset, seed, args.sets)}", flush=True)
     # the summary covers every (fraction, seed) measured in --work so far, by this or earlier runs
     results = [json.loads(p.read_text()) for p in sorted(args.work.glob("result-f*-s*.json"))]
-    results = [r for r in results if r["fraction"] in args.fractions]
     upper = {p.stem.split("-s")[-1]: json.loads(p.read_text()) for p in sorted(args.work.glob("result-upper-s*.json"))}
     wall = sum(r.get("wall_seconds", 0) for r in results)
     from importlib.metadata import version
@@ -347,7 +346,7 @@ def main() -> None:
     test_images = len(load_eval(args.work / f"data-f{results[0]['fraction']:g}-s{results[0]['seed']}", None).paths)
     seeds = sorted({r["seed"] for r in results})
     doc = {
-        "benchmark": "label_efficiency", "preset": args.preset, "fractions": args.fractions, "seeds": seeds,
+        "benchmark": "label_efficiency", "preset": args.preset, "fractions": sorted({r["fraction"] for r in results}), "seeds": seeds,
         "variants": variants, "overrides": args.sets, "test_images": test_images,
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
                    f"{platform.system()} {platform.release()}, Python {platform.python_version()}",
