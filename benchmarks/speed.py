@@ -702,8 +702,8 @@ def md_scaling(r: dict) -> list[str]:
                    else "is not a clean linear function of the number of images")
         why = (" (the fixed start-up cost spread over more images)" if ratio < 0.9 else
                " (the per-image cost grows with the run)" if ratio > 1.1 else "")
-        lines.append(f"`ssl predict` wall time {verdict} (fit {1000 * f['seconds_per_image']:.1f} ms per image + "
-                     f"{f['intercept_seconds']:.1f} s fixed, R^2 {r2}); time per image at {r['rows'][-1]['images']} "
+        lines.append(f"`ssl predict` wall time {verdict} (fit {1000 * f['seconds_per_image']:.1f} ms per image "
+                     f"{f['intercept_seconds']:+.1f} s, R^2 {r2}); time per image at {r['rows'][-1]['images']} "
                      f"images is {ratio:.2f}x that at {r['rows'][0]['images']}{why} ({r['images']}; batch "
                      f"{r['batch']}).")
     return lines
