@@ -102,9 +102,12 @@ def read_format_json(path: Path, fmt: str, missing: str, wrong: str) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(missing)
-    doc = read_json(path)
-    if doc.get("format") != fmt:
-        raise UserError(f"{wrong} (format {doc.get('format')!r})")
+    try:
+        doc = read_json(path)
+    except (ValueError, UnicodeDecodeError) as e:  # truncated or not JSON at all
+        raise UserError(f"{wrong} (not valid JSON: {e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != fmt:
+        raise UserError(f"{wrong} (format {doc.get('format') if isinstance(doc, dict) else None!r})")
     return doc
 
 

@@ -93,5 +93,11 @@ def test_read_format_json_names_what_is_wrong(tmp_path):
     p.write_text('{"format": "other/2", "x": 1}')
     with pytest.raises(UserError, match=r"^not fmt \(format 'other/2'\)$"):
         read_format_json(p, "fmt/1", "no doc here", "not fmt")
+    p.write_text('{"format": "fmt/1", "x"')  # truncated
+    with pytest.raises(UserError, match=r"^not fmt \(not valid JSON: "):
+        read_format_json(p, "fmt/1", "no doc here", "not fmt")
+    p.write_text('[1, 2]')
+    with pytest.raises(UserError, match=r"^not fmt \(format None\)$"):
+        read_format_json(p, "fmt/1", "no doc here", "not fmt")
     p.write_text('{"format": "fmt/1", "x": 1}')
     assert read_format_json(p, "fmt/1", "no doc here", "not fmt") == {"format": "fmt/1", "x": 1}
