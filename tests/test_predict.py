@@ -166,7 +166,7 @@ def slow_export(tmp_path_factory) -> Path:
     import onnxruntime as ort
 
     root = tmp_path_factory.mktemp("slow_export") / "EXPORT"
-    work = 8
+    work = 64  # enough work per call that the measurement is compute, not thread start-up
     make_fake_export(root, img_size=16, work=work)
     sess = ort.InferenceSession(str(root / "levels" / "top3_no_tta.onnx"), providers=["CPUExecutionProvider"])
     batch = np.random.default_rng(0).integers(0, 256, (64, 16, 16, 3), dtype=np.uint8)
@@ -175,7 +175,7 @@ def slow_export(tmp_path_factory) -> Path:
     for _ in range(3):
         sess.run(None, {"images": batch})
     per_image = (time.perf_counter() - t) / (3 * 64)
-    work = int(np.clip(np.ceil(work * SLOW_SECONDS / (3000 * per_image)), 8, 1000))  # cost is linear in work
+    work = int(np.clip(np.ceil(work * SLOW_SECONDS / (3000 * per_image)), 8, 2000))  # cost is linear in work
     return make_fake_export(root, img_size=16, work=work)
 
 
