@@ -52,11 +52,6 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # LA, RGBA, CMYK, YCbCr, 1, ...
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    img = _to_8bit(img)
-    return img if img.mode == "RGB" else img.convert("RGB")
-
-
 def resize_square(img: Image.Image, size: int) -> Image.Image:
     """The one resize used by training, export verification and serving (bilinear, full frame)."""
     if img.size == (size, size):
