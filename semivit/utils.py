@@ -19,11 +19,11 @@ console = Console(stderr=True, highlight=False)
 
 
 def warn(msg: str) -> None:
-    console.print(f"[yellow]warning:[/yellow] {msg}")
+    console.print(f"[yellow]warning:[/yellow] {msg}", soft_wrap=True)  # no hard wrap in a log file
 
 
 def info(msg: str) -> None:
-    console.print(msg)
+    console.print(msg, soft_wrap=True)
 
 
 def seed_everything(seed: int) -> None:
