@@ -69,6 +69,8 @@ class Backend(str, Enum):
     onnxruntime = "onnxruntime"
     tensorrt = "tensorrt"
     torch = "torch"
+    openvino = "openvino"
+    openvino_bf16 = "openvino-bf16"
 
 
 class Format(str, Enum):

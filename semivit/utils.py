@@ -137,3 +137,39 @@ def cpu_count() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - non-Linux
         return max(1, os.cpu_count() or 1)
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset:
+    """This CPU's feature flags (``/proc/cpuinfo``), read at run time: never assume them."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def cpu_has_bf16() -> bool:
+    """Native bf16 matmuls: AVX512-BF16 or AMX-BF16 (without them bf16 is emulated and slow)."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def cpu_has_vnni() -> bool:
+    """Fast int8 dot products: AVX512-VNNI, AVX-VNNI or AMX-INT8."""
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags())

@@ -11,13 +11,20 @@ Names (``open_backend(model, name)``):
     onnxruntime-tensorrt  ONNX Runtime, TensorRT execution provider
     onnxruntime-cuda      ONNX Runtime, CUDA execution provider
     onnxruntime-cpu       ONNX Runtime, CPU execution provider
+    onnxruntime-int8      ONNX Runtime CPU on the export's dynamic-INT8 graph (model.int8.onnx)
+    onnxruntime-int8-qdq  ONNX Runtime CPU on the export's static QDQ INT8 graph (model.int8-qdq.onnx)
+    openvino              OpenVINO CPU, FP32 (optional extra `openvino`)
+    openvino-bf16         OpenVINO CPU with the bf16 inference-precision hint (native bf16 CPUs only)
+    openvino-int8         OpenVINO CPU on the export's NNCF INT8 IR (model.ov-int8.xml)
     torch                 PyTorch eager on the run's checkpoints (CUDA when available)
 
 and the command line's choices on top of them:
 
     auto         the first that opens of tensorrt (if an engine exists), onnxruntime-cuda (if a
-                 GPU and the CUDA provider exist), onnxruntime-cpu, torch; each one skipped is
-                 printed with its reason, and the one chosen says which provider really runs
+                 GPU and the CUDA provider exist), the CPU backend `ssl export` chose (meta.json
+                 "serving": the fastest candidate within the accuracy gate on the exporting
+                 machine), onnxruntime-cpu, torch; each one skipped is printed with its reason,
+                 and the one chosen says which provider really runs
     onnxruntime  onnxruntime-cuda when onnxruntime-gpu and an NVIDIA GPU are present, else -cpu
     tensorrt     the native engine when EXPORT/model.engine exists, else onnxruntime-tensorrt
 
@@ -38,7 +45,7 @@ import numpy as np
 
 from semivit.errors import UserError
 from semivit.serve.resolve import ModelRef, resolve_model_dir
-from semivit.utils import cpu_count, warn
+from semivit.utils import cpu_count, cpu_name, warn
 
 
 class BackendUnavailable(UserError):
@@ -76,6 +83,7 @@ class Backend:
         self.levels: list[Level] = []
         self.level = 0
         self.load_seconds: dict[int, float] = {}  # level -> seconds its activation took
+        self.why: Optional[str] = None  # why ``auto`` picked this backend, when the export chose it
 
     # -- interface ---------------------------------------------------------------------------
     def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -204,7 +212,7 @@ def register_backend(name: str):
 
 def _ensure_registered() -> None:
     # Importing the modules registers them; none imports its heavy runtime at module level.
-    from semivit.serve import ort_session, torch_eager, trt_engine  # noqa: F401
+    from semivit.serve import ort_session, ov_session, torch_eager, trt_engine  # noqa: F401
 
 
 def backend_names() -> list[str]:
@@ -220,7 +228,11 @@ def _candidates(ref: ModelRef, name: str) -> list[str]:
                 order.append("tensorrt")
             if has_nvidia_gpu() and _ort_has("CUDAExecutionProvider"):
                 order.append("onnxruntime-cuda")
-            order.append("onnxruntime-cpu")
+            chosen = export_choice(ref)
+            if chosen and chosen in _REGISTRY:
+                order.append(chosen)
+            if "onnxruntime-cpu" not in order:
+                order.append("onnxruntime-cpu")
         if ref.run_dir is not None:
             order.append("torch")
         return order
@@ -229,6 +241,24 @@ def _candidates(ref: ModelRef, name: str) -> list[str]:
     if name == "tensorrt" and ref.export_dir is not None and not (ref.export_dir / "model.engine").is_file():
         return ["onnxruntime-tensorrt"]
     return [name]
+
+
+def export_choice(ref: ModelRef) -> Optional[str]:
+    """The CPU backend ``ssl export`` chose for ``auto`` (meta.json ``serving.auto``), if any."""
+    serving = ref.meta.get("serving") if ref.export_dir is not None else None
+    return serving.get("auto") if isinstance(serving, dict) else None
+
+
+def _choice_reason(ref: ModelRef, name: str) -> Optional[str]:
+    serving = ref.meta.get("serving") or {}
+    if name != serving.get("auto"):
+        return None
+    why = serving.get("why") or "chosen at export"
+    here = cpu_name()
+    there = (serving.get("machine") or {}).get("cpu")
+    if there and there != here:
+        why += f" (measured on {there}; this CPU is {here})"
+    return why
 
 
 def _ort_has(provider: str) -> bool:
@@ -255,7 +285,9 @@ def open_backend(model: Union[Path, str, ModelRef], name: str = "auto", **option
     failures = []
     for i, n in enumerate(names):
         try:
-            return _REGISTRY[n](ref, **options)
+            backend = _REGISTRY[n](ref, **options)
+            backend.why = _choice_reason(ref, n) if name == "auto" else None
+            return backend
         except UserError as e:
             if name != "auto":
                 raise

@@ -17,9 +17,12 @@ from typing import Optional
 
 import numpy as np
 
-from semivit.serve.backends import (Backend, BackendUnavailable, export_levels, first_line, default_threads,
+from semivit.serve.backends import (Backend, BackendUnavailable, Level, export_levels, first_line, default_threads,
                                     register_backend)
 from semivit.serve.resolve import ModelRef
+
+# quantised graphs of the full level, written by `ssl export` when they pass its accuracy gate
+VARIANT_FILES = {"int8": "model.int8.onnx", "int8-qdq": "model.int8-qdq.onnx"}
 
 PROVIDER = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
             "tensorrt": "TensorrtExecutionProvider"}
@@ -33,7 +36,7 @@ def trt_cache_dir() -> Path:
 
 class OrtBackend(Backend):
     def __init__(self, ref: ModelRef, device: str = "cpu", threads: Optional[int] = None,
-                 spinning: bool = False, **_ignored):
+                 spinning: bool = False, variant: Optional[str] = None, **_ignored):
         super().__init__(ref)
         try:
             import onnxruntime as ort
@@ -52,6 +55,15 @@ class OrtBackend(Backend):
         self.threads = int(threads or default_threads())
         self.spinning = spinning
         self.levels = export_levels(ref)
+        self.variant = variant
+        if variant is not None:  # a quantised full level; the lower levels stay the FP32 graphs
+            self.name = f"onnxruntime-{variant}"
+            f = VARIANT_FILES[variant]
+            if not (ref.export_dir / f).is_file():
+                raise BackendUnavailable(f"{ref.export_dir} has no {f} (`ssl export` writes it when it passes "
+                                         "the accuracy gate)")
+            full = self.levels[0]
+            self.levels[0] = Level(full.name, full.tta, full.members, f)
         self._sessions: dict[int, object] = {}
         self._io: dict[int, tuple[str, list[str]]] = {}
         self._bytes_per_s: Optional[float] = None
@@ -134,7 +146,8 @@ class OrtBackend(Backend):
         got = self.session.get_providers()[0]
         extra = (f"{self.threads} intra-op thread{'' if self.threads == 1 else 's'}" if self.device == "cpu"
                  else "device 0")
-        return f"onnxruntime {self.ort.__version__} {got} ({extra})"
+        what = "" if self.variant is None else f" {self.levels[self.level].file}"
+        return f"onnxruntime {self.ort.__version__} {got}{what} ({extra})"
 
     def close(self) -> None:
         self._sessions.clear()
@@ -153,3 +166,13 @@ def _cuda(ref: ModelRef, **kw) -> OrtBackend:
 @register_backend("onnxruntime-tensorrt")
 def _trt(ref: ModelRef, **kw) -> OrtBackend:
     return OrtBackend(ref, "tensorrt", **kw)
+
+
+@register_backend("onnxruntime-int8")
+def _cpu_int8(ref: ModelRef, **kw) -> OrtBackend:
+    return OrtBackend(ref, "cpu", variant="int8", **kw)
+
+
+@register_backend("onnxruntime-int8-qdq")
+def _cpu_int8_qdq(ref: ModelRef, **kw) -> OrtBackend:
+    return OrtBackend(ref, "cpu", variant="int8-qdq", **kw)

@@ -145,6 +145,8 @@ def run_predict(dir: Path, model: Optional[Path], out: Path = Path("predictions.
         log = (lambda m: None) if quiet else say
         log(f"model: {ref.describe()}")
         log(f"backend: {be.name} - {be.describe()} (loaded in {load_s:.2f} s)")
+        if getattr(be, "why", None):
+            log(f"  chosen at export: {be.why}")
         if disc.ignored:
             log(f"input: {disc.summary()}" + (f", shard {shard}: {n} of them" if shard_t else ""))
         elif shard_t:
