@@ -119,7 +119,11 @@ def train(
     )
     from semivit.trainer.pipeline import run_training
 
-    run_training(data=data, out=out, cfg=cfg, stages=stages, registry=registry)
+    run = run_training(data=data, out=out, cfg=cfg, stages=stages)
+    if registry is not None:
+        from semivit.refresh.build import register_run
+
+        register_run(registry, run.dir)
 
 
 @app.command("eval")
@@ -130,7 +134,7 @@ def eval_(
     out: Optional[Path] = typer.Option(None, "--out", help="Report JSON (a PNG confusion matrix is written beside it)."),
 ):
     """Macro F1, accuracy, per-class scores and the confusion matrix on labeled images."""
-    from semivit.trainer.evaluate import evaluate_cli
+    from semivit.evaluate import evaluate_cli
 
     evaluate_cli(model, data, out)
 
@@ -195,7 +199,7 @@ def refresh(
 @cli_errors
 def models_list(registry: Path = typer.Option(..., "--registry")):
     """Versions, their metrics, and which one is current."""
-    from semivit.refresh.registry import list_cli
+    from semivit.refresh.commands import list_cli
 
     list_cli(registry)
 
@@ -204,7 +208,7 @@ def models_list(registry: Path = typer.Option(..., "--registry")):
 @cli_errors
 def models_promote(version: str = typer.Argument(...), registry: Path = typer.Option(..., "--registry")):
     """Make VERSION the serving version (atomic switch)."""
-    from semivit.refresh.registry import promote_cli
+    from semivit.refresh.commands import promote_cli
 
     promote_cli(registry, version)
 
@@ -213,7 +217,7 @@ def models_promote(version: str = typer.Argument(...), registry: Path = typer.Op
 @cli_errors
 def models_rollback(registry: Path = typer.Option(..., "--registry")):
     """Go back to the previously current version."""
-    from semivit.refresh.registry import rollback_cli
+    from semivit.refresh.commands import rollback_cli
 
     rollback_cli(registry)
 

@@ -335,3 +335,11 @@ def save(cfg: Config, path: Path, extra: Optional[dict] = None) -> None:
 
 def load(path: Path) -> Config:
     return _validate(load_yaml(path), f"config file {path}")
+
+
+def load_run_config(run_dir: Path) -> tuple[Config, Path]:
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a semivit run (no config.yaml)")
+    saved = yaml.safe_load(path.read_text()) or {}
+    return Config.model_validate(saved.get("config", {})), Path(saved.get("data", "."))

@@ -194,7 +194,7 @@ def test_mae_encoder_does_not_see_masked_patches():
 def test_hybrid_mae_pixel_masking_stops_the_stem_leak():
     import timm
 
-    import semivit.trainer.models  # noqa: F401 - registers vit_hybrid_lite0
+    import semivit.models.networks  # noqa: F401 - registers vit_hybrid_lite0
 
     torch.manual_seed(0)
     hybrid = timm.create_model("vit_hybrid_lite0", pretrained=False, num_classes=0, img_size=64,
@@ -235,7 +235,7 @@ def test_ema_teacher_end_to_end(tiny_data, tmp_path):
 
 
 def test_mae_pretrain_end_to_end_and_resume(tiny_data, tmp_path):
-    from semivit.trainer.models import build_model
+    from semivit.models.networks import build_model
 
     run = tmp_path / "run"
     args = [str(tiny_data), "--preset", "tiny", "--set", "pretrain.method=mae",

@@ -23,8 +23,8 @@ from semivit.errors import UserError
 from semivit.export import fp16, graph, int8 as int8mod, levels as levelmod, tensorrt, verify
 from semivit.export.exporter import export_run
 from semivit.export.meta import check_files, read_meta
-from semivit.trainer.ensemble import load_ensemble, read_ensemble
-from semivit.trainer.models import load_checkpoint
+from semivit.models.ensemble import load_ensemble, read_ensemble
+from semivit.models.checkpoint import load_checkpoint
 
 FAST = {"SEMIVIT_ONNX_EXPORTER": "torchscript"}
 

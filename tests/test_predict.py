@@ -108,8 +108,9 @@ def make_fake_export(root: Path, classes=TINY_CLASSES, img_size: int = 8, member
 def make_fake_run(root: Path, classes=TINY_CLASSES, members: int = 3) -> Path:
     """RUN/ with real semivit checkpoints of random-initialised tiny models and ensemble.json."""
     from semivit import config as cfgmod
-    from semivit.trainer.ensemble import write_ensemble
-    from semivit.trainer.models import build_model, save_checkpoint
+    from semivit.models.checkpoint import save_checkpoint
+    from semivit.models.ensemble import write_ensemble
+    from semivit.models.networks import build_model
 
     cfg = cfgmod.resolve(preset="tiny")
     root = Path(root)
@@ -600,7 +601,7 @@ def test_onnx_export_of_a_run_matches_torch(fake_run, tmp_path):
     """The same ensemble through torch eager and through an ONNX graph of it: same probabilities."""
     import torch
 
-    from semivit.trainer.ensemble import load_ensemble
+    from semivit.models.ensemble import load_ensemble
 
     model, doc = load_ensemble(fake_run, tta=True)
     s = doc["img_size"]

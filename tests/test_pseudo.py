@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from semivit import config
 from semivit.cli import app
 from semivit.data.dataset import ArrayDataset
-from semivit.trainer.ensemble import ensemble_weights, write_ensemble
+from semivit.models.ensemble import ensemble_weights, write_ensemble
 from semivit.trainer.losses import FocalLoss
 from semivit.trainer.pseudo import cluster_cores, precision_report, select
 

@@ -32,6 +32,7 @@ from semivit.cli import app
 from semivit.errors import UserError
 from semivit.refresh import history
 from semivit.refresh import registry as reg
+from semivit.refresh.build import register_run
 from semivit.refresh.inbox import Inbox
 from semivit.refresh.job import parse_duration, refresh_cli, refresh_once
 from semivit.refresh.lock import EXIT_LOCKED, EXIT_LOW_DISK, FileLock, RegistryBusy
@@ -120,7 +121,7 @@ def base_registry(tiny_run, tmp_path_factory) -> Path:
     os.environ["SEMIVIT_ONNX_EXPORTER"] = "torchscript"
     try:
         registry = tmp_path_factory.mktemp("base_registry") / "REG"
-        reg.register_run(registry, tiny_run)
+        register_run(registry, tiny_run)
     finally:
         if old is None:
             os.environ.pop("SEMIVIT_ONNX_EXPORTER", None)
@@ -456,7 +457,7 @@ def test_second_refresh_while_one_holds_the_lock_exits_3_and_changes_nothing(reg
         assert "another refresh is running" in r.output and f"pid {holder.pid}" in r.output
         assert len(r.output.strip().splitlines()) == 1
         with pytest.raises(RegistryBusy):
-            reg.register_run(registry, registry / "v0001" / "run")
+            register_run(registry, registry / "v0001" / "run")
         # nothing changed: files (lock files aside), the inbox database, the first one's build
         assert db_dump(registry) == db
         assert {k: v for k, v in tree_state(registry).items() if not k.startswith((reg.STAGING, "inbox.sqlite"))} == \
@@ -537,7 +538,7 @@ def test_bad_inputs_are_one_line_errors(registry, tmp_path):
 def test_integrity_check_finds_broken_versions_and_promote_refuses_them(registry, tiny_run, fast_export):
     assert reg.check_registry(registry) == []
     # a second registration stays a candidate beside current (ssl train --registry on a live registry)
-    assert reg.register_run(registry, tiny_run) == "v0002"
+    assert register_run(registry, tiny_run) == "v0002"
     assert reg.current_version(registry) == "v0001"
     man = reg.read_manifest(registry / "v0002")
     assert man["status"] == "candidate" and "ssl models promote v0002" in man["decision"]["reason"]

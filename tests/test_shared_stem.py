@@ -11,9 +11,9 @@ import torch
 
 from semivit import config
 from semivit.data.dataset import Preprocess
-from semivit.trainer.ensemble import EnsembleModel
+from semivit.models.ensemble import EnsembleModel
 from semivit.trainer.infer import predict_arrays
-from semivit.trainer.models import build_model, frozen_stem
+from semivit.models.networks import build_model, frozen_stem
 from semivit.trainer.stem_cache import CachedViewsDataset, StemFeatures, augmented_views, features
 
 SMALL = ["model.img_size=32", "model.kwargs={embed_dim: 32, depth: 1, num_heads: 2}", "model.head_hidden=16"]

@@ -12,7 +12,8 @@ from semivit import config
 from semivit.errors import UserError
 from semivit.trainer.engine import EarlyStopping, fit
 from semivit.trainer.losses import FocalLoss, class_balanced_weights
-from semivit.trainer.models import Classifier, build_model, load_backbone_weights
+from semivit.models.networks import Classifier, build_model
+from semivit.models.weights import load_backbone_weights
 from semivit.trainer.optim import build_optimizer, param_groups
 
 
@@ -146,7 +147,7 @@ def test_checkpoint_follows_macro_f1_not_accuracy(monkeypatch, tmp_path):
     e1 = _onehot([0] * 10)
     e2 = _onehot([0] * 5 + [1, 1, 1] + [1, 2])
     e3 = _onehot([1] * 10)
-    from semivit.trainer.engine import macro_f1
+    from semivit.metrics import macro_f1
 
     f = [macro_f1(VAL_Y, p.argmax(1), 3) for p in (e1, e2, e3)]
     acc = [float((p.argmax(1) == VAL_Y).mean()) for p in (e1, e2, e3)]
@@ -220,7 +221,7 @@ def test_pretrained_efficientnet_lite0_from_the_offline_wheel():
 def test_hybrid_vit_has_pretrained_stem():
     cfg = config.resolve(preset="quick")
     model = build_model(cfg.model, 4)
-    from semivit.trainer.models import _lite0_state_dict
+    from semivit.models.weights import _lite0_state_dict
 
     sd = _lite0_state_dict()
     stem = model.backbone.patch_embed.backbone

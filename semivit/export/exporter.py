@@ -67,7 +67,7 @@ def export_run(run: Path, out: Optional[Path] = None, trt: bool = False, int8: b
     """Export the run's ensemble; returns EXPORT.  See the module docstring and DESIGN.md.
     ``on_level(name)`` is called after each level's graph is written and verified (still in the
     hidden temporary directory): progress for callers, and a deterministic crash point for tests."""
-    from semivit.trainer.ensemble import EnsembleModel, load_members, read_ensemble
+    from semivit.models.ensemble import EnsembleModel, load_members, read_ensemble
 
     run = Path(run)
     out = Path(out) if out is not None else run / "export"

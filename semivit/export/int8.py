@@ -153,7 +153,7 @@ def oof_predictions(terms: np.ndarray, weights: np.ndarray, member_folds: list[O
 
 def evaluate(fp32: Path, int8: Path, model, members: list[dict], data: RunImages) -> dict:
     """Macro F1 of the FP32 and INT8 graphs on the run's validation data, plus speed."""
-    from semivit.trainer.engine import macro_f1
+    from semivit.metrics import macro_f1
 
     names = member_terms(onnx.load(str(fp32), load_external_data=False))
     p32, t32, s32 = run_members(fp32, names, data.images)

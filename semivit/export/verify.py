@@ -38,7 +38,7 @@ def load_run_images(run_dir: Path, classes: Sequence[str], img_size: int,
                     limit: Optional[int] = None) -> RunImages:
     """The labeled images of RUN/folds.json (the first ``limit`` of a fixed class-interleaved
     order when limited, so every class is represented)."""
-    from semivit.trainer.run import load_run_config
+    from semivit.config import load_run_config
 
     run_dir = Path(run_dir)
     _, data = load_run_config(run_dir)

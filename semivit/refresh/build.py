@@ -55,7 +55,7 @@ def export_into(vdir: Path, settings: Settings) -> None:
 
 def _labeled_info(run_dir: Path) -> dict:
     folds = read_json(run_dir / "folds.json")
-    from semivit.trainer.run import load_run_config
+    from semivit.config import load_run_config
 
     _, data = load_run_config(run_dir)
     pl = run_dir / "pseudo" / "pseudo_labels.csv"
@@ -183,10 +183,11 @@ def build_inputs(parent: str, overrides: list[str], accepted) -> dict:
 def build_candidate(registry: Path, parent: str, db, overrides: list[str], tolerance: float,
                     settings: Settings, stop: StopFlag) -> str:
     """Retrain, export, evaluate and publish a candidate (status candidate + its decision)."""
-    from semivit.trainer.ensemble import members_from_stages, write_ensemble
+    from semivit.models.ensemble import members_from_stages, write_ensemble
     from semivit.trainer.folds import run_stage
     from semivit.trainer.pipeline import pseudo_extra
-    from semivit.trainer.run import Run, load_run_config
+    from semivit.config import load_run_config
+    from semivit.trainer.run import Run
 
     registry = Path(registry)
     parent_run = registry / parent / "run"

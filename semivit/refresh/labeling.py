@@ -43,7 +43,8 @@ def label_inbox(db: Inbox, run_dir: Path, version: str, cfg) -> LabelStats:
     if not present:
         return st  # (before importing torch: a refresh with nothing new takes well under a second)
     from semivit.data.dataset import decode_many
-    from semivit.trainer.ensemble import ensemble_predict, read_ensemble
+    from semivit.models.ensemble import read_ensemble
+    from semivit.trainer.infer import ensemble_predict
     from semivit.trainer.pseudo import cluster_cores, select, umap_2d
 
     ens = read_ensemble(run_dir)

@@ -34,8 +34,8 @@ def fold_labels(run_dir: Path) -> tuple[np.ndarray, list[str]]:
 
 def val_metrics(run_dir: Path, stage: Optional[str] = None) -> dict:
     """Out-of-fold macro F1 of ``stage``'s members on the labeled images (see module doc)."""
-    from semivit.trainer.ensemble import members_from_stages
-    from semivit.trainer.evaluate import classification_metrics
+    from semivit.metrics import classification_metrics
+    from semivit.models.ensemble import members_from_stages
 
     run_dir = Path(run_dir)
     stage = stage or retrained_stage(run_dir)
@@ -55,7 +55,7 @@ def val_metrics(run_dir: Path, stage: Optional[str] = None) -> dict:
 def holdout_metrics(run_dir: Path, holdout: Optional[Path]) -> Optional[dict]:
     if holdout is None:
         return None
-    from semivit.trainer.evaluate import evaluate
+    from semivit.evaluate import evaluate
 
     rep = evaluate(Path(run_dir), Path(holdout))
     return {"dir": str(holdout), "macro_f1": round(rep["macro_f1"], 6), "accuracy": round(rep["accuracy"], 6),

@@ -350,31 +350,3 @@ def check_registry(registry: Path, load_export: bool = True, all_versions: bool 
     if stack and stack[-1] != current_version(registry):
         problems.append(f"promotion history ends at {stack[-1]}, current is {current_version(registry)}")
     return problems
-
-
-# ---------------------------------------------------------------- entry points used by the CLI
-
-def register_run(registry_path: Path, run_dir: Path) -> str:
-    """``ssl train --registry R``: copy the run into R as a new version, export it, promote it if
-    R has no current version (else it stays a candidate for ``ssl models promote``)."""
-    from semivit.refresh.build import register_run as impl
-
-    return impl(Path(registry_path), Path(run_dir))
-
-
-def list_cli(registry: Path) -> None:
-    from semivit.refresh.commands import list_cli as impl
-
-    impl(Path(registry))
-
-
-def promote_cli(registry: Path, version: str) -> None:
-    from semivit.refresh.commands import promote_cli as impl
-
-    impl(Path(registry), version)
-
-
-def rollback_cli(registry: Path) -> None:
-    from semivit.refresh.commands import rollback_cli as impl
-
-    impl(Path(registry))

@@ -2,7 +2,7 @@
 
 Levels: ``full`` (all members, flip TTA), ``no_tta`` (all members), ``top{k}_no_tta`` (the
 k = ceil(M/2) members with the largest ensemble weights, weights renormalised).  The members are
-loaded once; a level is an :class:`~semivit.trainer.ensemble.EnsembleModel` over a subset of them.
+loaded once; a level is an :class:`~semivit.models.ensemble.EnsembleModel` over a subset of them.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class TorchBackend(Backend):
                                      f"{ref.export_dir} is an export without its run")
         import torch
 
-        from semivit.trainer.ensemble import EnsembleModel, load_members, read_ensemble
+        from semivit.models.ensemble import EnsembleModel, load_members, read_ensemble
 
         self.torch = torch
         self._Ensemble = EnsembleModel

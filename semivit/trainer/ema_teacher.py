@@ -208,7 +208,7 @@ class EMATeacherPolicy(UnlabeledPolicy):
 def fold_kwargs(run) -> Callable[[int], dict]:
     """``train_fold`` arguments for fold k: start from stage-1 fold k's best model, EMA policy."""
     from semivit.trainer.folds import fold_seed
-    from semivit.trainer.models import load_checkpoint
+    from semivit.models.checkpoint import load_checkpoint
 
     cfg = run.cfg
 

@@ -18,21 +18,18 @@ from typing import Callable, Iterable, Optional
 
 import numpy as np
 import torch
-from sklearn.metrics import accuracy_score, f1_score
+from sklearn.metrics import accuracy_score
 from torch import nn
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from semivit.data.dataset import ArrayDataset, Preprocess
+from semivit.metrics import macro_f1
+from semivit.models.networks import features_input
 from semivit.progress import progress_bar
 from semivit.trainer.infer import autocast, predict_arrays
 from semivit.trainer.losses import FocalLoss
-from semivit.trainer.models import features_input
 from semivit.trainer.optim import build_optimizer, build_scheduler
 from semivit.trainer.stem_cache import CachedViewsDataset
-
-
-def macro_f1(y_true, y_pred, num_classes: int) -> float:
-    return float(f1_score(y_true, y_pred, average="macro", labels=list(range(num_classes)), zero_division=0))
 
 
 class EarlyStopping:

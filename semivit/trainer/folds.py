@@ -15,7 +15,8 @@ from semivit.data import transforms
 from semivit.data.dataset import ArrayDataset
 from semivit.trainer.engine import UnlabeledPolicy, fit
 from semivit.trainer.losses import build_loss
-from semivit.trainer.models import build_model, save_checkpoint
+from semivit.models.checkpoint import save_checkpoint
+from semivit.models.networks import build_model
 from semivit.trainer.run import Run
 from semivit.utils import atomic_write_json, info, read_json, seed_everything
 

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+from pathlib import Path
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from semivit.data.dataset import Preprocess
+from semivit.errors import UserError
+from semivit.models.checkpoint import load_checkpoint
+from semivit.models.ensemble import ensemble_weights, members_from_stages, read_ensemble
+from semivit.models.networks import features_input
 
 
 def autocast(device: torch.device, precision: str):
@@ -32,7 +37,6 @@ def predict_arrays(model: nn.Module, images: np.ndarray, batch_size: int = 64,
     :class:`~semivit.trainer.stem_cache.StemFeatures`); with ``tta`` the mean of the image and
     its horizontal mirror.  With ``with_embeddings`` also the penultimate features (averaged
     over the TTA views)."""
-    from semivit.trainer.models import features_input
     from semivit.trainer.stem_cache import StemFeatures
 
     device = device or torch.device("cpu")
@@ -68,3 +72,33 @@ def predict_arrays(model: nn.Module, images: np.ndarray, batch_size: int = 64,
     if with_embeddings:
         return out, (np.concatenate(embs) if embs else np.zeros((0, 0), np.float32))
     return out
+
+
+@torch.no_grad()
+def ensemble_predict(run_dir: Path, images: np.ndarray, stages: Optional[Sequence[str]] = None,
+                     tta: bool = True, batch_size: int = 64, device=None,
+                     with_embeddings: bool = False, weighting: str = "f1"):
+    """Weighted-ensemble probabilities of the members of ``stages`` (default: ensemble.json).
+
+    With ``with_embeddings`` also returns each member's penultimate embeddings (list of arrays).
+    """
+    if stages is None:
+        entries = read_ensemble(run_dir)["members"]
+        weights = [m["weight"] for m in entries]
+    else:
+        entries = members_from_stages(run_dir, stages)
+        if not entries:
+            raise UserError(f"{run_dir} has no trained members in {', '.join(stages)}")
+        weights = list(ensemble_weights([m["val_macro_f1"] for m in entries], weighting))
+    probs, embs = None, []
+    for m, w in zip(entries, weights):
+        model, _ = load_checkpoint(Path(run_dir) / m["path"])
+        if device is not None:
+            model.to(device)
+        out = predict_arrays(model, images, batch_size=batch_size, device=device, tta=tta,
+                             with_embeddings=with_embeddings)
+        p = out[0] if with_embeddings else out
+        if with_embeddings:
+            embs.append(out[1])
+        probs = p * w if probs is None else probs + p * w
+    return (probs, embs) if with_embeddings else probs

@@ -193,7 +193,7 @@ def _freeze_stem(mae: MAE) -> None:
 
 def run_mae(run) -> Path:
     """MAE on run.images + the unlabeled images; writes RUN/pretrain/{encoder.pt,loss.csv,loss.png}."""
-    from semivit.trainer.models import create_backbone
+    from semivit.models.networks import create_backbone
 
     cfg, pcfg = run.cfg, run.cfg.pretrain
     out = run.stage_dir("pretrain")

@@ -14,7 +14,7 @@ def _no_decay_names(backbone: nn.Module) -> set[str]:
 
 def param_groups(model: nn.Module, lr: float, backbone_lr_mult: float, weight_decay: float,
                  layer_decay=None) -> list[dict]:
-    """Groups for a :class:`~semivit.trainer.models.Classifier`.
+    """Groups for a :class:`~semivit.models.networks.Classifier`.
 
     - head: LR ``lr``; backbone: ``lr * backbone_lr_mult`` (times the layer-decay scale when
       ``layer_decay`` is set, via timm's ``param_groups_layer_decay``); the freshly initialised

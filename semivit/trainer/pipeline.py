@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 
 from semivit.errors import UserError
-from semivit.trainer.ensemble import members_from_stages, write_ensemble
+from semivit.models.ensemble import members_from_stages, write_ensemble
 from semivit.trainer.folds import Extra, run_stage
 from semivit.trainer.run import STAGES, Run, open_run
 from semivit.utils import info, read_json, seed_everything, warn
@@ -72,8 +72,7 @@ def _timed(run: Run, stage: str, fn, *args, **kwargs):
     return out
 
 
-def run_training(data: Optional[Path], out: Optional[Path], cfg, stages: Optional[str] = None,
-                 registry: Optional[Path] = None) -> Run:
+def run_training(data: Optional[Path], out: Optional[Path], cfg, stages: Optional[str] = None) -> Run:
     chosen = parse_stages(stages, cfg)
     run = open_run(out, cfg, data)
     seed_everything(cfg.seed)
@@ -124,10 +123,6 @@ def run_training(data: Optional[Path], out: Optional[Path], cfg, stages: Optiona
 
     _timed(run, "report", write_report, run)
     info(f"done in {time.time() - t_all:.0f}s: ensemble in {run.dir / 'ensemble.json'}, report in {run.dir / 'report.md'}")
-    if registry is not None:
-        from semivit.refresh.registry import register_run
-
-        register_run(Path(registry), run.dir)
     return run
 
 

@@ -193,7 +193,7 @@ def plot_umap(path: Path, points: np.ndarray, clusters: Clusters, pred: np.ndarr
 def run_pseudo(run) -> dict:
     """Stage 2 for a run: writes RUN/pseudo/{pseudo_labels.csv, predictions.csv, umap.png, stats.json}."""
     from semivit.data.layout import read_truth
-    from semivit.trainer.ensemble import ensemble_predict
+    from semivit.trainer.infer import ensemble_predict
 
     cfg, pcfg = run.cfg, run.cfg.pseudo
     out = run.stage_dir("pseudo")

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from semivit.trainer.ensemble import ensemble_weights, members_from_stages, read_ensemble
-from semivit.trainer.evaluate import classification_metrics, plot_confusion
+from semivit.metrics import classification_metrics, plot_confusion
+from semivit.models.ensemble import ensemble_weights, members_from_stages, read_ensemble
 from semivit.utils import atomic_write_json, atomic_write_text, read_json
 
 
@@ -79,8 +79,8 @@ def heldout_scores(run) -> dict:
     """
     from semivit.data.dataset import decode_many
     from semivit.data.layout import load_eval
+    from semivit.models.checkpoint import load_checkpoint
     from semivit.trainer.infer import predict_arrays
-    from semivit.trainer.models import load_checkpoint
 
     test_dir = run.data / "test"
     if not test_dir.is_dir():

@@ -94,7 +94,7 @@ class Run:
         for the feature cache (:mod:`semivit.trainer.stem_cache`); else None."""
         if not self.cfg.train.cache_views:
             return None
-        from semivit.trainer.models import build_model, frozen_stem
+        from semivit.models.networks import build_model, frozen_stem
 
         stem = frozen_stem(build_model(self.model_cfg, len(self.classes)))
         return stem.to(self.device).eval() if stem is not None else None
@@ -202,11 +202,3 @@ def _first_difference(a, b, prefix="") -> str:
             if a.get(k) != b.get(k):
                 return _first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
     return f"{prefix.rstrip('.')}: {a!r} -> {b!r}"
-
-
-def load_run_config(run_dir: Path) -> tuple[cfgmod.Config, Path]:
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise UserError(f"{run_dir} is not a semivit run (no config.yaml)")
-    saved = yaml.safe_load(path.read_text()) or {}
-    return cfgmod.Config.model_validate(saved.get("config", {})), Path(saved.get("data", "."))

@@ -1,6 +1,9 @@
 """The weighted ensemble: weights from validation macro F1, RUN/ensemble.json, and the
 PyTorch module (uint8 NHWC in -> probabilities out) that serving and the ONNX export share.
 
+(Ensemble predictions for training-side code - stage 2, ``ssl eval`` on a run, refresh - are
+semivit.trainer.infer.ensemble_predict.)
+
 Weights: w_i = F1_i / sum_j F1_j, where F1_i is member i's best validation macro F1 on its
 held-out fold (true labels only).  ``ensemble.weighting: equal`` gives w_i = 1/M.
 """
@@ -16,7 +19,8 @@ import torch
 from torch import nn
 
 from semivit.data.dataset import IMAGENET_MEAN, IMAGENET_STD, Preprocess
-from semivit.errors import UserError
+from semivit.models.checkpoint import load_checkpoint
+from semivit.models.networks import frozen_stem
 from semivit.utils import atomic_write_json, read_format_json, read_json
 
 ENSEMBLE_FORMAT = "semivit-ensemble/1"
@@ -105,8 +109,6 @@ class EnsembleModel(nn.Module):
 
 def _shared_frozen_stem(members: Sequence[nn.Module]):
     """The frozen stem all ``members`` have with identical weights and statistics, else None."""
-    from semivit.trainer.models import frozen_stem
-
     stems = [frozen_stem(m) for m in members]
     if any(s is None for s in stems):
         return None
@@ -127,8 +129,6 @@ def _without_stem(member: nn.Module) -> nn.Module:
 
 def load_members(run_dir: Path, doc: Optional[dict] = None, names: Optional[Sequence[str]] = None):
     """(models, weights, member entries) of a run's ensemble, optionally a subset by name."""
-    from semivit.trainer.models import load_checkpoint
-
     doc = doc or read_ensemble(run_dir)
     entries = [m for m in doc["members"] if names is None or m["name"] in names]
     models = []
@@ -155,36 +155,3 @@ def members_from_stages(run_dir: Path, stages: Sequence[str]) -> list[dict]:
                         "stage": stage, "fold": s["fold"], "val_macro_f1": s["val_macro_f1"],
                         "val_acc": s.get("val_acc")})
     return out
-
-
-@torch.no_grad()
-def ensemble_predict(run_dir: Path, images: np.ndarray, stages: Optional[Sequence[str]] = None,
-                     tta: bool = True, batch_size: int = 64, device=None,
-                     with_embeddings: bool = False, weighting: str = "f1"):
-    """Weighted-ensemble probabilities of the members of ``stages`` (default: ensemble.json).
-
-    With ``with_embeddings`` also returns each member's penultimate embeddings (list of arrays).
-    """
-    from semivit.trainer.infer import predict_arrays
-    from semivit.trainer.models import load_checkpoint
-
-    if stages is None:
-        entries = read_ensemble(run_dir)["members"]
-        weights = [m["weight"] for m in entries]
-    else:
-        entries = members_from_stages(run_dir, stages)
-        if not entries:
-            raise UserError(f"{run_dir} has no trained members in {', '.join(stages)}")
-        weights = list(ensemble_weights([m["val_macro_f1"] for m in entries], weighting))
-    probs, embs = None, []
-    for m, w in zip(entries, weights):
-        model, _ = load_checkpoint(Path(run_dir) / m["path"])
-        if device is not None:
-            model.to(device)
-        out = predict_arrays(model, images, batch_size=batch_size, device=device, tta=tta,
-                             with_embeddings=with_embeddings)
-        p = out[0] if with_embeddings else out
-        if with_embeddings:
-            embs.append(out[1])
-        probs = p * w if probs is None else probs + p * w
-    return (probs, embs) if with_embeddings else probs
