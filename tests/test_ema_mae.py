@@ -218,7 +218,26 @@ def _train(*args):
     return r
 
 
-def test_ema_teacher_end_to_end(tiny_data, tmp_path):
+def _state(path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+
+
+def test_ema_teacher_end_to_end(tiny_data, tmp_path, monkeypatch):
+    """Stage 3 as EMA-Teacher: fold k's student and teacher start from stage-1 fold k's best
+    weights, pseudo-labels pass the threshold (mask rate > 0) and add a loss, the teacher
+    moves away from its start, and the stage trains its fixed number of epochs."""
+    import csv
+
+    from semivit.trainer import ema_teacher
+
+    starts = []  # (fold seed, the student's state when the policy is made)
+    orig_init = ema_teacher.EMATeacherPolicy.__init__
+
+    def recording_init(self, student, *args, **kwargs):
+        starts.append((kwargs.get("seed"), {k: v.detach().clone() for k, v in student.state_dict().items()}))
+        orig_init(self, student, *args, **kwargs)
+
+    monkeypatch.setattr(ema_teacher.EMATeacherPolicy, "__init__", recording_init)
     run = tmp_path / "run"
     _train(str(tiny_data), "--preset", "tiny", "--set", "ssl.method=ema-teacher", "--out", str(run))
     assert not (run / "pseudo" / "pseudo_labels.csv").exists()  # online pseudo-labels only
@@ -226,17 +245,39 @@ def test_ema_teacher_end_to_end(tiny_data, tmp_path):
     stages = [m["stage"] for m in ens["members"]]
     assert stages.count("stage1") == 2 and stages.count("stage3") == 2
     assert abs(sum(m["weight"] for m in ens["members"]) - 1) < 1e-6
-    header = (run / "stage3" / "fold0" / "metrics.csv").read_text().splitlines()[0]
-    assert "u_mask_rate" in header and "u_loss" in header
-    ck = torch.load(run / "stage3" / "fold0" / "best.pt", weights_only=False)
-    assert ck["stage"] == "stage3"
+
+    cfg = cfgmod.resolve("tiny", overrides=["ssl.method=ema-teacher"])
+    assert [seed for seed, _ in starts] == [100, 101]  # one policy per fold, in fold order
+    for k, (_, start) in enumerate(starts):
+        s1 = _state(run / "stage1" / f"fold{k}" / "best.pt")
+        other = _state(run / "stage1" / f"fold{1 - k}" / "best.pt")
+        assert all(torch.equal(start[n], s1[n]) for n in s1), f"fold {k} did not start from stage-1 fold {k}"
+        assert not all(torch.equal(start[n], other[n]) for n in other)
+        teacher = _state(run / "stage3" / f"fold{k}" / "best.pt")
+        moved = max(float((teacher[n].float() - s1[n].float()).abs().max())
+                    for n, v in s1.items() if v.is_floating_point() and "running" not in n)
+        assert moved > 1e-6, f"fold {k}: the teacher never moved from the stage-1 weights"
+        rows = list(csv.DictReader(open(run / "stage3" / f"fold{k}" / "metrics.csv")))
+        assert len(rows) == cfgmod.ssl_train_config(cfg).epochs  # fixed epochs, no early stop
+        assert all(float(r["u_mask_rate"]) > 0 and float(r["u_loss"]) > 0 for r in rows), rows
+        ck = torch.load(run / "stage3" / f"fold{k}" / "best.pt", weights_only=False)
+        assert ck["stage"] == "stage3"
     held = json.loads((run / "heldout.json").read_text())
     assert "stage3_ensemble" in held and "full_ensemble" in held
 
 
-def test_mae_pretrain_end_to_end_and_resume(tiny_data, tmp_path):
+def test_mae_pretrain_end_to_end_and_resume(tiny_data, tmp_path, monkeypatch):
     from semivit.models.networks import build_model
+    from semivit.trainer import folds
 
+    at_step0 = []  # each stage-1 fold model's backbone when training starts
+    orig_fit = folds.fit
+
+    def recording_fit(model, *args, **kwargs):
+        at_step0.append({k: v.detach().clone() for k, v in model.backbone.state_dict().items()})
+        return orig_fit(model, *args, **kwargs)
+
+    monkeypatch.setattr(folds, "fit", recording_fit)
     run = tmp_path / "run"
     args = [str(tiny_data), "--preset", "tiny", "--set", "pretrain.method=mae",
             "--stages", "pretrain,supervised", "--out", str(run)]
@@ -252,8 +293,14 @@ def test_mae_pretrain_end_to_end_and_resume(tiny_data, tmp_path):
     model = build_model(cfg.model, 3)
     for k, v in model.backbone.state_dict().items():
         assert torch.equal(v, enc[k]), k
-    # stage 1 started from it: its config says so and the run recorded stage 0's time
+    # every stage-1 fold started from it: its backbone equals the encoder at step 0
+    assert len(at_step0) == 2
+    for state in at_step0:
+        assert state.keys() == enc.keys()
+        for k, v in enc.items():
+            assert torch.equal(state[k], v), k
     assert "pretrain" in (run / "timings.yaml").read_text()
+    monkeypatch.setattr(folds, "fit", orig_fit)
 
     # resume: with encoder.pt gone, a rerun finishes from last.pt (no epoch retrained)
     (pre / "encoder.pt").unlink()
@@ -263,15 +310,30 @@ def test_mae_pretrain_end_to_end_and_resume(tiny_data, tmp_path):
     assert all(torch.equal(enc[k], enc2[k]) for k in enc)
 
 
-def test_hybrid_mae_then_ema_teacher_with_stem_cache(tiny_data, tmp_path):
+def test_hybrid_mae_then_ema_teacher_with_stem_cache(tiny_data, tmp_path, monkeypatch):
     """The quick preset's path in small: MAE on the CNN-stem hybrid, stage 1 on cached frozen-stem
     features of the MAE encoder, EMA-Teacher stage 3 on pixels, all members in the ensemble."""
+    from semivit.trainer import folds
+
+    at_step0 = []  # (stage dir, backbone state) when each fold's training starts
+    orig_fit = folds.fit
+
+    def recording_fit(model, *args, **kwargs):
+        at_step0.append((kwargs["out_dir"].parent.name,
+                         {k: v.detach().clone() for k, v in model.backbone.state_dict().items()}))
+        return orig_fit(model, *args, **kwargs)
+
+    monkeypatch.setattr(folds, "fit", recording_fit)
     run = tmp_path / "run"
     _train(str(tiny_data), "--preset", "tiny", "--set", "model.name=vit_hybrid_lite0",
            "--set", "model.kwargs={embed_dim: 32, depth: 1, num_heads: 2}", "--set", "train.cache_views=2",
            "--set", "ssl.method=ema-teacher", "--set", "ssl.threshold_mode=oof", "--set", "pretrain.method=mae",
            "--out", str(run))
-    assert (run / "pretrain" / "encoder.pt").is_file()
+    enc = torch.load(run / "pretrain" / "encoder.pt", weights_only=True)["state_dict"]
+    stage1 = [state for stage, state in at_step0 if stage == "stage1"]
+    assert len(stage1) == 2  # both stage-1 folds started from the MAE encoder, stem included
+    for state in stage1:
+        assert state.keys() == enc.keys() and all(torch.equal(state[k], v) for k, v in enc.items())
     ens = json.loads((run / "ensemble.json").read_text())
     assert sorted(m["stage"] for m in ens["members"]) == ["stage1", "stage1", "stage3", "stage3"]
     assert "stage3_ensemble" in json.loads((run / "heldout.json").read_text())

@@ -89,12 +89,29 @@ def test_param_groups_zero_decay_for_bias_norm_and_backbone_at_10_percent():
 
 
 def test_layer_decay_scales_earlier_blocks_lower():
-    cfg = tiny_cfg(**{"model.kwargs": "{patch_size: 8, embed_dim: 32, depth: 3, num_heads: 2}",
-                      "train.layer_decay": 0.5})
+    """Semi-ViT / MAE layer-wise decay: with L blocks, block i trains at lr * d^(L - i), the
+    embeddings at lr * d^(L + 1), the final norm and the head at lr - and backbone_lr_mult
+    (0.1 here) is replaced, not multiplied in."""
+    d, lr, depth = 0.5, 1e-3, 3
+    cfg = tiny_cfg(**{"model.kwargs": f"{{patch_size: 8, embed_dim: 32, depth: {depth}, num_heads: 2}}",
+                      "train.layer_decay": d, "train.lr": lr, "train.backbone_lr_mult": 0.1})
     model = build_model(cfg.model, 3, pretrained=False)
     opt = build_optimizer(model, cfg.train)
-    lrs = sorted({round(g["lr"], 12) for g in opt.param_groups if g["name"].startswith("backbone")})
-    assert len(lrs) >= 3 and max(lrs) <= cfg.train.lr * cfg.train.backbone_lr_mult + 1e-12
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    seen = set()
+    for name, p in model.named_parameters():
+        parts = name.split(".")
+        if parts[0] == "head":
+            want = lr
+        elif parts[1] == "blocks":
+            want = lr * d ** (depth - int(parts[2]))
+        elif parts[1] in ("patch_embed", "cls_token", "pos_embed"):
+            want = lr * d ** (depth + 1)
+        else:  # the final norm
+            want = lr
+        assert lr_of[id(p)] == pytest.approx(want, rel=1e-9), name
+        seen.add(round(want, 12))
+    assert len(seen) == depth + 2  # embeddings, 3 blocks, top
 
 
 # ----------------------------------------------------------------------------- loop
@@ -108,7 +125,7 @@ def test_early_stopping_on_scripted_sequence():
     assert [es.step(v) for v in (0.1, 0.2, 0.2, 0.2)] == [(True, False), (True, False), (False, False), (False, True)]
 
 
-def _scripted_fit(monkeypatch, tmp_path, val_sequence, patience=10):
+def _scripted_fit(monkeypatch, tmp_path, val_sequence, patience=10, **over):
     """Run fit() with validation predictions scripted per epoch."""
     import semivit.trainer.engine as engine
 
@@ -120,7 +137,7 @@ def _scripted_fit(monkeypatch, tmp_path, val_sequence, patience=10):
         return probs
 
     monkeypatch.setattr(engine, "predict_arrays", fake_predict)
-    cfg = tiny_cfg(**{"train.epochs": len(val_sequence), "train.patience": patience})
+    cfg = tiny_cfg(**{"train.epochs": len(val_sequence), "train.patience": patience, **over})
     model = build_model(cfg.model, 3, pretrained=False)
     rng = np.random.default_rng(0)
     from semivit.data.dataset import ArrayDataset
@@ -163,6 +180,34 @@ def test_fit_stops_early(monkeypatch, tmp_path):
     good, flat = _onehot([0] * 6 + [1, 1] + [1, 2]), _onehot([0] * 10)
     res, saved = _scripted_fit(monkeypatch, tmp_path, [good] + [flat] * 5, patience=2)
     assert res.stopped_early and res.epochs_run == 3 and res.best_epoch == 1 and saved == [1]
+
+
+def test_fit_without_early_stopping_trains_every_epoch(monkeypatch, tmp_path):
+    good, flat = _onehot([0] * 6 + [1, 1] + [1, 2]), _onehot([0] * 10)
+    res, saved = _scripted_fit(monkeypatch, tmp_path, [good] + [flat] * 5, patience=2,
+                               **{"train.early_stopping": False})
+    assert not res.stopped_early and res.epochs_run == 6 and res.best_epoch == 1 and saved == [1]
+
+
+def test_one_cosine_decay_after_warmup_without_restarts():
+    """restart_epochs None (Semi-ViT's schedule): linear warm-up, then one cosine decay that
+    reaches min_lr exactly at the last step of the run and never climbs again."""
+    from semivit.trainer.optim import build_scheduler
+
+    cfg = tiny_cfg(**{"train.restart_epochs": "null", "train.warmup_epochs": 1, "train.epochs": 4,
+                      "train.lr": 1e-3, "train.min_lr": 1e-6})
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    sched = build_scheduler(opt, cfg.train, steps_per_epoch=10)
+    lrs = []
+    for _ in range(40):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[0] < lrs[5] < lrs[10] == pytest.approx(1e-3)  # warm-up over the first epoch
+    decay = lrs[10:]
+    assert all(a >= b for a, b in zip(decay, decay[1:]))  # no restart
+    assert lrs[-1] == pytest.approx(1e-6) and lrs[25] == pytest.approx((1e-3 + 1e-6) / 2, rel=1e-6)
 
 
 # ----------------------------------------------------------------------------- models & weights

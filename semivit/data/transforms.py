@@ -66,6 +66,22 @@ def weak_augment(size: int) -> A.Compose:
     ])
 
 
+@register("semi-vit-weak")
+def semi_vit_weak_augment(size: int) -> A.Compose:
+    """Semi-ViT's weak view for the EMA teacher (seed 05, appendix "Data Augmentation"):
+    RandomResizedCrop, RandomHorizontalFlip and ColorJitter(0.4) - with the reference code's
+    parameters (timm's ``create_transform``: crop scale 0.08-1, aspect 3/4-4/3, bicubic; colour
+    jitter 0.4 on brightness, contrast and saturation)."""
+    import cv2
+
+    return A.Compose([
+        A.RandomResizedCrop(size=(size, size), scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                            interpolation=cv2.INTER_CUBIC, p=1.0),
+        A.HorizontalFlip(p=0.5),
+        A.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.0, p=1.0),
+    ])
+
+
 @register("none")
 def no_augment(size: int) -> A.Compose:
     return A.Compose([])

@@ -19,9 +19,12 @@ One :class:`EMATeacherPolicy` plugs into the one training loop (:func:`engine.fi
   pseudo-label stage's on stage-1 out-of-fold predictions (a class whose confident predictions
   never reach ``pseudo.target_precision`` gets none); a mixed pair then counts when either
   member passes its class's threshold - with one threshold for all classes that is equation (5);
-- the unlabeled loss is the fold's own criterion (focal or CE, same class weights and label
-  smoothing as the labeled term) on the soft mixed pseudo-targets,
-  ``L_u = 1/N_u sum_i [o*_i >= tau] * loss(x~_i, y~_i)``, and the total is ``L_l + mu * L_u``;
+- the unlabeled loss is ``ssl.ema.unlabeled_loss`` (the paper's: cross-entropy with label
+  smoothing 0.1, no class weights) on the soft mixed pseudo-targets, averaged over all N_u
+  images, ``L_u = 1/N_u sum_i [o*_i >= tau] * loss(x~_i, y~_i)``; the total is ``L_l + mu * L_u``;
+- the stage trains with ``train.*`` overridden by ``ssl.ema.train`` (the paper's Table 13:
+  CE + label smoothing, mixup/CutMix on the labeled side, AdamW wd 0.05, layer-wise LR decay
+  0.75, warm-up, one cosine decay, a fixed number of epochs);
 - a batch holds ``N_u = ssl.unlabeled_ratio * N_l`` unlabeled images and the unlabeled loader
   drives the epoch (the labeled loader cycles).
 
@@ -210,7 +213,9 @@ def fold_kwargs(run) -> Callable[[int], dict]:
     from semivit.trainer.folds import fold_seed
     from semivit.models.checkpoint import load_checkpoint
 
-    cfg = run.cfg
+    from semivit.config import ssl_train_config
+
+    cfg = run.cfg.model_copy(update={"train": ssl_train_config(run.cfg)})  # ssl.ema.train on top
 
     def kwargs(k: int) -> dict:
         model, _ = load_checkpoint(run.dir / "stage1" / f"fold{k}" / "best.pt")
@@ -220,10 +225,10 @@ def fold_kwargs(run) -> Callable[[int], dict]:
         thresholds = fold_thresholds(run, k)
 
         def make_policy(student: nn.Module) -> EMATeacherPolicy:
-            return EMATeacherPolicy(student, unlabeled, cfg, build_loss(cfg.train, counts), run.device,
-                                    seed=fold_seed(cfg, "stage3", k), thresholds=thresholds)
+            return EMATeacherPolicy(student, unlabeled, cfg, build_loss(cfg.ssl.ema.unlabeled_loss, counts),
+                                    run.device, seed=fold_seed(cfg, "stage3", k), thresholds=thresholds)
 
-        return {"init_state": init_state, "make_policy": make_policy, "epochs": cfg.ssl.epochs}
+        return {"init_state": init_state, "make_policy": make_policy, "epochs": cfg.ssl.epochs, "cfg": cfg}
 
     return kwargs
 

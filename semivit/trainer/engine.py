@@ -159,7 +159,7 @@ def fit(model: nn.Module, train_ds: ArrayDataset, val_images: np.ndarray, val_la
     freeze = min(tcfg.freeze_epochs, epochs - 1) if tcfg.freeze_epochs else 0
     set_frozen(freeze > 0)
     optimizer = build_optimizer(model, tcfg, lr=tcfg.freeze_lr if freeze else None)
-    scheduler = build_scheduler(optimizer, tcfg, steps)
+    scheduler = build_scheduler(optimizer, tcfg, steps, epochs)
 
     result = FitResult(best_f1=-1.0, best_epoch=-1, epochs_run=0, stopped_early=False)
     t_start = time.time()
@@ -170,7 +170,7 @@ def fit(model: nn.Module, train_ds: ArrayDataset, val_images: np.ndarray, val_la
             if freeze and epoch == freeze:  # unfreeze: full model, differential LR, fresh schedule
                 set_frozen(False)
                 optimizer = build_optimizer(model, tcfg)
-                scheduler = build_scheduler(optimizer, tcfg, steps)
+                scheduler = build_scheduler(optimizer, tcfg, steps, epochs - freeze)
             model.train()
             t0 = time.time()
             total, seen = 0.0, 0
@@ -235,7 +235,7 @@ def fit(model: nn.Module, train_ds: ArrayDataset, val_images: np.ndarray, val_la
             if out_dir is not None:
                 _write_history(Path(out_dir) / "metrics.csv", result.history)
             bar.update(task, status=f"epoch {epoch + 1}: F1 {f1:.3f} (best {result.best_f1:.3f} @ {result.best_epoch})")
-            if stop and epoch + 1 < epochs:
+            if stop and tcfg.early_stopping and epoch + 1 < epochs:
                 result.stopped_early = True
                 bar.update(task, completed=epochs * steps, status=f"early stop at epoch {epoch + 1}; best F1 {result.best_f1:.3f}")
                 break

@@ -38,9 +38,11 @@ def fold_seed(cfg, stage: str, k: int) -> int:
 def train_fold(run: Run, stage: str, k: int, extra: Optional[Extra] = None,
                init_state: Optional[dict] = None,
                make_policy: Optional[Callable[[torch.nn.Module], UnlabeledPolicy]] = None,
-               epochs: Optional[int] = None) -> dict:
-    """Train fold ``k`` of ``stage``; writes best.pt, metrics.csv, val_probs.npy and done.json."""
-    cfg = run.cfg
+               epochs: Optional[int] = None, cfg=None) -> dict:
+    """Train fold ``k`` of ``stage``; writes best.pt, metrics.csv, val_probs.npy and done.json.
+    ``cfg``: the stage's own config when it differs from the run's (the EMA-Teacher's
+    ``ssl.ema.train``)."""
+    cfg = cfg if cfg is not None else run.cfg
     out = run.stage_dir(stage, k)
     seed = fold_seed(cfg, stage, k)
     seed_everything(seed)

@@ -1,7 +1,9 @@
-"""AdamW with differential LR (backbone = 10% of the head), no weight decay on biases/norms,
-optional layer-wise LR decay (timm's helper), and CosineAnnealingWarmRestarts per step."""
+"""AdamW with differential LR (backbone = 10% of the head) or layer-wise LR decay (timm's helper),
+no weight decay on biases/norms, and a per-step cosine schedule (with or without restarts)."""
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import nn
@@ -12,13 +14,47 @@ def _no_decay_names(backbone: nn.Module) -> set[str]:
     return set(fn()) if callable(fn) else set()
 
 
+def layer_scales(backbone: nn.Module, decay: float) -> dict[str, float]:
+    """LR scale of every backbone parameter under layer-wise decay, by the rule of the MAE /
+    Semi-ViT reference code (``util/lr_decay.py``): with L blocks, the embeddings (patch_embed,
+    cls_token, pos_embed) are layer 0, block i is layer i + 1, everything after the blocks (the
+    final norm) is layer L + 1, and layer j trains at ``decay^(L + 1 - j)`` - so the last block
+    gets ``decay`` and only what follows it (and the head, outside the backbone) the full LR.
+    Written here because timm's ``param_groups_layer_decay`` counts one layer fewer (its last
+    block trains at the full LR).  A backbone without ``blocks`` falls back to timm's grouping."""
+    blocks = getattr(backbone, "blocks", None)
+    if blocks is None:
+        from timm.optim import param_groups_layer_decay
+
+        out = {}
+        ids = {id(p): n for n, p in backbone.named_parameters()}
+        for g in param_groups_layer_decay(backbone, weight_decay=0.0, layer_decay=decay):
+            for p in g["params"]:
+                out[ids[id(p)]] = g.get("lr_scale", 1.0)
+        return {n: out.get(n, 1.0) for n, _ in backbone.named_parameters()}
+    n_blocks = len(blocks)
+    out = {}
+    for n, _ in backbone.named_parameters():
+        head = n.split(".")[0]
+        if head == "blocks":
+            layer = int(n.split(".")[1]) + 1
+        elif head in ("patch_embed", "cls_token", "pos_embed", "reg_token", "dist_token"):
+            layer = 0
+        else:
+            layer = n_blocks + 1
+        out[n] = decay ** (n_blocks + 1 - layer)
+    return out
+
+
 def param_groups(model: nn.Module, lr: float, backbone_lr_mult: float, weight_decay: float,
                  layer_decay=None) -> list[dict]:
     """Groups for a :class:`~semivit.models.networks.Classifier`.
 
-    - head: LR ``lr``; backbone: ``lr * backbone_lr_mult`` (times the layer-decay scale when
-      ``layer_decay`` is set, via timm's ``param_groups_layer_decay``); the freshly initialised
-      parts of a hybrid backbone (``fresh_parameter_names()``) train at the head's ``lr``;
+    - head: LR ``lr``; backbone: ``lr * backbone_lr_mult``; the freshly initialised parts of a
+      hybrid backbone (``fresh_parameter_names()``) train at the head's ``lr``;
+    - or, when ``layer_decay`` is set, each backbone layer at ``lr * scale`` (:func:`layer_scales`:
+      the embeddings lowest, the last block ``lr * decay``) and the head at ``lr``.  This *replaces* ``backbone_lr_mult`` as in BEiT/MAE/Semi-ViT; multiplying
+      the two would start the top block at a tenth of the paper's rate;
     - weight decay ``weight_decay`` on weights, 0 on biases, normalisation weights (any 1-d
       tensor) and the backbone's ``no_weight_decay()`` tensors (pos_embed, cls_token).
     Each group carries ``name`` for logging and tests.
@@ -27,15 +63,14 @@ def param_groups(model: nn.Module, lr: float, backbone_lr_mult: float, weight_de
     backbone, head = model.backbone, model.head
     skip = _no_decay_names(backbone)
     if layer_decay is not None:
-        from timm.optim import param_groups_layer_decay
-
-        for g in param_groups_layer_decay(backbone, weight_decay=weight_decay,
-                                          no_weight_decay_list=skip, layer_decay=layer_decay):
-            scale = g.pop("lr_scale", 1.0)
-            g["lr"] = lr * backbone_lr_mult * scale
-            g["name"] = "backbone" + ("_no_decay" if g["weight_decay"] == 0 else "")
-            if g["params"]:
-                groups.append(g)
+        scales = layer_scales(backbone, layer_decay)
+        buckets: dict[tuple[float, bool], list] = {}
+        for n, p in backbone.named_parameters():
+            if p.requires_grad:
+                buckets.setdefault((scales[n], p.ndim <= 1 or n in skip), []).append(p)
+        for (scale, nd), params in sorted(buckets.items()):
+            groups.append({"name": "backbone" + ("_no_decay" if nd else ""), "params": params,
+                           "lr": lr * scale, "lr_scale": scale, "weight_decay": 0.0 if nd else weight_decay})
     else:
         # A hybrid's transformer is freshly initialised: it trains at the head's LR; only the
         # pretrained stem gets the reduced backbone LR (see HybridViT.fresh_parameter_names).
@@ -68,15 +103,20 @@ def build_optimizer(model: nn.Module, train_cfg, lr=None) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=lr or train_cfg.lr, fused=True)
 
 
-def build_scheduler(optimizer, train_cfg, steps_per_epoch: int):
-    """CosineAnnealingWarmRestarts from each group's LR down to ``min_lr``, stepped per batch;
-    the first cycle lasts ``restart_epochs`` epochs.  With ``warmup_epochs`` a linear warm-up
-    (torch's LinearLR) comes first."""
+def build_scheduler(optimizer, train_cfg, steps_per_epoch: int, epochs: Optional[int] = None):
+    """Cosine from each group's LR down to ``min_lr``, stepped per batch: with
+    ``restart_epochs`` CosineAnnealingWarmRestarts whose first cycle lasts that many epochs;
+    with ``restart_epochs: None`` one decay over the ``epochs`` (default ``train.epochs``) left
+    after the warm-up.  With ``warmup_epochs`` a linear warm-up (torch's LinearLR) comes first."""
     sched = torch.optim.lr_scheduler
-    cosine = sched.CosineAnnealingWarmRestarts(
-        optimizer, T_0=max(1, train_cfg.restart_epochs * steps_per_epoch), eta_min=train_cfg.min_lr
-    )
     warm = int(round(train_cfg.warmup_epochs * steps_per_epoch))
+    if train_cfg.restart_epochs is None:
+        total = (epochs or train_cfg.epochs) * steps_per_epoch
+        cosine = sched.CosineAnnealingLR(optimizer, T_max=max(1, total - warm), eta_min=train_cfg.min_lr)
+    else:
+        cosine = sched.CosineAnnealingWarmRestarts(
+            optimizer, T_0=max(1, train_cfg.restart_epochs * steps_per_epoch), eta_min=train_cfg.min_lr
+        )
     if warm <= 0:
         return cosine
     linear = sched.LinearLR(optimizer, start_factor=1.0 / (warm + 1), end_factor=1.0, total_iters=warm)
