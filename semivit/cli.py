@@ -149,11 +149,16 @@ def export(
     no_tta: bool = typer.Option(False, "--no-tta", help="Leave the horizontal-flip TTA out of the graph."),
     max_batch: int = typer.Option(64, "--max-batch", min=1, help="Largest batch of the TensorRT profile."),
     force: bool = typer.Option(False, "--force", help="Replace an existing export directory."),
+    candidates: Optional[str] = typer.Option(
+        None, "--candidates", help="Serving candidates to build, gate and time for `predict --backend auto`: auto "
+                                   "(all that apply here; the default, or SEMIVIT_EXPORT_CANDIDATES), none (FP32 "
+                                   "only), or a comma list."),
 ):
     """Export the ensemble as one ONNX graph (TTA and preprocessing fused), verified against PyTorch."""
     from semivit.export.exporter import export_run
 
-    export_run(run, out=out, trt=trt, int8=int8, tta=not no_tta, max_batch=max_batch, force=force)
+    export_run(run, out=out, trt=trt, int8=int8, tta=not no_tta, max_batch=max_batch, force=force,
+               candidates=candidates)
 
 
 @app.command()

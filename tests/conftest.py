@@ -29,6 +29,10 @@ from PIL import Image
 # makes OpenMP spin and slows everything down by 10x.  Progress bars off to keep logs short.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("SEMIVIT_QUIET", "1")
+# `ssl export` builds, gates and times every serving candidate by default (ORT INT8 x2, OpenVINO
+# x3: ~10 s more per export of the tiny run); the tests that exercise that choice ask for it
+# with --candidates (tests/test_cpu_serving.py), every other export here is FP32 only.
+os.environ.setdefault("SEMIVIT_EXPORT_CANDIDATES", "none")
 import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))

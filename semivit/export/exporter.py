@@ -63,10 +63,15 @@ def _member_entry(m: dict) -> dict:
 
 def export_run(run: Path, out: Optional[Path] = None, trt: bool = False, int8: bool = False, tta: bool = True,
                max_batch: int = 64, force: bool = False, exporter: Optional[str] = None,
-               int8_tolerance: Optional[float] = None, on_level: Optional[Callable[[str], None]] = None) -> Path:
+               int8_tolerance: Optional[float] = None, on_level: Optional[Callable[[str], None]] = None,
+               candidates: Optional[str] = None) -> Path:
     """Export the run's ensemble; returns EXPORT.  See the module docstring and DESIGN.md.
     ``on_level(name)`` is called after each level's graph is written and verified (still in the
-    hidden temporary directory): progress for callers, and a deterministic crash point for tests."""
+    hidden temporary directory): progress for callers, and a deterministic crash point for tests.
+    ``candidates``: which serving candidates to build, gate and time for ``--backend auto``
+    (``auto``: all that apply here, ``none``: FP32 only, or a comma list; see
+    :mod:`semivit.export.candidates`); default ``SEMIVIT_EXPORT_CANDIDATES``, else ``auto``."""
+    from semivit.export import candidates as candmod
     from semivit.models.ensemble import EnsembleModel, load_members, read_ensemble
 
     run = Path(run)
@@ -75,7 +80,9 @@ def export_run(run: Path, out: Optional[Path] = None, trt: bool = False, int8: b
     if max_batch < 1:
         raise UserError(f"--max-batch must be >= 1, not {max_batch}")
     doc = read_ensemble(run)  # before anything is written: a clear error for a non-run
-    if not force and _up_to_date(run, out, tta=tta, int8=int8, trt=trt):
+    spec = (candidates or os.environ.get("SEMIVIT_EXPORT_CANDIDATES") or "auto").strip()
+    selection = candmod.parse_selection(spec)
+    if not force and _up_to_date(run, out, tta=tta, int8=int8, trt=trt, candidates=spec):
         info(f"{out} is up to date with {run / 'ensemble.json'} (same options): nothing to do "
              "(--force re-exports)")
         return out
@@ -88,7 +95,8 @@ def export_run(run: Path, out: Optional[Path] = None, trt: bool = False, int8: b
     models, _, entries = load_members(run, doc)
     by_name = dict(zip([m["name"] for m in entries], models))
     size, classes = int(doc["img_size"]), list(doc["classes"])
-    data = verify.load_run_images(run, classes, size, limit=None if int8 else verify.MAX_VERIFY_IMAGES)
+    gate_all = int8 or selection != []  # the accuracy gates score every labeled image
+    data = verify.load_run_images(run, classes, size, limit=None if gate_all else verify.MAX_VERIFY_IMAGES)
     check_images = _verify_subset(data, verify.MAX_VERIFY_IMAGES)
     plan = levelmod.plan_levels(entries, tta)
 
@@ -135,6 +143,16 @@ def export_run(run: Path, out: Optional[Path] = None, trt: bool = False, int8: b
                 int8_report = int8mod.add_int8(tmp, full_model, plan[0].members, data, tolerance=int8_tolerance)
             except int8mod.Int8Refused as e:
                 refused, int8_report = e, e.report
+        serving = None
+        if selection != []:
+            info("serving candidates: build, gate (macro F1 within "
+                 f"{candmod.TOLERANCE} of FP32), time ...")
+            serving = candmod.build(tmp, {"classes": classes, "img_size": size,
+                                          "levels": [lv.contract() for lv in plan],
+                                          "members": [_member_entry(m) for m in plan[0].members], "tta": tta},
+                                    full_model, plan[0].members, data, selection=selection,
+                                    int8_report=int8_report, tolerance=int8_tolerance)
+            serving["selection"] = spec
         trt_doc = None
         if trt:
             from semivit.export import tensorrt
@@ -159,7 +177,7 @@ def export_run(run: Path, out: Optional[Path] = None, trt: bool = False, int8: b
             "external_data": any(e["external_data"] for e in exported.values()),
             "graphs": graphs, "verification": checks,
             "verification_images": {"count": int(len(check_images)), "source": data.source},
-            "int8": int8_report, "tensorrt": trt_doc, "versions": _versions(),
+            "int8": int8_report, "tensorrt": trt_doc, "serving": serving, "versions": _versions(),
             "seconds": round(time.perf_counter() - t_start, 1),
         })
         _swap_into_place(tmp, out)
@@ -173,7 +191,7 @@ def export_run(run: Path, out: Optional[Path] = None, trt: bool = False, int8: b
     return out
 
 
-def _up_to_date(run: Path, out: Path, tta: bool, int8: bool, trt: bool) -> bool:
+def _up_to_date(run: Path, out: Path, tta: bool, int8: bool, trt: bool, candidates: str = "none") -> bool:
     """EXPORT was made from this very ensemble.json with the options asked for now, so running
     the same command again (a re-run quickstart, a script) is a no-op instead of an error."""
     from semivit.utils import read_json
@@ -185,7 +203,8 @@ def _up_to_date(run: Path, out: Path, tta: bool, int8: bool, trt: bool) -> bool:
     return (meta.get("source_ensemble_sha256") == sha256_file(run / "ensemble.json")
             and bool(meta.get("tta")) == tta
             and (not int8 or bool((meta.get("int8") or {}).get("accepted")))
-            and (not trt or bool(meta.get("tensorrt"))))
+            and (not trt or bool(meta.get("tensorrt")))
+            and ((meta.get("serving") or {}).get("selection") or "none") == candidates)
 
 
 def _check_out(run: Path, out: Path, force: bool) -> None:

@@ -43,11 +43,36 @@ class Int8Refused(UserError):
     """INT8 lost too much macro F1; the FP32 export is complete, the INT8 graph was not kept."""
 
 
-def quantize(src: Path, dst: Path) -> None:
+class _Calibration:
+    """ONNX Runtime's CalibrationDataReader protocol over uint8 image batches."""
+
+    def __init__(self, images: np.ndarray, batch: int = 8):
+        self.batches = [np.ascontiguousarray(images[s:s + batch]) for s in range(0, len(images), batch)]
+        self.i = 0
+
+    def get_next(self):
+        if self.i >= len(self.batches):
+            return None
+        self.i += 1
+        return {"images": self.batches[self.i - 1]}
+
+    def rewind(self):
+        self.i = 0
+
+
+STATIC_OP_TYPES = ["Conv", "MatMul", "Gemm"]  # the Conv stem included; softmax and the ensemble sum stay FP32
+
+
+def quantize(src: Path, dst: Path, calibration: Optional[np.ndarray] = None) -> None:
     """``src`` -> ``dst`` dynamically quantised, after ONNX Runtime's recommended pre-processing
     (symbolic shape inference and graph optimisation; the dynamo exporter's graphs fail the
-    quantizer's own repeated shape inference without it)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    quantizer's own repeated shape inference without it).
+
+    With ``calibration`` (uint8 images, the run's training images): static QDQ instead -
+    weights QInt8 per output channel, activations QUInt8 with MinMax ranges calibrated on those
+    images, Conv (the stem), MatMul and Gemm quantised (the QDQ format ONNX Runtime fuses into
+    integer kernels on VNNI CPUs)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     external = any(t.data_location == onnx.TensorProto.EXTERNAL
@@ -63,8 +88,14 @@ def quantize(src: Path, dst: Path) -> None:
         with tempfile.TemporaryDirectory(prefix="semivit-int8-") as scratch, contextlib.chdir(scratch):
             quant_pre_process(str(src), str(pre), skip_optimization=external, save_as_external_data=external,
                               all_tensors_to_one_file=True, external_data_location=f"{pre.name}.data")
-            quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=OP_TYPES,
-                             per_channel=False, use_external_data_format=external)
+            if calibration is None:
+                quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=OP_TYPES,
+                                 per_channel=False, use_external_data_format=external)
+            else:
+                quantize_static(str(pre), str(dst), _Calibration(calibration), quant_format=QuantFormat.QDQ,
+                                op_types_to_quantize=STATIC_OP_TYPES, per_channel=True,
+                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                calibrate_method=CalibrationMethod.MinMax, use_external_data_format=external)
     finally:
         root.setLevel(level)
         for p in (pre, Path(f"{pre}.data")):
@@ -138,6 +169,13 @@ def _terms_match_members(terms: np.ndarray, model, images: np.ndarray, atol: flo
 
 
 # ----------------------------------------------------------------------------- scoring
+def macro_f1(y: np.ndarray, pred: np.ndarray, n_cls: int) -> float:
+    """semivit's macro F1 (one definition for training, the INT8 gate and the candidates)."""
+    from semivit.metrics import macro_f1 as _f1
+
+    return float(_f1(y, pred, n_cls))
+
+
 def oof_predictions(terms: np.ndarray, weights: np.ndarray, member_folds: list[Optional[int]],
                     image_folds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Arg-max of the out-of-fold ensemble per image and a mask of images that have one."""

@@ -1,0 +1,214 @@
+"""CPU serving: the OpenVINO backends (`--backend openvino`, `openvino-bf16`) - agreement with ONNX
+Runtime FP32 on real images, what really runs, the one-line error without the optional extra -
+and the serving candidates `ssl export` builds, gates and times for `ssl predict --backend auto`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from semivit.cli import app
+from semivit.data.dataset import decode_many
+from semivit.export import candidates as candmod, verify
+from semivit.export.meta import read_meta, write_meta
+from semivit.serve.backends import BackendUnavailable, open_backend
+from semivit.utils import cpu_has_bf16
+
+FAST = {"SEMIVIT_ONNX_EXPORTER": "torchscript"}
+
+
+def cli(*args, env=None):
+    return CliRunner().invoke(app, [str(a) for a in args], env={**FAST, **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_run, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("ov") / "RUN"
+    shutil.copytree(tiny_run, run)
+    res = cli("export", run, "--candidates", "auto")
+    assert res.exit_code == 0, res.output
+    return run / "export"
+
+
+@pytest.fixture(scope="module")
+def run_dir(exported) -> Path:
+    return exported.parent
+
+
+@pytest.fixture(scope="module")
+def real_images(tiny_data_shared) -> np.ndarray:
+    """The held-out test images and the run's labeled ones, decoded at the model's size."""
+    paths = sorted((tiny_data_shared / "test").rglob("*.*")) + sorted((tiny_data_shared / "train").rglob("*.*"))
+    return decode_many(paths, 32).images
+
+
+def test_openvino_fp32_agrees_with_onnxruntime_within_the_export_gate(exported, real_images):
+    pytest.importorskip("openvino", reason="the optional extra openvino is not installed")
+    ort_be, ov_be = open_backend(exported, "onnxruntime-cpu"), open_backend(exported, "openvino")
+    for level in range(len(ov_be.levels)):  # every degradation level, at an odd batch size too
+        ort_be.set_level(level)
+        ov_be.set_level(level)
+        for n in (len(real_images), 3):
+            p_ort, y_ort = ort_be.predict(real_images[:n])
+            p_ov, y_ov = ov_be.predict(real_images[:n])
+            assert p_ov.shape == p_ort.shape and p_ov.dtype == np.float32
+            assert np.abs(p_ov - p_ort).max() <= verify.FP32_ATOL  # the export's FP32 gate
+            assert (y_ov == y_ort).all() and (y_ov == p_ov.argmax(1)).all()
+            assert np.allclose(p_ov.sum(1), 1.0, atol=1e-5)
+    ov_be.set_level(0)
+    desc = ov_be.describe()
+    assert ov_be.name == "openvino" and "inference precision f32" in desc and " f32)" in desc, desc
+
+
+def test_openvino_bf16_runs_in_bf16_where_the_cpu_has_it(exported, real_images):
+    pytest.importorskip("openvino", reason="the optional extra openvino is not installed")
+    if not cpu_has_bf16():
+        with pytest.raises(BackendUnavailable, match="no native bf16"):
+            open_backend(exported, "openvino-bf16")
+        return
+    be = open_backend(exported, "openvino-bf16")
+    p, y = be.predict(real_images)
+    p_ort, _ = open_backend(exported, "onnxruntime-cpu").predict(real_images)
+    diff = np.abs(p - p_ort).max()
+    assert 0 < diff < 0.05  # bf16 really ran (not bit-equal to FP32), and stays close
+    assert "inference precision bf16" in be.describe() and "bf16)" in be.describe()
+
+
+def test_predict_backend_openvino_names_what_runs(exported, tiny_data_shared, tmp_path):
+    pytest.importorskip("openvino", reason="the optional extra openvino is not installed")
+    out = tmp_path / "p.csv"
+    res = cli("predict", tiny_data_shared / "test", "--model", exported, "--backend", "openvino", "--out", out)
+    assert res.exit_code == 0, res.output
+    assert "backend: openvino - openvino " in res.output and "inference precision f32" in res.output
+    assert len(out.read_text().splitlines()) == 1 + len(list((tiny_data_shared / "test").rglob("*.*")))
+
+
+def test_openvino_missing_is_one_line_error_exit_2(exported, tiny_data_shared, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` now raises ImportError
+    for name in ("openvino", "openvino-bf16"):
+        res = cli("predict", tiny_data_shared / "test", "--model", exported, "--backend", name,
+                  "--out", tmp_path / f"{name}.csv")
+        lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
+        assert res.exit_code == 2 and len(lines) == 1, res.output
+        assert lines[0].startswith("error:") and "pip install 'semivit[openvino]'" in lines[0], res.output
+        assert not (tmp_path / f"{name}.csv").exists()
+
+
+# ----------------------------------------------------------------------------- candidates
+def _has(mod: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(mod) is not None
+
+
+def test_export_builds_gates_and_times_the_candidates(exported):
+    meta = read_meta(exported)
+    serving = meta["serving"]
+    rows = {r["name"]: r for r in serving["candidates"]}
+    assert list(rows) == [c.name for c in candmod.all_candidates()]
+    assert rows["onnxruntime-cpu"]["status"] == "accepted" and rows["onnxruntime-cpu"]["drop"] == 0
+    for name, r in rows.items():
+        if r["status"] == "accepted":
+            assert r["images_per_s"] > 0 and abs(r["drop"]) <= candmod.TOLERANCE and r["runs"], r
+            assert (exported / r["file"]).is_file() and r["file"] in meta["files"]
+        else:
+            assert r["file"] is None and r["reason"], r
+    for name in ("onnxruntime-int8", "onnxruntime-int8-qdq"):  # ORT always applies: built and scored
+        assert rows[name]["status"] in ("accepted", "refused") and rows[name]["macro_f1"] is not None
+    if not _has("openvino"):
+        assert rows["openvino"]["status"] == "skipped" and "openvino is not installed" in rows["openvino"]["reason"]
+    else:
+        assert rows["openvino"]["status"] == "accepted"  # FP32: the same numbers as ORT FP32
+    # the choice: the fastest accepted candidate, and the reason says so with the numbers
+    accepted = [r for r in rows.values() if r["status"] == "accepted"]
+    assert serving["auto"] == max(accepted, key=lambda r: r["images_per_s"])["name"]
+    assert f"{rows[serving['auto']]['images_per_s']:.1f} images/s" in serving["why"]
+    assert serving["gate"]["tolerance"] == candmod.TOLERANCE and serving["machine"]["cpu"]
+    for r in rows.values():  # refused or skipped candidates leave no file behind
+        if r["status"] != "accepted" and r["name"] != "onnxruntime-cpu":
+            f = next(c.file for c in candmod.all_candidates() if c.name == r["name"])
+            assert not (exported / f).exists()
+
+
+def _predict_json(export: Path, data: Path, out: Path, *extra) -> dict:
+    res = cli("predict", data, "--model", export, "--format", "json", "--out", out, *extra)
+    assert res.exit_code == 0, res.output
+    return json.loads(out.read_text())["summary"], res.output
+
+
+def test_predict_auto_runs_the_backend_chosen_at_export(exported, tiny_data_shared, tmp_path):
+    meta = read_meta(exported)
+    summary, output = _predict_json(exported, tiny_data_shared / "test", tmp_path / "a.json")
+    assert summary["backend"] == meta["serving"]["auto"], output
+    assert f"backend: {meta['serving']['auto']} - " in output and "chosen at export: fastest of" in output
+    # another accepted candidate recorded as the choice (a copy of the export): predict follows it
+    others = [r["name"] for r in meta["serving"]["candidates"]
+              if r["status"] == "accepted" and r["name"] != meta["serving"]["auto"]]
+    if not others:
+        pytest.skip("only one candidate passed the gate here")
+    copy = tmp_path / "export"
+    shutil.copytree(exported, copy)
+    doc = read_meta(copy)
+    doc["serving"] = {**doc["serving"], "auto": others[0], "why": "recorded by the test"}
+    doc.pop("files")
+    doc.pop("format")
+    write_meta(copy, doc)
+    summary, output = _predict_json(copy, tiny_data_shared / "test", tmp_path / "b.json")
+    assert summary["backend"] == others[0] and "chosen at export: recorded by the test" in output, output
+
+
+def test_a_candidate_that_fails_the_gate_is_never_chosen(exported, run_dir, tmp_path, monkeypatch):
+    """The static-QDQ candidate is made to predict class 0 for every image (its macro F1 falls)
+    and to time as by far the fastest: it must be refused, its file deleted, and never chosen."""
+    from semivit.models.ensemble import EnsembleModel, load_members, read_ensemble
+
+    doc = read_ensemble(run_dir)
+    models, _, members = load_members(run_dir, doc)
+    model = EnsembleModel(models, [m["weight"] for m in members], tta=doc.get("tta", True) is not False,
+                          mean=doc["mean"], std=doc["std"]).eval()
+    data = verify.load_run_images(run_dir, doc["classes"], int(doc["img_size"]))
+    work = tmp_path / "export"
+    shutil.copytree(exported, work)
+    for f in ("model.int8-qdq.onnx",):
+        (work / f).unlink(missing_ok=True)
+    bad = "onnxruntime-int8-qdq"
+    real_run, real_time = candmod._run_candidate, candmod._time
+
+    def run(c, *a, **k):
+        p, t = real_run(c, *a, **k)
+        if c.name == bad:  # every member says class 0
+            t = np.zeros_like(t)
+            t[..., 0] = 1.0 / t.shape[0]
+            p = t.sum(0)
+        return p, t
+
+    def timing(export_dir, meta, accepted, images, threads):
+        real_time(export_dir, meta, accepted, images[:4], threads)
+        for c in accepted:
+            c.report["images_per_s"] = 1e6 if c.name == bad else 1.0
+
+    monkeypatch.setattr(candmod, "_run_candidate", run)
+    monkeypatch.setattr(candmod, "_time", timing)
+    meta = read_meta(work)
+    serving = candmod.build(work, meta, model, members, data, selection=[bad])
+    rows = {r["name"]: r for r in serving["candidates"]}
+    assert rows[bad]["status"] == "refused" and rows[bad]["drop"] > candmod.TOLERANCE, rows[bad]
+    assert serving["auto"] == "onnxruntime-cpu" and not (work / "model.int8-qdq.onnx").exists()
+    # and choose() on its own: an accepted-but-slower candidate beats a faster refused one
+    c1, c2 = candmod.all_candidates()[:2]
+    c1.status, c1.report = "accepted", {"images_per_s": 10.0, "macro_f1": 0.5, "macro_f1_fp32": 0.5}
+    c2.status, c2.report = "refused", {"images_per_s": 99.0, "macro_f1": 0.1, "macro_f1_fp32": 0.5}
+    assert candmod.choose([c1, c2], 0.01)["auto"] == c1.name
+
+
+def test_candidates_option_errors_and_none(run_dir, tmp_path):
+    res = cli("export", run_dir, "--out", tmp_path / "E", "--candidates", "onnxruntime-cpu,tflite")
+    lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
+    assert res.exit_code == 2 and len(lines) == 1 and "unknown tflite" in lines[0], res.output
+    assert not (tmp_path / "E").exists()
