@@ -69,8 +69,11 @@ class Backend(str, Enum):
     onnxruntime = "onnxruntime"
     tensorrt = "tensorrt"
     torch = "torch"
+    onnxruntime_int8 = "onnxruntime-int8"
+    onnxruntime_int8_qdq = "onnxruntime-int8-qdq"
     openvino = "openvino"
     openvino_bf16 = "openvino-bf16"
+    openvino_int8 = "openvino-int8"
 
 
 class Format(str, Enum):
