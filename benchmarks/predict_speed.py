@@ -51,7 +51,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 def loads(run: Path) -> bool:
     """The run's checkpoints load with the current model code (older runs may predate a change)."""
-    from semivit.trainer.models import load_checkpoint
+    from semivit.models.checkpoint import load_checkpoint
 
     try:
         load_checkpoint(run / read_json(run / "ensemble.json")["members"][0]["path"])
@@ -102,8 +102,9 @@ def untrained_quick_run(work: Path, members: int = 10) -> Path:
     trained quick run, so the ensemble runs it once) and untrained transformers and heads."""
     from semivit import config as cfgmod
     from semivit.data.demo import CLASS_NAMES
-    from semivit.trainer.ensemble import write_ensemble
-    from semivit.trainer.models import build_model, save_checkpoint
+    from semivit.models.checkpoint import save_checkpoint
+    from semivit.models.ensemble import write_ensemble
+    from semivit.models.networks import build_model
 
     run = work / "quick_arch_untrained"
     if (run / "ensemble.json").is_file():
@@ -128,7 +129,7 @@ def mini_export(run: Path, out: Path) -> Path:
 
     import torch
 
-    from semivit.trainer.ensemble import EnsembleModel, load_members, read_ensemble
+    from semivit.models.ensemble import EnsembleModel, load_members, read_ensemble
 
     doc = read_ensemble(run)
     models, weights, entries = load_members(run, doc)
@@ -249,6 +250,8 @@ def bench_model(label: str, run: Path, export: Path, images_dir: Path, work: Pat
                 threads_list: list[int], untrained: bool, reps: int = 3, e2e_seconds: float = 60.0) -> dict:
     """Every measurement ``reps`` times, interleaved (A B C A B C ...), best and all runs kept: on a
     shared box the best run is the one least disturbed by other jobs."""
+    import torch
+
     meta = read_json(export / "meta.json")
     size = int(meta["img_size"])
     paths = sorted(str(p) for p in images_dir.iterdir())
@@ -274,6 +277,9 @@ def bench_model(label: str, run: Path, export: Path, images_dir: Path, work: Pat
             for i, name in enumerate(levels):
                 ort[th].set_level(i)
                 record(f"ort/{th}/{name}", throughput(ort[th].predict, arrays, batch))
+            # torch.set_num_threads is process-wide: the backend set it when it was opened, and
+            # opening the next one changed it for all of them - set it again before measuring
+            torch.set_num_threads(th)
             record(f"torch/{th}", throughput(eager[th].predict, arrays, batch))
     best = {k: max(v) for k, v in runs.items()}
     res = {"label": label, "run": str(run), "export": str(export), "untrained_weights": untrained,
@@ -285,6 +291,7 @@ def bench_model(label: str, run: Path, export: Path, images_dir: Path, work: Pat
     x = arrays[:batch]
     for th in threads_list:
         ort[th].set_level(0)
+        torch.set_num_threads(th)
         res["ort_vs_torch"][f"{th}_threads"] = {
             "speedup": round(best[f"ort/{th}/full"] / best[f"torch/{th}"], 2),
             "max_abs_prob_diff": float(np.abs(ort[th].predict(x)[0] - eager[th].predict(x)[0]).max())}

@@ -245,11 +245,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         # MAE: lr is absolute (not MAE's base-lr x batch/256 rule), 1e-3 measured on ELPV
         "pretrain": {"epochs": 10, "batch_size": 64, "lr": 1e-3},
         # EMA-Teacher, CPU-sized (the rest is the paper's, docs/ema_mae.md): 3 epochs over the
-        # unlabeled pool (~72 steps; costs about what the pseudo-label stage 3 costs) instead of
-        # 100, warm-up 5% of them as the paper's 5 of 100, and stage 1's lr (the paper's scaled
-        # 1.25e-4 barely moves the from-scratch ViT part in 72 steps); m = 0.97 keeps the EMA
-        # horizon 1/(1-m) ~ 40% of the run (0.999 would leave the teacher ~93% stage 1);
-        # N_u = 2 N_l (5 N_l: 2.5x the step time on 2 cores)
+        # unlabeled pool (~72 steps) instead of 100, warm-up 5% of them as the paper's 5 of 100,
+        # and stage 1's lr (the paper's scaled 1.25e-4 is close to the 1e-4 that barely moves the
+        # from-scratch ViT part, see train.lr above); m = 0.97 keeps the EMA horizon 1/(1-m) ~ 40%
+        # of the run (0.999 would leave the teacher ~93% stage 1); N_u = 2 N_l (5 N_l: 2.5x the
+        # unlabeled images, each a teacher and a student pass on pixels, per step)
         "ssl": {"ema_momentum": 0.97, "unlabeled_ratio": 2,
                 "ema": {"train": {"epochs": 3, "warmup_epochs": 0.15, "lr": 1e-3}}},
     },
