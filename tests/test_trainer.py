@@ -180,6 +180,7 @@ def test_fit_stops_early(monkeypatch, tmp_path):
     good, flat = _onehot([0] * 6 + [1, 1] + [1, 2]), _onehot([0] * 10)
     res, saved = _scripted_fit(monkeypatch, tmp_path, [good] + [flat] * 5, patience=2)
     assert res.stopped_early and res.epochs_run == 3 and res.best_epoch == 1 and saved == [1]
+    assert res.steps == 3  # 20 samples, batch 16, drop_last: one optimiser step per epoch
 
 
 def test_fit_without_early_stopping_trains_every_epoch(monkeypatch, tmp_path):

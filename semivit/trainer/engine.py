@@ -78,6 +78,7 @@ class FitResult:
     val_probs: Optional[np.ndarray] = None  # at the best epoch
     best_state: Optional[dict] = None
     seconds: float = 0.0
+    steps: int = 0  # optimiser steps taken (compute-matched benchmark arms compare these)
 
 
 def _labeled_loader(ds: ArrayDataset, train_cfg, seed: int) -> DataLoader:
@@ -240,4 +241,5 @@ def fit(model: nn.Module, train_ds: ArrayDataset, val_images: np.ndarray, val_la
                 bar.update(task, completed=epochs * steps, status=f"early stop at epoch {epoch + 1}; best F1 {result.best_f1:.3f}")
                 break
     result.seconds = time.time() - t_start
+    result.steps = step
     return result

@@ -88,7 +88,7 @@ def train_fold(run: Run, stage: str, k: int, extra: Optional[Extra] = None,
               desc=f"{stage} fold {k + 1}/{cfg.cv.folds}", seed=seed, epochs=epochs, on_best=on_best)
     np.save(out / "val_probs.npy", res.val_probs)
     summary = {"stage": stage, "fold": k, "val_macro_f1": res.best_f1, "best_epoch": res.best_epoch,
-               "epochs_run": res.epochs_run, "stopped_early": res.stopped_early,
+               "epochs_run": res.epochs_run, "steps": res.steps, "stopped_early": res.stopped_early,
                "val_acc": res.history[res.best_epoch - 1]["val_acc"], "seconds": round(res.seconds, 1),
                "train_samples": int(len(images)), "extra_samples": int(len(images) - len(tr)),
                "val_samples": int(len(va))}
