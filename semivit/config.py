@@ -38,6 +38,11 @@ class ModelConfig(_Section):
     head_hidden: int = Field(512, ge=1)
     head_dropout: float = Field(0.4, ge=0.0, lt=1.0)
     drop_path: float = Field(0.0, ge=0.0, lt=1.0)
+    # Input normalisation (x/255 - mean)/std.  None: what the backbone's weights expect - timm's
+    # pretrained config for the model name (0.5/0.5 for the augreg ViTs and EfficientNet-Lite0,
+    # so also for the hybrid's Lite0 stem), ImageNet's for a name timm has no config for.
+    mean: Optional[tuple[float, float, float]] = None
+    std: Optional[tuple[float, float, float]] = None
 
     @field_validator("weights")
     @classmethod

@@ -312,3 +312,59 @@ def test_frozen_stem_keeps_imagenet_weights_and_statistics_while_the_rest_trains
     for k, v in stem.state_dict().items():
         assert torch.equal(v, before[k]), k  # weights and BN running stats untouched
     assert any(not torch.equal(a, b) for a, b in zip(blocks_before, model.backbone.blocks.parameters()))
+
+
+# ----------------------------------------------------------------------------- input normalisation
+def test_normalisation_is_what_the_weights_expect():
+    """The model is fed the normalisation its pretrained weights were trained with: timm's
+    pretrained config (0.5/0.5 for EfficientNet-Lite0, hence the hybrid's Lite0 stem, and the
+    augreg ViTs), ImageNet's for resnets; an explicit config wins."""
+    from semivit.models.networks import normalization
+
+    half = ((0.5,) * 3, (0.5,) * 3)
+    imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert normalization(tiny_cfg(**{"model.name": "vit_hybrid_lite0"}).model) == half
+    assert normalization(tiny_cfg(**{"model.name": "tf_efficientnet_lite0"}).model) == half
+    assert normalization(tiny_cfg(**{"model.name": "resnet18"}).model) == imagenet
+    assert normalization(tiny_cfg(**{"model.mean": "[0.1,0.2,0.3]", "model.std": "[1,1,1]"}).model) == \
+        ((0.1, 0.2, 0.3), (1.0, 1.0, 1.0))
+    seed = config.resolve(preset="seed")
+    assert normalization(seed.model) == half  # vit_base_patch16_224.augreg_in21k_ft_in1k
+
+
+def test_inference_and_training_use_the_models_normalisation(tmp_path):
+    """predict_arrays preprocesses with model.norm: the same weights under another normalisation
+    give other probabilities, and a checkpoint restores the normalisation it was trained with
+    (one written before the key existed means ImageNet's)."""
+    from semivit.models.checkpoint import load_checkpoint, save_checkpoint
+    from semivit.trainer.infer import predict_arrays
+
+    cfg = tiny_cfg(**{"model.mean": "[0.2,0.2,0.2]", "model.std": "[0.3,0.3,0.3]"})
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 3, pretrained=False).eval()
+    assert model.norm == ((0.2,) * 3, (0.3,) * 3)
+    images = np.random.default_rng(0).integers(0, 255, (6, 32, 32, 3), dtype=np.uint8)
+    p_own = predict_arrays(model, images)
+    save_checkpoint(tmp_path / "m.pt", model, cfg.model, ["a", "b", "c"])
+    loaded, _ = load_checkpoint(tmp_path / "m.pt")
+    assert loaded.norm == model.norm
+    assert np.allclose(predict_arrays(loaded, images), p_own, atol=1e-6)
+    model.norm = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert not np.allclose(predict_arrays(model, images), p_own, atol=1e-3)
+    doc = torch.load(tmp_path / "m.pt", weights_only=False)
+    del doc["model"]["mean"], doc["model"]["std"]
+    torch.save(doc, tmp_path / "legacy.pt")
+    assert load_checkpoint(tmp_path / "legacy.pt")[0].norm == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def test_run_ensemble_records_the_members_normalisation(tiny_run):
+    """ensemble.json (which the export fuses into the ONNX graph) carries the normalisation the
+    members were trained with, not a fixed ImageNet one."""
+    import json
+
+    from semivit.config import load
+    from semivit.models.networks import normalization
+
+    doc = json.loads((tiny_run / "ensemble.json").read_text())
+    mean, std = normalization(load(tiny_run / "config.yaml").model)
+    assert (tuple(doc["mean"]), tuple(doc["std"])) == (mean, std) == ((0.5,) * 3, (0.5,) * 3)

@@ -103,6 +103,13 @@ class Preprocess(nn.Module):
         self.register_buffer("scale", (1.0 / (255.0 * torch.tensor(std))).view(1, 3, 1, 1))
         self.register_buffer("shift", (torch.tensor(mean) / torch.tensor(std)).view(1, 3, 1, 1))
 
+    @classmethod
+    def for_model(cls, model: nn.Module, channels_last_input: bool = False) -> "Preprocess":
+        """The normalisation ``model``'s weights expect (``model.norm``, set when the model is
+        built from its config), ImageNet's for a module that does not say."""
+        mean, std = getattr(model, "norm", None) or (IMAGENET_MEAN, IMAGENET_STD)
+        return cls(mean, std, channels_last_input=channels_last_input)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last_input:
             x = x.permute(0, 3, 1, 2)

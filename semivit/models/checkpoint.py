@@ -40,7 +40,11 @@ def load_checkpoint(path: Path, map_location="cpu") -> tuple[Classifier, dict]:
         raise UserError(f"cannot read checkpoint {path}: {first_line(e)}") from None
     if not isinstance(doc, dict) or doc.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not a semivit model checkpoint")
-    cfg = doc["model"]
+    cfg = dict(doc["model"])
+    if "mean" not in cfg:  # written before the normalisation was configurable: it was ImageNet's
+        from semivit.models.networks import IMAGENET_NORM
+
+        cfg["mean"], cfg["std"] = IMAGENET_NORM
     mcfg = ModelConfig.model_construct(**{**ModelConfig().model_dump(), **cfg, "weights": None})
     model = build_model(mcfg, len(doc["classes"]), pretrained=False)
     model.load_state_dict(doc["state_dict"])

@@ -34,15 +34,15 @@ def ensemble_weights(f1s: Sequence[float], weighting: str = "f1") -> np.ndarray:
 
 
 def write_ensemble(run_dir: Path, members: list[dict], classes: list[str], img_size: int,
-                   weighting: str = "f1") -> dict:
+                   weighting: str = "f1", norm=None) -> dict:
     """members: [{"name", "path" (relative to RUN), "val_macro_f1", ...}] -> RUN/ensemble.json."""
     w = ensemble_weights([m["val_macro_f1"] for m in members], weighting)
     doc = {
         "format": ENSEMBLE_FORMAT,
         "classes": list(classes),
         "img_size": img_size,
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
+        "mean": list(norm[0] if norm else IMAGENET_MEAN),  # the members' (they share one config)
+        "std": list(norm[1] if norm else IMAGENET_STD),
         "preprocessing": "decode to RGB, resize full frame to img_size x img_size (bilinear), "
                          "uint8 NHWC; normalisation (x/255 - mean)/std is inside the model",
         "weighting": weighting,

@@ -200,8 +200,33 @@ def _accepts_img_size(base: str) -> bool:
     return any(t in base for t in ("vit", "deit", "beit", "eva", "swin", "cait", "xcit", "hybrid"))
 
 
+IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+# Models of ours whose input normalisation timm cannot look up: the hybrid's stem is Lite0.
+NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {"vit_hybrid_lite0": ((0.5,) * 3, (0.5,) * 3)}
+
+
+def normalization(model_cfg) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) the model is fed: the config's, else what its pretrained weights expect."""
+    if model_cfg.mean is not None and model_cfg.std is not None:
+        return tuple(model_cfg.mean), tuple(model_cfg.std)
+    base = model_cfg.name.split(".")[0]
+    if base in NORMALIZATION:
+        found = NORMALIZATION[base]
+    else:
+        from timm.models import get_pretrained_cfg
+
+        pc = get_pretrained_cfg(model_cfg.name) or get_pretrained_cfg(base)
+        found = (tuple(pc.mean), tuple(pc.std)) if pc is not None and pc.mean and pc.std else IMAGENET_NORM
+    return (tuple(model_cfg.mean or found[0]), tuple(model_cfg.std or found[1]))
+
+
 def build_model(model_cfg, num_classes: int, pretrained: Optional[bool] = None) -> Classifier:
     """Backbone by name (+ pretrained / local weights) and a fresh head for ``num_classes``."""
     use_pretrained = model_cfg.pretrained if pretrained is None else pretrained
     backbone = create_backbone(model_cfg, use_pretrained)
-    return Classifier(backbone, num_classes, model_cfg.head_hidden, model_cfg.head_dropout)
+    model = Classifier(backbone, num_classes, model_cfg.head_hidden, model_cfg.head_dropout)
+    model.norm = normalization(model_cfg)  # read by Preprocess.for_model
+    stem = getattr(getattr(backbone, "patch_embed", None), "backbone", None)
+    if isinstance(stem, Lite0Stem):  # the stem-feature cache preprocesses for the stem alone
+        stem.norm = model.norm
+    return model

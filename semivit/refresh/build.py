@@ -184,6 +184,7 @@ def build_candidate(registry: Path, parent: str, db, overrides: list[str], toler
                     settings: Settings, stop: StopFlag) -> str:
     """Retrain, export, evaluate and publish a candidate (status candidate + its decision)."""
     from semivit.models.ensemble import members_from_stages, write_ensemble
+    from semivit.models.networks import normalization
     from semivit.trainer.folds import run_stage
     from semivit.trainer.pipeline import pseudo_extra
     from semivit.config import load_run_config
@@ -232,7 +233,8 @@ def build_candidate(registry: Path, parent: str, db, overrides: list[str], toler
         t_train = time.time() - t_train
         run.log_time("retrain", t_train)
         members = members_from_stages(run_dir, ["stage1", "stage3"])
-        write_ensemble(run_dir, members, run.classes, cfg.model.img_size, cfg.ensemble.weighting)
+        write_ensemble(run_dir, members, run.classes, cfg.model.img_size, cfg.ensemble.weighting,
+                       norm=normalization(cfg.model))
         try:
             from semivit.trainer.report import write_report
 

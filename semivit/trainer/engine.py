@@ -141,7 +141,7 @@ def fit(model: nn.Module, train_ds: ArrayDataset, val_images: np.ndarray, val_la
     num_classes = model.num_classes
     model.to(device)
     criterion.to(device)
-    pre = Preprocess().to(device)
+    pre = Preprocess.for_model(model).to(device)
     cached = isinstance(train_ds, CachedViewsDataset)
     loader = _labeled_loader(train_ds, tcfg, seed)
     u_loader = policy.loader() if policy is not None else None

@@ -40,7 +40,7 @@ def predict_arrays(model: nn.Module, images: np.ndarray, batch_size: int = 64,
     from semivit.trainer.stem_cache import StemFeatures
 
     device = device or torch.device("cpu")
-    pre = Preprocess(channels_last_input=True).to(device)
+    pre = Preprocess.for_model(model, channels_last_input=True).to(device)
     cached = isinstance(images, StemFeatures)
     if cached and tta and images.flip is None:
         raise ValueError("flip TTA on cached stem features needs their mirrored features")

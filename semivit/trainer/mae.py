@@ -193,7 +193,7 @@ def _freeze_stem(mae: MAE) -> None:
 
 def run_mae(run) -> Path:
     """MAE on run.images + the unlabeled images; writes RUN/pretrain/{encoder.pt,loss.csv,loss.png}."""
-    from semivit.models.networks import create_backbone
+    from semivit.models.networks import create_backbone, normalization
 
     cfg, pcfg = run.cfg, run.cfg.pretrain
     out = run.stage_dir("pretrain")
@@ -225,7 +225,7 @@ def run_mae(run) -> Path:
          f"unlabeled), {mae.num_patches} patches of {mae.patch}px, mask ratio {pcfg.mask_ratio}"
          + (", CNN stem frozen" if frozen else ""))
     ds = ArrayDataset(images, transform=transforms.build("weak", cfg.model.img_size))
-    pre = Preprocess().to(device)
+    pre = Preprocess(*normalization(cfg.model)).to(device)
     with progress_bar() as bar:
         task = bar.add_task("pretrain (MAE)", total=total, completed=start * steps, status="")
         for epoch in range(start, pcfg.epochs):

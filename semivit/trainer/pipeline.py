@@ -14,6 +14,7 @@ import numpy as np
 
 from semivit.errors import UserError
 from semivit.models.ensemble import members_from_stages, write_ensemble
+from semivit.models.networks import normalization
 from semivit.trainer.folds import Extra, run_stage
 from semivit.trainer.run import STAGES, Run, open_run
 from semivit.utils import info, read_json, seed_everything, warn
@@ -131,7 +132,8 @@ def _write_current_ensemble(run: Run) -> dict:
     if not members:
         warn("no trained members yet: ensemble.json not written")
         return {}
-    doc = write_ensemble(run.dir, members, run.classes, run.cfg.model.img_size, run.cfg.ensemble.weighting)
+    doc = write_ensemble(run.dir, members, run.classes, run.cfg.model.img_size, run.cfg.ensemble.weighting,
+                         norm=normalization(run.cfg.model))
     info(f"ensemble: {len(members)} members, weights "
          + ", ".join(f"{m['name']}={m['weight']:.3f}" for m in doc["members"]))
     return doc

@@ -48,7 +48,7 @@ def stem_forward(stem: torch.nn.Module, images: np.ndarray, device: torch.device
     Always in fp32, whatever ``precision`` says: these features are reused for many epochs and
     must be exactly what the exported model computes from the same pixels.
     """
-    pre = Preprocess(channels_last_input=True).to(device)
+    pre = Preprocess.for_model(stem, channels_last_input=True).to(device)
     stem = stem.to(device).eval()
     out = []
     for s in range(0, len(images), batch_size):
