@@ -76,6 +76,11 @@ class Backend(str, Enum):
     openvino_int8 = "openvino-int8"
 
 
+class Engine(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
 class Format(str, Enum):
     csv = "csv"
     json = "json"
@@ -176,12 +181,17 @@ def predict(
     shard: Optional[str] = typer.Option(None, "--shard", help="I/N: take the I-th of N deterministic parts."),
     format: Format = typer.Option(Format.csv, "--format"),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
+    engine: Engine = typer.Option(Engine.local, "--engine",
+                                  help="local, or ray: a Ray Data pipeline (pip install 'semivit[ray]')."),
+    address: Optional[str] = typer.Option(None, "--address",
+                                          help="Ray cluster address (--engine ray; default: a local Ray)."),
 ):
     """Predict every image in a directory; every file gets exactly one row."""
     from semivit.serve.predict import predict_cli
 
     code = predict_cli(dir, model=model, out=out, time_limit=time_limit, batch_size=batch_size,
-                       backend=backend.value, shard=shard, fmt=format.value, force=force)
+                       backend=backend.value, shard=shard, fmt=format.value, force=force,
+                       engine=engine.value, address=address)
     raise typer.Exit(code)
 
 

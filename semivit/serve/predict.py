@@ -26,6 +26,8 @@ from semivit.serve.shard import parse_shard, select_shard
 from semivit.serve.writers import FORMATS, check_output, open_writer
 from semivit.utils import console
 
+ENGINES = ("local", "ray")
+
 
 @dataclass
 class Summary:
@@ -104,9 +106,14 @@ def run_predict(dir: Path, model: Optional[Path], out: Path = Path("predictions.
                 time_limit: Optional[float] = None, batch_size: int = 32, backend: str = "auto",
                 shard: Optional[str] = None, fmt: str = "csv", force: bool = False,
                 workers: Optional[int] = None, started: Optional[float] = None,
-                backend_options: Optional[dict] = None, quiet: bool = False) -> Summary:
+                backend_options: Optional[dict] = None, quiet: bool = False, engine: str = "local",
+                address: Optional[str] = None) -> Summary:
     t0 = time.monotonic() if started is None else started
     clock = time.monotonic
+    if engine not in ENGINES:
+        raise UserError(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+    if address is not None and engine != "ray":
+        raise UserError("--address is the Ray cluster's address: it needs --engine ray")
     dir = Path(dir)
     if not dir.exists():
         raise UserError(f"input directory not found: {dir}")
@@ -132,6 +139,9 @@ def run_predict(dir: Path, model: Optional[Path], out: Path = Path("predictions.
     paths = [str(disc.files[k]) for k in sel]
     n = len(rels)
     deadline = None if time_limit is None else t0 + time_limit - reserve_seconds(time_limit, n)
+    if engine == "ray":
+        return _run_ray(ref, backend, address, paths, rels, batch_size, deadline, t0, fmt, out, disc.ignored,
+                        shard, time_limit, quiet)
 
     # Decoding starts first: the workers fork before any runtime thread pool exists, and they
     # decode the first chunks while the model loads.
@@ -173,6 +183,61 @@ def run_predict(dir: Path, model: Optional[Path], out: Path = Path("predictions.
     return summary
 
 
+def _run_ray(ref, backend, address, paths, rels, batch_size, deadline, t0, fmt, out, ignored, shard,
+             time_limit, quiet) -> Summary:
+    """``--engine ray``: the rows come from a Ray Data pipeline (semivit.serve.ray_engine); they are
+    written here with the same writers, in file order, one per file."""
+    from contextlib import nullcontext
+
+    from semivit.serve.ray_engine import import_ray, predict_rows_ray, ray_cluster
+
+    clock = time.monotonic
+    import_ray()  # a missing Ray is a one-line error before anything else happens
+    if ref.export_dir is None:
+        raise UserError(f"--engine ray serves an export with ONNX Runtime: run `ssl export {ref.run_dir}` first")
+    late = deadline is not None and clock() >= deadline
+    # the output is committed before a local Ray instance started here is shut down (seconds)
+    with (nullcontext((None, 0.0)) if late else ray_cluster(address, clock)) as (ray, load_s):
+        got, provider, cancel = ({}, "ray: not started, the time limit was over", lambda: None) if late else \
+            predict_rows_ray(ray, paths, ref.export_dir, ref.img_size, batch_size, backend, deadline, clock)
+        try:
+            return _write_ray_rows(ref, got, provider, load_s, rels, t0, fmt, out, ignored, shard, time_limit,
+                                   quiet)
+        finally:
+            cancel()  # after a time limit: stop what still runs, once the output is in place
+
+
+def _write_ray_rows(ref, got, provider, load_s, rels, t0, fmt, out, ignored, shard, time_limit, quiet) -> Summary:
+    from semivit.serve.ray_engine import to_row
+
+    clock = time.monotonic
+    log = (lambda m: None) if quiet else say
+    log(f"model: {ref.describe()}")
+    log(f"engine: {provider} (Ray ready in {load_s:.2f} s)")
+    counts = {"ok": 0, "error": 0, "timeout": 0}
+    levels = {}
+    with open_writer(fmt, out, ref.classes) as writer:
+        for i, rel in enumerate(rels):
+            row = to_row(rel, got.get(i), list(ref.classes))
+            writer.write(row)
+            counts[row.status] += 1
+            if row.level:
+                levels[row.level] = levels.get(row.level, 0) + 1
+        seconds = clock() - t0
+        level_names = [lv["name"] for lv in (ref.meta.get("levels") or [])] or ["full"]
+        summary = Summary(
+            images=len(rels), ok=counts["ok"], errors=counts["error"], timeouts=counts["timeout"],
+            seconds=round(seconds, 3), images_per_s=round(counts["ok"] / seconds, 2) if seconds > 0 else 0.0,
+            backend="ray", provider=provider, model=ref.describe(), load_seconds=round(load_s, 3),
+            levels=[{"name": level_names[0], "tta": bool(ref.meta.get("tta", True)),
+                     "members": len(ref.meta.get("members", [])) or 1,
+                     "images": sum(levels.values())}],
+            ignored_files=ignored, shard=shard, time_limit=time_limit, out=str(out), format=fmt,
+            exit_code=0 if counts["ok"] or not rels else 1)
+        writer.commit(summary.to_dict())
+    return summary
+
+
 def _loop(be, pool, sched, rels, writer, quiet):
     from semivit.progress import progress_bar
 
@@ -209,9 +274,10 @@ def print_summary(s: Summary) -> None:
 
 def predict_cli(dir: Path, model: Optional[Path] = None, out: Path = Path("predictions.csv"),
                 time_limit: Optional[float] = None, batch_size: int = 32, backend: str = "auto",
-                shard: Optional[str] = None, fmt: str = "csv", force: bool = False) -> int:
+                shard: Optional[str] = None, fmt: str = "csv", force: bool = False, engine: str = "local",
+                address: Optional[str] = None) -> int:
     started = command_start()
     summary = run_predict(dir, model, out=out, time_limit=time_limit, batch_size=batch_size, backend=backend,
-                          shard=shard, fmt=fmt, force=force, started=started)
+                          shard=shard, fmt=fmt, force=force, started=started, engine=engine, address=address)
     print_summary(summary)
     return summary.exit_code
