@@ -50,11 +50,12 @@ def test_ray_engine_rows_equal_the_local_engine(ray_local, mixed_dir, fake_expor
 
 
 N_SLOW = 300
+SLOW_SECONDS = 60.0  # all N_SLOW images at the full level, one thread: far beyond the limit below
 
 
 @pytest.fixture(scope="module")
 def slow_dir_and_export(tmp_path_factory):
-    """N_SLOW 16 px PNGs and an export whose full level takes ~30 s for all of them here."""
+    """N_SLOW 16 px PNGs and an export whose full level takes ~SLOW_SECONDS for all of them here."""
     import onnxruntime as ort
 
     root = tmp_path_factory.mktemp("ray_slow")
@@ -64,13 +65,16 @@ def slow_dir_and_export(tmp_path_factory):
         Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / "IN" / f"{i:04d}.png")
     work = 16
     exp = make_fake_export(root / "EXPORT", img_size=16, work=work)
-    sess = ort.InferenceSession(str(exp / "model.onnx"), providers=["CPUExecutionProvider"])
-    batch = rng.integers(0, 256, (32, 16, 16, 3), dtype=np.uint8)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1  # as in the actors
+    sess = ort.InferenceSession(str(exp / "model.onnx"), so, providers=["CPUExecutionProvider"])
+    batch = rng.integers(0, 256, (16, 16, 16, 3), dtype=np.uint8)
     sess.run(None, {"images": batch})
     t = time.perf_counter()
-    sess.run(None, {"images": batch})
-    per_image = (time.perf_counter() - t) / 32
-    work = int(np.clip(np.ceil(work * 30.0 / (N_SLOW * per_image)), 16, 4000))
+    for _ in range(3):
+        sess.run(None, {"images": batch})
+    per_image = (time.perf_counter() - t) / 48
+    work = int(np.clip(np.ceil(work * SLOW_SECONDS / (N_SLOW * per_image)), 16, 8000))  # cost is linear in work
     return root / "IN", make_fake_export(root / "EXPORT", img_size=16, work=work)
 
 
@@ -78,7 +82,9 @@ def test_ray_engine_time_limit_turns_rows_not_reached_into_timeouts(ray_local, s
     images, export = slow_dir_and_export
     limit = 14.0  # Ray Data takes ~5-8 s here to start the pipeline (actor processes, imports)
     t = time.time()
-    s = run_predict(images, export, out=tmp_path / "p.csv", engine="ray", time_limit=limit, quiet=True)
+    # small batches (~0.8 s each): some come back before the deadline however busy the machine is
+    s = run_predict(images, export, out=tmp_path / "p.csv", engine="ray", time_limit=limit, batch_size=4,
+                    quiet=True)
     in_place = (tmp_path / "p.csv").stat().st_mtime - t  # the pipeline is stopped after the commit
     rows = read_rows(tmp_path / "p.csv")
     assert len(rows) == N_SLOW and len({r["path"] for r in rows}) == N_SLOW
@@ -99,3 +105,17 @@ def test_address_needs_the_ray_engine(mixed_dir, fake_export, tmp_path):
     code, out = cli(str(mixed_dir), "--model", str(fake_export), "--out", str(tmp_path / "p.csv"),
                     "--address", "ray://head:10001")
     assert "--engine ray" in one_line_error(code, out)
+
+
+def test_actor_plan_gpu_actors_when_the_cluster_has_gpus():
+    from semivit.errors import UserError
+    from semivit.serve.ray_engine import _plan
+
+    assert _plan("auto", gpus=4, cpus=32) == ("onnxruntime-cuda", 1.0, 4)  # one GPU per actor
+    assert _plan("onnxruntime", gpus=0, cpus=8) == ("onnxruntime-cpu", 0.0, 4)  # half the CPUs
+    assert _plan("auto", gpus=0, cpus=1) == ("onnxruntime-cpu", 0.0, 1)
+    assert _plan("tensorrt", gpus=2, cpus=8) == ("onnxruntime-tensorrt", 1.0, 2)
+    assert _plan("openvino", gpus=2, cpus=8) == ("openvino", 0.0, 4)  # a CPU backend stays on CPUs
+    for backend, gpus in (("tensorrt", 0), ("torch", 1)):
+        with pytest.raises(UserError):
+            _plan(backend, gpus=gpus, cpus=8)

@@ -42,6 +42,7 @@ from semivit.errors import UserError
 from semivit.serve.writers import Row
 
 
+GPU_BACKENDS = ("onnxruntime-cuda", "onnxruntime-tensorrt", "tensorrt")
 DECODE_MEMORY = 256 * 1024 ** 2  # bytes a decode task asks Ray for
 
 
@@ -72,7 +73,8 @@ def decode_batch(batch: dict, size: int) -> dict:
 
 
 class OrtActor:
-    """Ray actor: one ONNX Runtime session for the export's full level, opened once."""
+    """Ray actor: one inference session (ONNX Runtime unless another export backend is asked
+    for by name) for the export's full level, opened once."""
 
     def __init__(self, export_dir: str, backend: str, threads: int, deadline_wall: Optional[float]):
         from semivit.serve.backends import open_backend
@@ -112,16 +114,17 @@ class OrtActor:
 def _plan(backend: str, gpus: float, cpus: float) -> tuple[str, float, int]:
     """(backend name for the actors, GPUs per actor, number of actors)."""
     if backend == "torch":
-        raise UserError("--engine ray serves an export with ONNX Runtime; --backend torch runs locally only")
+        raise UserError("--engine ray serves an export; --backend torch (a run's checkpoints) runs locally only")
     if backend in ("auto", "onnxruntime"):
         name = "onnxruntime-cuda" if gpus >= 1 else "onnxruntime-cpu"
     elif backend == "tensorrt":
         name = "onnxruntime-tensorrt"
     else:
         name = backend
-    if name != "onnxruntime-cpu" and gpus < 1:
+    on_gpu = name in GPU_BACKENDS
+    if on_gpu and gpus < 1:
         raise UserError(f"--backend {backend} with --engine ray needs GPUs in the Ray cluster; it has none")
-    if name == "onnxruntime-cpu":
+    if not on_gpu:  # onnxruntime-cpu, or a CPU backend asked for by name (e.g. openvino)
         # one CPU (and one ONNX Runtime thread) per actor; half the CPUs are left to decoding
         return name, 0.0, max(1, int(cpus) // 2)
     return name, 1.0, max(1, int(gpus))
