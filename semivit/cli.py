@@ -128,7 +128,7 @@ def train(
     from semivit.trainer.pipeline import run_training
 
     run = run_training(data=data, out=out, cfg=cfg, stages=stages)
-    if registry is not None:
+    if registry is not None and os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 registers
         from semivit.refresh.build import register_run
 
         register_run(registry, run.dir)

@@ -153,7 +153,12 @@ class EMATeacherPolicy(UnlabeledPolicy):
         ds = ArrayDataset(self.images, transform=views)
         bs = self.scfg.unlabeled_ratio * self.cfg.train.batch_size
         g = torch.Generator().manual_seed(self.seed)
-        return DataLoader(ds, batch_size=bs, shuffle=True, generator=g, drop_last=len(ds) >= bs,
+        from semivit.trainer import distributed
+
+        sampler = distributed.sampler(ds, True, self.seed)  # this rank's share under torchrun
+        world = distributed.current().world_size
+        return DataLoader(ds, batch_size=bs, shuffle=sampler is None, sampler=sampler,
+                          generator=g if sampler is None else None, drop_last=len(ds) // world >= bs,
                           num_workers=self.cfg.train.num_workers,
                           persistent_workers=self.cfg.train.num_workers > 0)
 

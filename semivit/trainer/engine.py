@@ -26,6 +26,7 @@ from semivit.data.dataset import ArrayDataset, Preprocess
 from semivit.metrics import macro_f1
 from semivit.models.networks import features_input
 from semivit.progress import progress_bar
+from semivit.trainer import distributed
 from semivit.trainer.infer import autocast, predict_arrays
 from semivit.trainer.losses import FocalLoss
 from semivit.trainer.optim import build_optimizer, build_scheduler
@@ -82,18 +83,44 @@ class FitResult:
 
 
 def _labeled_loader(ds: ArrayDataset, train_cfg, seed: int) -> DataLoader:
+    """Shuffled (or class-balanced) batches; under torchrun this rank's share of them."""
     g = torch.Generator().manual_seed(seed)
-    drop_last = len(ds) > train_cfg.batch_size  # BatchNorm in the head needs > 1 sample
+    world = distributed.current().world_size
+    drop_last = len(ds) // world > train_cfg.batch_size  # BatchNorm in the head needs > 1 sample
     if train_cfg.sampler == "balanced":
         from sklearn.utils.class_weight import compute_sample_weight
 
         labels = ds.labels if ds.labels.ndim == 1 else ds.labels.argmax(1)
         w = compute_sample_weight("balanced", labels)
-        sampler = WeightedRandomSampler(torch.as_tensor(w, dtype=torch.double), len(ds), generator=g)
+        sampler = distributed.sampler(ds, True, seed, weights=w) or WeightedRandomSampler(
+            torch.as_tensor(w, dtype=torch.double), len(ds), generator=g)
         return DataLoader(ds, batch_size=train_cfg.batch_size, sampler=sampler, drop_last=drop_last,
                           num_workers=train_cfg.num_workers)
-    return DataLoader(ds, batch_size=train_cfg.batch_size, shuffle=True, generator=g, drop_last=drop_last,
+    sampler = distributed.sampler(ds, True, seed)  # DistributedSampler under torchrun, else None
+    return DataLoader(ds, batch_size=train_cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+                      generator=g if sampler is None else None, drop_last=drop_last,
                       num_workers=train_cfg.num_workers, persistent_workers=train_cfg.num_workers > 0)
+
+
+def _set_epoch(loader, epoch: int) -> None:
+    """A distributed sampler reshuffles per epoch only when told the epoch."""
+    s = getattr(loader, "sampler", None)
+    if hasattr(s, "set_epoch"):
+        s.set_epoch(epoch)
+
+
+def _validate(model: nn.Module, val_images, batch_size: int, device, precision: str) -> np.ndarray:
+    """Validation probabilities for every image; under torchrun each rank predicts its share and
+    the shares are all-reduced, so every rank holds the same full array (and takes the same
+    early-stopping and checkpoint decisions)."""
+    if not distributed.current().enabled:
+        return predict_arrays(model, val_images, batch_size=batch_size, device=device, precision=precision)
+    idx = distributed.shard_indices(len(val_images))
+    full = np.zeros((len(val_images), model.num_classes), dtype=np.float32)
+    if len(idx):
+        full[idx] = predict_arrays(model, val_images[idx], batch_size=batch_size, device=device,
+                                   precision=precision)
+    return distributed.all_reduce_rows(full)
 
 
 def _mixer(train_cfg, num_classes: int):
@@ -159,6 +186,7 @@ def fit(model: nn.Module, train_ds: ArrayDataset, val_images: np.ndarray, val_la
 
     freeze = min(tcfg.freeze_epochs, epochs - 1) if tcfg.freeze_epochs else 0
     set_frozen(freeze > 0)
+    net = distributed.wrap(model, device)  # DDP under torchrun (the parameters that train now)
     optimizer = build_optimizer(model, tcfg, lr=tcfg.freeze_lr if freeze else None)
     scheduler = build_scheduler(optimizer, tcfg, steps, epochs)
 
@@ -170,11 +198,14 @@ def fit(model: nn.Module, train_ds: ArrayDataset, val_images: np.ndarray, val_la
         for epoch in range(epochs):
             if freeze and epoch == freeze:  # unfreeze: full model, differential LR, fresh schedule
                 set_frozen(False)
+                net = distributed.wrap(model, device)  # DDP again: now over every parameter
                 optimizer = build_optimizer(model, tcfg)
                 scheduler = build_scheduler(optimizer, tcfg, steps, epochs - freeze)
             model.train()
             t0 = time.time()
             total, seen = 0.0, 0
+            _set_epoch(loader, epoch)
+            _set_epoch(u_loader, epoch)
             lab_iter = _forever(loader) if u_loader is not None else iter(loader)
             u_iter = iter(u_loader) if u_loader is not None else itertools.repeat(None)
             for _ in range(steps):
@@ -186,7 +217,7 @@ def fit(model: nn.Module, train_ds: ArrayDataset, val_images: np.ndarray, val_la
                     x, y = mixer(x, y)  # timm Mixup/CutMix pairs i with N-1-i
                     w = 0.5 * (w + w.flip(0))
                 with autocast(device, tcfg.precision), features_input(model, cached):
-                    logits = model(x)
+                    logits = net(x)
                 loss = criterion(logits.float(), y, w)
                 if policy is not None and ubatch is not None:
                     with autocast(device, tcfg.precision):
@@ -213,8 +244,7 @@ def fit(model: nn.Module, train_ds: ArrayDataset, val_images: np.ndarray, val_la
                 bar.update(task, advance=1, status=f"loss {total / max(seen, 1):.4f}  best F1 {max(result.best_f1, 0):.3f}")
 
             eval_model = policy.eval_model(model) if policy is not None else model
-            probs = predict_arrays(eval_model, val_images, batch_size=max(64, tcfg.batch_size),
-                                   device=device, precision=tcfg.precision)
+            probs = _validate(eval_model, val_images, max(64, tcfg.batch_size), device, tcfg.precision)
             pred = probs.argmax(1)
             f1 = macro_f1(val_labels, pred, num_classes)
             with torch.no_grad():
@@ -233,7 +263,7 @@ def fit(model: nn.Module, train_ds: ArrayDataset, val_images: np.ndarray, val_la
                 result.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in eval_model.state_dict().items()})
                 if on_best is not None:
                     on_best(eval_model, row)
-            if out_dir is not None:
+            if out_dir is not None and distributed.is_main():
                 _write_history(Path(out_dir) / "metrics.csv", result.history)
             bar.update(task, status=f"epoch {epoch + 1}: F1 {f1:.3f} (best {result.best_f1:.3f} @ {result.best_epoch})")
             if stop and tcfg.early_stopping and epoch + 1 < epochs:

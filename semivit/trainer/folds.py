@@ -13,6 +13,7 @@ import torch
 
 from semivit.data import transforms
 from semivit.data.dataset import ArrayDataset
+from semivit.trainer import distributed
 from semivit.trainer.engine import UnlabeledPolicy, fit
 from semivit.trainer.losses import build_loss
 from semivit.models.checkpoint import save_checkpoint
@@ -66,8 +67,10 @@ def train_fold(run: Run, stage: str, k: int, extra: Optional[Extra] = None,
 
         views = run.labeled_views[tr]
         if extra is not None and len(extra.images):
-            if extra.views is None:
-                extra.views = run.augmented_views(extra.images, seed=seed + 50)
+            if extra.views is None:  # under torchrun: computed by rank 0, read by the others
+                extra.views = distributed.compute_once(
+                    run.dir / ".dist" / f"{stage}_extra_views.npy",
+                    lambda: run.augmented_views(extra.images, seed=seed + 50))
             views = np.concatenate([views, extra.views])
         ds = CachedViewsDataset(views, labels, weights, generator=torch.Generator().manual_seed(seed))
         val_inputs = StemFeatures(run.labeled_views[va, 0])
@@ -81,18 +84,24 @@ def train_fold(run: Run, stage: str, k: int, extra: Optional[Extra] = None,
     policy = make_policy(model) if make_policy is not None else None
 
     def on_best(m, row):
+        if not distributed.is_main():  # under torchrun rank 0 alone writes
+            return
         save_checkpoint(out / "best.pt", m, cfg.model, run.classes, stage=stage, fold=k,
                         epoch=row["epoch"], val_macro_f1=row["val_macro_f1"], val_acc=row["val_acc"])
 
     res = fit(model, ds, val_inputs, y[va], cfg, criterion, run.device, out_dir=out, policy=policy,
               desc=f"{stage} fold {k + 1}/{cfg.cv.folds}", seed=seed, epochs=epochs, on_best=on_best)
-    np.save(out / "val_probs.npy", res.val_probs)
+    distributed.rank_log(f"{stage} fold {k + 1}/{cfg.cv.folds}: stopped after epoch {res.epochs_run} "
+                         f"(best epoch {res.best_epoch}, val macro F1 {res.best_f1:.6f}, {res.steps} steps)")
     summary = {"stage": stage, "fold": k, "val_macro_f1": res.best_f1, "best_epoch": res.best_epoch,
                "epochs_run": res.epochs_run, "steps": res.steps, "stopped_early": res.stopped_early,
                "val_acc": res.history[res.best_epoch - 1]["val_acc"], "seconds": round(res.seconds, 1),
                "train_samples": int(len(images)), "extra_samples": int(len(images) - len(tr)),
                "val_samples": int(len(va))}
-    atomic_write_json(out / "done.json", summary)  # written last: marks the fold finished
+    if distributed.is_main():
+        np.save(out / "val_probs.npy", res.val_probs)
+        atomic_write_json(out / "done.json", summary)  # written last: marks the fold finished
+    distributed.barrier()  # every rank sees this fold finished before the next one is looked at
     return summary
 
 
@@ -113,7 +122,7 @@ def run_stage(run: Run, stage: str, fold_kwargs: Optional[Callable[[int], dict]]
             info(f"{stage} fold {k + 1}: val macro F1 {s['val_macro_f1']:.3f} at epoch {s['best_epoch']} "
                  f"({s['seconds']:.0f}s)")
         summaries.append(s)
-    write_oof(run, stage)
+    distributed.main_first(lambda: write_oof(run, stage))
     return summaries
 
 

@@ -74,26 +74,52 @@ def _timed(run: Run, stage: str, fn, *args, **kwargs):
 
 
 def run_training(data: Optional[Path], out: Optional[Path], cfg, stages: Optional[str] = None) -> Run:
+    """The whole pipeline; under torchrun one DistributedDataParallel run (see
+    :mod:`semivit.trainer.distributed`): the trainings are shared out, rank 0 writes."""
+    from semivit.trainer import distributed as dist
+
     chosen = parse_stages(stages, cfg)
-    run = open_run(out, cfg, data)
+    d = dist.setup(cfg.device)
+    try:
+        return _run_training(data, out, cfg, chosen, d)
+    finally:
+        dist.teardown()
+
+
+def _run_training(data: Optional[Path], out: Optional[Path], cfg, chosen: list[str], d) -> Run:
+    from semivit.trainer import distributed as dist
+
+    if d.enabled:
+        if out is None:
+            raise UserError("under torchrun give --out RUN (every rank must write into the same run directory)")
+        dist.check_same_config(dist.config_hash(cfg, Path(data).expanduser().resolve() if data else None, chosen))
+    record = {"world_size": d.world_size, "backend": d.backend} if d.enabled else None
+    run = dist.main_first(lambda: open_run(out, cfg, data, distributed=record))
+    if not d.is_main:
+        run = open_run(out, cfg, data, create=False)
     seed_everything(cfg.seed)
     t_all = time.time()
     info(f"run {run.dir}: {len(run.labeled)} labeled images in {len(run.classes)} classes "
          f"({', '.join(f'{c}={n}' for c, n in zip(run.classes, run.labeled.counts()))}); "
-         f"stages {','.join(chosen)}; device {run.device}; preset {cfg.preset}")
-    _ = run.folds  # write folds.json before anything trains
+         f"stages {','.join(chosen)}; device {run.device}; preset {cfg.preset}"
+         + (f"; torchrun: {d.world_size} ranks ({d.backend})" if d.enabled else ""))
+    # folds.json before anything trains: rank 0 writes it, every other rank then reads the same file
+    dist.main_first(lambda: run.folds)
+    _ = run.folds
 
     if "pretrain" in chosen:
         if not (run.dir / "pretrain" / "encoder.pt").is_file():
             from semivit.trainer.mae import run_mae
 
-            _timed(run, "pretrain", run_mae, run)
+            if d.enabled:
+                info("pretrain: MAE runs on rank 0 (the other ranks wait)")
+            dist.main_first(lambda: _timed(run, "pretrain", run_mae, run))
         else:
             info("pretrain: encoder.pt exists, reusing it")
 
     if "supervised" in chosen:
         _timed(run, "supervised", run_stage, run, "stage1")
-        _write_current_ensemble(run)
+        dist.main_first(lambda: _write_current_ensemble(run))
 
     if "pseudo" in chosen:
         if not _stage1_done(run):
@@ -103,7 +129,7 @@ def run_training(data: Optional[Path], out: Optional[Path], cfg, stages: Optiona
         else:
             from semivit.trainer.pseudo import run_pseudo
 
-            _timed(run, "pseudo", run_pseudo, run)
+            dist.main_first(lambda: _timed(run, "pseudo", run_pseudo, run))  # inference: rank 0
 
     if "retrain" in chosen:
         if not _stage1_done(run):
@@ -118,11 +144,15 @@ def run_training(data: Optional[Path], out: Optional[Path], cfg, stages: Optiona
             extra = pseudo_extra(run)
             info(f"stage 3: {len(run.labeled)} labeled + {len(extra.labels)} pseudo-labeled images per fold pool")
             _timed(run, "retrain", run_stage, run, "stage3", lambda k: {"extra": extra})
-        _write_current_ensemble(run)
+        dist.main_first(lambda: _write_current_ensemble(run))
 
     from semivit.trainer.report import write_report
 
-    _timed(run, "report", write_report, run)
+    dist.main_first(lambda: _timed(run, "report", write_report, run))
+    if d.enabled and d.is_main:
+        import shutil
+
+        shutil.rmtree(run.dir / ".dist", ignore_errors=True)  # the shared stem-feature cache
     info(f"done in {time.time() - t_all:.0f}s: ensemble in {run.dir / 'ensemble.json'}, report in {run.dir / 'report.md'}")
     return run
 

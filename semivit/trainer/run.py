@@ -50,7 +50,9 @@ class Run:
 
     @cached_property
     def device(self):
-        return resolve_device(self.cfg.device)
+        from semivit.trainer import distributed
+
+        return distributed.device(resolve_device(self.cfg.device))  # cuda:LOCAL_RANK under NCCL
 
     @cached_property
     def _labeled(self) -> tuple[LabeledSet, np.ndarray]:
@@ -109,7 +111,11 @@ class Run:
 
     @cached_property
     def labeled_views(self) -> np.ndarray:
-        return self.augmented_views(self.images, seed=self.cfg.seed * 1000 + 700)
+        from semivit.trainer import distributed
+
+        # under torchrun: computed once by rank 0, read by the others (see distributed.compute_once)
+        return distributed.compute_once(self.dir / ".dist" / "labeled_views.npy",
+                                        lambda: self.augmented_views(self.images, seed=self.cfg.seed * 1000 + 700))
 
     def stem_features(self, images: np.ndarray, tta: bool = True):
         """Images -> StemFeatures when the run caches stem features, else the images as they are."""
@@ -134,7 +140,9 @@ class Run:
             return str(path)
 
     def _record_skipped(self, dec: Decoded, root: Path) -> None:
-        if not dec.failures:
+        from semivit.trainer.distributed import is_main
+
+        if not dec.failures or not is_main():  # every rank decodes; rank 0 alone writes
             return
         path = self.dir / "skipped.csv"
         new = not path.exists()
@@ -151,6 +159,10 @@ class Run:
         return d
 
     def log_time(self, stage: str, seconds: float) -> None:
+        from semivit.trainer.distributed import is_main
+
+        if not is_main():
+            return
         path = self.dir / "timings.yaml"
         doc = yaml.safe_load(path.read_text()) if path.exists() else {}
         doc = doc or {}
@@ -165,8 +177,12 @@ def _comparable(cfg: cfgmod.Config) -> dict:
     return d
 
 
-def open_run(out: Optional[Path], cfg: cfgmod.Config, data: Optional[Path]) -> Run:
-    """Create RUN (saving config.yaml) or reopen it to resume, refusing a different config."""
+def open_run(out: Optional[Path], cfg: cfgmod.Config, data: Optional[Path], create: bool = True,
+             distributed: Optional[dict] = None) -> Run:
+    """Create RUN (saving config.yaml) or reopen it to resume, refusing a different config.
+
+    ``create=False`` (torchrun ranks other than 0, after rank 0 created it): only reopen.
+    ``distributed`` ({world_size, backend}) is recorded in config.yaml."""
     if data is None:
         from semivit.data.demo import ensure_default_data
 
@@ -188,11 +204,17 @@ def open_run(out: Optional[Path], cfg: cfgmod.Config, data: Optional[Path]) -> R
         if Path(saved.get("data", data)) != data:
             raise UserError(f"{out} was trained on {saved.get('data')}, not {data}; use a new --out")
         info(f"resuming the run in {out}")
+    elif not create:
+        raise UserError(f"{out} has no config.yaml: rank 0 did not create the run (is RUN on a file system "
+                        f"every rank sees?)")
     elif out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not a semivit run; choose a new --out (nothing was changed)")
     else:
         out.mkdir(parents=True, exist_ok=True)
-        cfgmod.save(cfg, cfg_path, extra={"data": str(data)})
+        extra = {"data": str(data)}
+        if distributed:
+            extra["distributed"] = distributed
+        cfgmod.save(cfg, cfg_path, extra=extra)
     return Run(out, cfg, data)
 
 
