@@ -132,3 +132,30 @@ def test_torchrun_ranks_that_disagree_on_the_config_fail_with_one_line(tiny_data
     lines = [ln for ln in (res.stdout + res.stderr).splitlines() if ln.startswith("error: ")]
     assert lines and all("ranks disagree on the config" in ln for ln in lines), res.stderr[-3000:]
     assert not (run / "config.yaml").exists()  # nothing was written
+
+
+def test_distributed_balanced_sampler_splits_one_balanced_draw(monkeypatch):
+    from semivit.trainer import distributed
+
+    weights = np.r_[np.full(90, 1 / 90), np.full(10, 1 / 10)]  # class 1 is rare
+    shares = []
+    for rank in (0, 1):
+        monkeypatch.setattr(distributed, "_STATE", distributed.Dist(world_size=2, rank=rank, backend="gloo"))
+        s = distributed.DistributedWeightedSampler(weights, 100, seed=3)
+        s.set_epoch(1)
+        shares.append(list(s))
+        assert len(shares[-1]) == len(s) == 50
+    draw = torch_draw(weights, 100, seed=3 + 1)
+    assert shares[0] == draw[0::2] and shares[1] == draw[1::2]  # disjoint halves of one draw
+    rare = sum(i >= 90 for i in shares[0] + shares[1])
+    assert 30 <= rare <= 70  # balanced: the rare class is about half of the epoch
+    monkeypatch.setattr(distributed, "_STATE", distributed.Dist(world_size=2, rank=0, backend="gloo"))
+    s.set_epoch(2)
+    assert list(s) != shares[0]  # a new epoch reshuffles
+
+
+def torch_draw(weights, n, seed):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.multinomial(torch.as_tensor(weights, dtype=torch.double), n, replacement=True, generator=g).tolist()
