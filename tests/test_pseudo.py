@@ -15,7 +15,9 @@ from semivit.cli import app
 from semivit.data.dataset import ArrayDataset
 from semivit.models.ensemble import ensemble_weights, write_ensemble
 from semivit.trainer.losses import FocalLoss
-from semivit.trainer.pseudo import cluster_cores, precision_report, select
+from semivit.pseudo.samples import Extra
+from semivit.pseudo.select import cluster_cores, select
+from semivit.trainer.pseudo import precision_report
 
 runner = CliRunner()
 
@@ -54,7 +56,7 @@ def test_cluster_cores_skip_members_that_disagree_with_the_majority():
 def test_select_combines_threshold_and_cluster_sources_and_caps_per_class():
     probs = np.array([[0.97, 0.02, 0.01], [0.5, 0.4, 0.1], [0.1, 0.88, 0.02], [0.99, 0.005, 0.005],
                       [0.2, 0.2, 0.6]], dtype=np.float32)
-    from semivit.trainer.pseudo import Clusters
+    from semivit.pseudo.select import Clusters
 
     cl = Clusters(assignment=np.array([0, 0, 1, 0, 2]), centroids=np.zeros((3, 2)),
                   majority=np.array([0, 1, 2]), purity=np.ones(3), sizes=np.array([3, 1, 1]),
@@ -69,7 +71,7 @@ def test_select_combines_threshold_and_cluster_sources_and_caps_per_class():
 
 
 def test_precision_report_by_source_and_class():
-    from semivit.trainer.pseudo import PseudoLabels
+    from semivit.pseudo.select import PseudoLabels
 
     pl = PseudoLabels(np.array([0, 1, 2, 3]), np.array([0, 1, 1, 0]), np.ones(4),
                       ["threshold", "cluster", "threshold", "cluster"], np.zeros((4, 2)))
@@ -105,8 +107,8 @@ def test_pseudo_labels_never_validate_and_their_confidence_reaches_the_loss(tiny
     run = tiny_open_run
     size = run.cfg.model.img_size
     # extra images with a marker value no real image has
-    extra = folds.Extra(np.full((5, size, size, 3), 7, np.uint8), np.array([0, 1, 2, 0, 1]),
-                        np.array([0.97, 0.98, 0.99, 0.965, 0.91], np.float32))
+    extra = Extra(np.full((5, size, size, 3), 7, np.uint8), np.array([0, 1, 2, 0, 1]),
+                  np.array([0.97, 0.98, 0.99, 0.965, 0.91], np.float32))
     seen = {}
 
     class Recorder(FocalLoss):
@@ -189,7 +191,7 @@ def test_tiny_pipeline_end_to_end_and_resume(tiny_data, tmp_path):
 
 
 def test_oof_thresholds_reach_the_target_precision_per_class():
-    from semivit.trainer.pseudo import oof_thresholds
+    from semivit.pseudo.rules import oof_thresholds
 
     # class 0: right above 0.6, wrong below; class 1: never 90% precise; class 2: too few
     conf0 = np.array([0.9, 0.8, 0.7, 0.65, 0.6, 0.55, 0.5])
@@ -207,7 +209,7 @@ def test_oof_thresholds_reach_the_target_precision_per_class():
     assert thr[0] == pytest.approx(0.6) and np.isinf(thr[1]) and np.isinf(thr[2])
     # used by select(): class 0 at >= 0.6, nothing for classes 1 and 2 (cluster cores included)
     unl = np.array([[0.62, 0.2, 0.18], [0.58, 0.3, 0.12], [0.02, 0.97, 0.01], [0.0, 0.01, 0.99]])
-    from semivit.trainer.pseudo import Clusters
+    from semivit.pseudo.select import Clusters
 
     cl = Clusters(np.array([0, 0, 1, 1]), np.zeros((2, 2)), np.array([0, 1]), np.ones(2), np.array([2, 2]),
                   cores=np.array([1, 2]))

@@ -370,6 +370,58 @@ def ssl_refresh(registry: Path, inbox: Path, kill: str | None = None, wait: bool
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
 
 
+def test_refresh_labels_the_inbox_by_the_runs_configured_rule_per_class_oof_thresholds(registry, tmp_path):
+    """A registry whose run has the quick preset's pseudo-label rule (threshold_mode oof,
+    target_precision 0.9, max_per_class 200): ``ssl refresh`` selects inbox pseudo-labels by
+    per-class thresholds calibrated on that run's stage-1 out-of-fold predictions - not by the
+    global pseudo.threshold (the tiny run's 0.3), which would accept nearly every image."""
+    import yaml
+
+    from semivit.config import PRESETS
+    from semivit.data.dataset import decode_many
+    from semivit.pseudo.rules import oof_thresholds
+    from semivit.trainer.infer import ensemble_predict
+
+    run = registry / "v0001" / "run"
+    doc = yaml.safe_load((run / "config.yaml").read_text())
+    quick = PRESETS["quick"]["pseudo"]
+    assert quick["threshold_mode"] == "oof"
+    doc["config"]["pseudo"].update(quick)
+    (run / "config.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    inbox = tmp_path / "INBOX"
+    files = write_inbox(inbox, 3, seed=21)  # 9 images: below UMAP + KMeans's minimum, rule only
+
+    # label only (no retrain); a tiny model's ensemble never reaches 0.9 precision with
+    # confidence, so the refresh's --set asks 0.6 - an override goes the way the run's config does
+    rec = refresh_once(registry, inbox, min_new=10 ** 6, overrides=["pseudo.target_precision=0.6"])
+    assert rec["decision"] == "waiting" and rec["labeled"]["looked_at"] == 9 and not rec["labeled"]["clusters"]
+
+    # the thresholds it applied: the oof rule on the run's own out-of-fold predictions
+    folds = json.loads((run / "folds.json").read_text())
+    y = np.asarray([folds["classes"].index(it["label"]) for it in folds["items"]])
+    want = oof_thresholds(np.load(run / "stage1" / "oof_probs.npy"), y, 0.6, 5)
+    got = rec["labeled"]["thresholds"]
+    assert list(got) == folds["classes"]
+    assert [None if t is None else round(t, 4) for t in got.values()] == \
+        [round(float(t), 4) if np.isfinite(t) else None for t in want]
+    assert any(t is None for t in got.values()) and any(t is not None for t in got.values())  # per class
+
+    # what it accepted is exactly what that rule accepts on the ensemble's predictions
+    dec = decode_many(files, int(json.loads((run / "ensemble.json").read_text())["img_size"]))
+    probs = ensemble_predict(run, dec.images, tta=True)
+    conf, pred = probs.max(1), probs.argmax(1)
+    sha = [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
+    expect = {sha[i] for i in range(len(files)) if conf[i] >= want[pred[i]]}
+    by_global = {sha[i] for i in range(len(files)) if conf[i] >= 0.3}
+    with Inbox(registry) as db:
+        accepted = db.accepted()
+    assert {a.sha256 for a in accepted} == expect and len(expect) >= 1
+    assert expect != by_global  # the global threshold would have labeled other images
+    for a in accepted:
+        t = got[a.label]
+        assert t is not None and a.confidence >= t - 1e-4 and a.source == "threshold"
+
+
 def test_refresh_killed_at_every_step_leaves_a_serving_registry_and_the_next_one_finishes(registry, tmp_path):
     """SIGKILL at each step in turn.  Each following refresh first gets past the step where the
     previous one died (finishing, resuming or redoing its work) before it is killed at a later

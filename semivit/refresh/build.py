@@ -118,7 +118,7 @@ def candidate_config(parent_run: Path, overrides: list[str]):
 def inbox_extra(accepted, classes: list[str], cfg):
     """Accepted inbox pseudo-labels -> (Extra, rows used).  Content whose file is gone is skipped."""
     from semivit.data.dataset import decode_many
-    from semivit.trainer.folds import Extra
+    from semivit.pseudo.samples import pseudo_samples
 
     have = [a for a in accepted if a.path is not None]
     if len(have) < len(accepted):
@@ -126,32 +126,10 @@ def inbox_extra(accepted, classes: list[str], cfg):
     size = cfg.model.img_size
     dec = decode_many([a.path for a in have], size, workers=cfg.data.decode_workers)
     used = [have[i] for i in dec.ok]
-    if not used:
-        empty = np.zeros((0, size, size, 3), np.uint8)
-        return Extra(empty, np.zeros(0, np.int64), np.zeros(0, np.float32)), []
-    if cfg.pseudo.soft and all(a.probs for a in used):
-        labels = np.asarray([a.probs for a in used], dtype=np.float32)
-    else:
-        labels = np.asarray([classes.index(a.label) for a in used], dtype=np.int64)
-    weights = (np.asarray([a.confidence for a in used], np.float32) if cfg.pseudo.weight == "confidence"
-               else np.ones(len(used), np.float32))
-    return Extra(dec.images, labels, weights), used
-
-
-def _concat(a, b):
-    from semivit.trainer.folds import Extra
-
-    if not len(a.labels):
-        return b
-    if not len(b.labels):
-        return a
-    la, lb = a.labels, b.labels
-    if la.ndim != lb.ndim:  # one soft, one hard: make both soft
-        n = max(x.shape[1] for x in (la, lb) if x.ndim == 2)
-        la = np.eye(n, dtype=np.float32)[la] if la.ndim == 1 else la
-        lb = np.eye(n, dtype=np.float32)[lb] if lb.ndim == 1 else lb
-    return Extra(np.concatenate([a.images, b.images]), np.concatenate([la, lb]),
-                 np.concatenate([a.weights, b.weights]))
+    images = dec.images if used else np.zeros((0, size, size, 3), np.uint8)
+    probs = [a.probs for a in used] if all(a.probs for a in used) else None
+    return pseudo_samples(images, [classes.index(a.label) for a in used], [a.confidence for a in used],
+                          probs, cfg.pseudo), used
 
 
 def write_used_csv(path: Path, used) -> None:
@@ -186,6 +164,7 @@ def build_candidate(registry: Path, parent: str, db, overrides: list[str], toler
     from semivit.models.ensemble import members_from_stages, write_ensemble
     from semivit.models.networks import normalization
     from semivit.trainer.folds import run_stage
+    from semivit.pseudo.samples import concat
     from semivit.trainer.pipeline import pseudo_extra
     from semivit.config import load_run_config
     from semivit.trainer.run import Run
@@ -216,7 +195,7 @@ def build_candidate(registry: Path, parent: str, db, overrides: list[str], toler
         _ = run.folds  # the parent's split; UserError if the labeled data changed since
         orig = pseudo_extra(run) if (run_dir / "pseudo" / "pseudo_labels.csv").is_file() else None
         new_extra, used = inbox_extra(accepted, run.classes, cfg)
-        extra = _concat(orig, new_extra) if orig is not None else new_extra
+        extra = concat(orig, new_extra) if orig is not None else new_extra
         write_used_csv(run_dir / "inbox_pseudo_labels.csv", used)
         info(f"refresh: retraining stage 3 of {name}: {len(run.labeled)} labeled + "
              f"{0 if orig is None else len(orig.labels)} original + {len(used)} inbox pseudo-labels per fold pool")

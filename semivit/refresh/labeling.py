@@ -1,11 +1,13 @@
 """Pseudo-label the inbox with the current version's ensemble - stage 2's rules, stage 2's code.
 
 The current ensemble (all members of its ensemble.json, flip TTA as ``pseudo.tta``) predicts
-every inbox image still to label; a pseudo-label is accepted when the ensemble's confidence is
->= ``pseudo.threshold`` or the image is in the core of a pure UMAP+KMeans cluster (the members'
-penultimate embeddings -> semivit.trainer.pseudo.umap_2d -> cluster_cores -> select: the same
-functions stage 2 uses, with the current run's ``pseudo.*`` config and ``--set`` overrides).
-Clusters are formed over this batch of images when it has at least max(10, 3 x classes).
+every inbox image still to label, and semivit.pseudo.select.label_pool - the function stage 2
+runs - selects with the current run's ``pseudo.*`` config and ``--set`` overrides: a prediction
+is accepted when its confidence reaches the threshold of the configured rule
+(``pseudo.threshold_mode``: ``global`` = ``pseudo.threshold``; ``oof`` = per class, calibrated on
+the current run's stage-1 out-of-fold predictions) or the image is in the core of a pure
+UMAP+KMeans cluster.  Clusters are formed over this batch of images when it has at least
+max(10, 3 x classes).  The thresholds applied are recorded (history.jsonl, ``labeled``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class LabelStats:
     undecodable: int = 0
     missing: int = 0  # content whose file is gone or changed since ingest
     clusters: bool = False
+    thresholds: dict = field(default_factory=dict)  # per class, as the configured rule gave them
     by_source: dict = field(default_factory=dict)
     by_class: dict = field(default_factory=dict)
 
@@ -44,8 +47,9 @@ def label_inbox(db: Inbox, run_dir: Path, version: str, cfg) -> LabelStats:
         return st  # (before importing torch: a refresh with nothing new takes well under a second)
     from semivit.data.dataset import decode_many
     from semivit.models.ensemble import read_ensemble
+    from semivit.pseudo.rules import describe, run_calibration
+    from semivit.pseudo.select import label_pool
     from semivit.trainer.infer import ensemble_predict
-    from semivit.trainer.pseudo import cluster_cores, select, umap_2d
 
     ens = read_ensemble(run_dir)
     classes, size = ens["classes"], int(ens["img_size"])
@@ -61,15 +65,12 @@ def label_inbox(db: Inbox, run_dir: Path, version: str, cfg) -> LabelStats:
     if ok:
         probs, embs = ensemble_predict(run_dir, dec.images, stages=None, tta=pcfg.tta, with_embeddings=True,
                                        device=resolve_device(cfg.device))
-        pred = probs.argmax(1)
-        clusters = None
-        if pcfg.cluster and len(ok) >= max(10, 3 * len(classes)):
-            points = umap_2d(np.concatenate(embs, axis=1), pcfg.umap_neighbors, cfg.seed)
-            clusters = cluster_cores(points, pred, len(classes), pcfg.purity, pcfg.core_fraction, cfg.seed)
-            st.clusters = True
-        elif pcfg.cluster:
+        pool = label_pool(probs, embs, pcfg, cfg.seed, calibration=lambda: run_calibration(run_dir))
+        pl = pool.labels
+        st.clusters = pool.clusters is not None
+        st.thresholds = describe(pool.thresholds, classes)
+        if pcfg.cluster and pool.clusters is None:
             info(f"refresh: {len(ok)} images to label - too few for UMAP + KMeans, confidence rule only")
-        pl = select(probs, pcfg.threshold, clusters, pcfg.max_per_class)
         chosen = set(pl.index.tolist())
         for i, lab, conf, src in zip(pl.index, pl.label, pl.confidence, pl.source):
             accepted.append({"sha256": ok[i][0], "label": classes[int(lab)], "confidence": float(conf),

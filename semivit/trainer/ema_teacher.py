@@ -239,20 +239,24 @@ def fold_kwargs(run) -> Callable[[int], dict]:
 
 
 def fold_thresholds(run, k: int) -> np.ndarray:
-    """Per-class pseudo-label thresholds of fold k: ``ssl.threshold`` for every class, or with
-    ``ssl.threshold_mode: oof`` calibrated on the stage-1 out-of-fold predictions of the *other*
-    folds (each made by a single model that did not train on the image, as the teacher's are;
-    fold k's validation labels are not used).  ``inf``: the class gets no pseudo-labels."""
-    from semivit.trainer.pseudo import oof_thresholds
+    """Per-class pseudo-label thresholds of fold k by the rule ``ssl.threshold_mode`` (the
+    registry of semivit.pseudo.rules): ``global`` = ``ssl.threshold`` for every class; ``oof`` =
+    calibrated on the stage-1 out-of-fold predictions of the *other* folds (each made by a single
+    model that did not train on the image, as the teacher's are; fold k's validation labels are
+    not used).  ``inf``: the class gets no pseudo-labels.  The teacher labels online, so a rule
+    gets no pool predictions here."""
+    from semivit.pseudo.rules import RuleInputs, class_thresholds
 
     cfg = run.cfg
-    n_cls = len(run.classes)
-    if cfg.ssl.threshold_mode == "global":
-        return np.full(n_cls, cfg.ssl.threshold)
-    oof = np.load(run.dir / "stage1" / "oof_probs.npy")
+    mode = cfg.ssl.threshold_mode
     other = run.folds != k
-    thr = oof_thresholds(oof[other], run.labeled.labels[other], cfg.pseudo.target_precision, cfg.pseudo.min_support)
-    info(f"stage3 fold {k + 1}: EMA-Teacher per-class thresholds (out-of-fold precision >= "
-         f"{cfg.pseudo.target_precision}): " + ", ".join(
-             f"{c} {t:.3f}" if np.isfinite(t) else f"{c} none" for c, t in zip(run.classes, thr)))
+
+    def calibration():
+        return np.load(run.dir / "stage1" / "oof_probs.npy")[other], run.labeled.labels[other]
+
+    thr = class_thresholds(mode, RuleInputs(len(run.classes), cfg.ssl.threshold, cfg.pseudo, None, calibration))
+    if mode != "global":
+        info(f"stage3 fold {k + 1}: EMA-Teacher per-class thresholds ({mode} rule"
+             + (f", out-of-fold precision >= {cfg.pseudo.target_precision}" if mode == "oof" else "") + "): "
+             + ", ".join(f"{c} {t:.3f}" if np.isfinite(t) else f"{c} none" for c, t in zip(run.classes, thr)))
     return thr

@@ -4,7 +4,6 @@ stage-wide loop with resume: a fold with ``done.json`` is finished and is never 
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -18,18 +17,9 @@ from semivit.trainer.engine import UnlabeledPolicy, fit
 from semivit.trainer.losses import build_loss
 from semivit.models.checkpoint import save_checkpoint
 from semivit.models.networks import build_model
+from semivit.pseudo.samples import Extra
 from semivit.trainer.run import Run
 from semivit.utils import atomic_write_json, info, read_json, seed_everything
-
-
-@dataclass
-class Extra:
-    """Extra training samples for a fold (pseudo-labels): never used for validation."""
-
-    images: np.ndarray
-    labels: np.ndarray  # int (N,) or soft (N, C)
-    weights: np.ndarray  # per-sample loss weights (confidence)
-    views: Optional[np.ndarray] = None  # cached stem features, filled once and shared by all folds
 
 
 def fold_seed(cfg, stage: str, k: int) -> int:

@@ -15,7 +15,8 @@ import numpy as np
 from semivit.errors import UserError
 from semivit.models.ensemble import members_from_stages, write_ensemble
 from semivit.models.networks import normalization
-from semivit.trainer.folds import Extra, run_stage
+from semivit.pseudo.samples import Extra, pseudo_samples
+from semivit.trainer.folds import run_stage
 from semivit.trainer.run import STAGES, Run, open_run
 from semivit.utils import info, read_json, seed_everything, warn
 
@@ -49,21 +50,9 @@ def pseudo_extra(run: Run) -> Extra:
     paths, images = run.unlabeled
     index = {run.rel(p): i for i, p in enumerate(paths)}
     rows = [r for r in rows if r["image"] in index]
-    n_cls = len(run.classes)
-    size = run.cfg.model.img_size
-    if not rows:
-        return Extra(np.zeros((0, size, size, 3), np.uint8), np.zeros(0, np.int64), np.zeros(0, np.float32))
-    idx = np.asarray([index[r["image"]] for r in rows])
-    if run.cfg.pseudo.soft:
-        labels = np.stack([r["probs"] for r in rows]).astype(np.float32)
-    else:
-        labels = np.asarray([r["label_index"] for r in rows], dtype=np.int64)
-    if run.cfg.pseudo.weight == "confidence":
-        weights = np.asarray([r["confidence"] for r in rows], dtype=np.float32)
-    else:
-        weights = np.ones(len(rows), dtype=np.float32)
-    assert labels.shape[0] == len(idx) and (labels.ndim == 1 or labels.shape[1] == n_cls)
-    return Extra(images[idx], labels, weights)
+    idx = np.asarray([index[r["image"]] for r in rows], dtype=np.int64)
+    return pseudo_samples(images[idx], [r["label_index"] for r in rows], [r["confidence"] for r in rows],
+                          [r["probs"] for r in rows], run.cfg.pseudo)
 
 
 def _timed(run: Run, stage: str, fn, *args, **kwargs):

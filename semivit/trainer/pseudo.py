@@ -1,149 +1,21 @@
-"""Stage 2: pseudo-labels from ensemble confidence and UMAP+KMeans cluster cores (seed 01).
-
-1. The stage-1 fold models (flip TTA, weighted by validation macro F1) predict the unlabeled pool.
-2. ``threshold``: predictions with ensemble confidence >= ``pseudo.threshold``.
-3. ``cluster``: the members' penultimate embeddings (concatenated, standardised) -> UMAP 2-D ->
-   KMeans with k = number of classes; a cluster's purity is the share of its members whose
-   predicted label is the cluster's majority label; clusters with purity >= ``pseudo.purity``
-   give their ``core_fraction`` of members nearest the centroid (that carry the majority label).
-4. Optional per-class cap (highest confidence first) and soft labels.
+"""Stage 2 of a run: the stage-1 fold models (flip TTA, weighted by validation macro F1) predict
+the unlabeled pool, and semivit.pseudo selects the pseudo-labels (the configured threshold rule,
+UMAP+KMeans cluster cores, the per-class cap - seed 01).  Writes RUN/pseudo/pseudo_labels.csv,
+predictions.csv, umap.png and stats.json (with the pseudo-labels' precision against held-back
+truth when the data has it).
 """
 
 from __future__ import annotations
 
 import csv
-import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
+from semivit.pseudo.rules import describe
+from semivit.pseudo.select import Clusters, PseudoLabels, label_pool
 from semivit.utils import atomic_write_json, info, warn
-
-
-@dataclass
-class Clusters:
-    assignment: np.ndarray  # cluster id per sample
-    centroids: np.ndarray  # (k, 2)
-    majority: np.ndarray  # majority predicted label per cluster
-    purity: np.ndarray  # per cluster
-    sizes: np.ndarray
-    cores: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # sample indices
-
-
-def umap_2d(embeddings: np.ndarray, n_neighbors: int, seed: int) -> np.ndarray:
-    """Standardise then UMAP to 2-D (umap-learn)."""
-    from sklearn.preprocessing import StandardScaler
-
-    x = StandardScaler().fit_transform(embeddings)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # umap warns that random_state disables parallelism
-        import umap
-
-        reducer = umap.UMAP(n_components=2, n_neighbors=min(n_neighbors, len(x) - 1), min_dist=0.0,
-                            random_state=seed)
-        return reducer.fit_transform(x)
-
-
-def cluster_cores(points: np.ndarray, predicted: np.ndarray, k: int, purity_min: float,
-                  core_fraction: float, seed: int = 0) -> Clusters:
-    """KMeans(k) on ``points``; cores of the clusters whose purity >= ``purity_min``.
-
-    Purity = share of a cluster's members whose predicted label is the cluster's majority label.
-    A core is the ``core_fraction`` of a pure cluster's members nearest its centroid, among the
-    members that carry the majority label (at least one per pure cluster).
-    """
-    from sklearn.cluster import KMeans
-
-    k = min(k, len(points))
-    km = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(points)
-    assign = km.labels_
-    majority = np.zeros(k, dtype=np.int64)
-    purity = np.zeros(k)
-    sizes = np.bincount(assign, minlength=k)
-    cores: list[int] = []
-    for c in range(k):
-        members = np.flatnonzero(assign == c)
-        if len(members) == 0:
-            continue
-        labels, counts = np.unique(predicted[members], return_counts=True)
-        majority[c] = labels[counts.argmax()]
-        purity[c] = counts.max() / len(members)
-        if purity[c] < purity_min:
-            continue
-        agree = members[predicted[members] == majority[c]]
-        dist = np.linalg.norm(points[agree] - km.cluster_centers_[c], axis=1)
-        n_core = max(1, int(round(core_fraction * len(members))))
-        cores += agree[np.argsort(dist)[:n_core]].tolist()
-    return Clusters(assign, km.cluster_centers_, majority, purity, sizes, np.asarray(sorted(cores), dtype=np.int64))
-
-
-@dataclass
-class PseudoLabels:
-    index: np.ndarray  # indices into the unlabeled pool
-    label: np.ndarray  # hard label
-    confidence: np.ndarray
-    source: list[str]  # "threshold", "cluster" or "threshold+cluster"
-    probs: np.ndarray  # (n, C) ensemble probabilities (soft labels)
-
-
-def oof_thresholds(oof_probs: np.ndarray, labels: np.ndarray, target_precision: float,
-                   min_support: int) -> np.ndarray:
-    """Per-class confidence thresholds calibrated on out-of-fold predictions.
-
-    For class c: among the labeled images the stage-1 models predicted as c (each by the model
-    that did not train on it), the lowest confidence t such that those predicted c with
-    confidence >= t are right at least ``target_precision`` of the time, with at least
-    ``min_support`` of them.  ``inf`` when no threshold reaches the target (the class gets no
-    confidence pseudo-labels).
-    """
-    n_cls = oof_probs.shape[1]
-    conf, pred = oof_probs.max(1), oof_probs.argmax(1)
-    out = np.full(n_cls, np.inf)
-    for c in range(n_cls):
-        m = pred == c
-        if m.sum() < min_support:
-            continue
-        order = np.argsort(-conf[m], kind="stable")
-        correct = (labels[m] == c)[order]
-        prec = np.cumsum(correct) / np.arange(1, len(correct) + 1)
-        ok = np.flatnonzero((prec >= target_precision) & (np.arange(1, len(correct) + 1) >= min_support))
-        if len(ok):
-            out[c] = conf[m][order][ok.max()]  # the largest prefix that still meets the target
-    return out
-
-
-def select(probs: np.ndarray, threshold, clusters: Optional[Clusters] = None,
-           max_per_class: Optional[int] = None) -> PseudoLabels:
-    """Combine the confidence rule and the cluster cores; apply the per-class cap.
-
-    ``threshold`` is one number or one per class (``inf``: no pseudo-labels for that class,
-    from either source).
-    """
-    conf = probs.max(1)
-    pred = probs.argmax(1)
-    thr = np.broadcast_to(np.asarray(threshold, dtype=np.float64), (probs.shape[1],))
-    src: dict[int, str] = {int(i): "threshold" for i in np.flatnonzero(conf >= thr[pred])}
-    label = pred.copy()
-    if clusters is not None:
-        for i in clusters.cores:
-            i = int(i)
-            maj = clusters.majority[clusters.assignment[i]]
-            if not np.isfinite(thr[maj]):
-                continue
-            label[i] = maj
-            src[i] = "threshold+cluster" if i in src else "cluster"
-    idx = np.asarray(sorted(src), dtype=np.int64)
-    if max_per_class is not None and len(idx):
-        keep = []
-        for c in np.unique(label[idx]):
-            ids = idx[label[idx] == c]
-            keep += ids[np.argsort(-conf[ids], kind="stable")[:max_per_class]].tolist()
-        idx = np.asarray(sorted(keep), dtype=np.int64)
-    # confidence of a pseudo-label = the ensemble's probability of the label it was given
-    confidence = probs[idx, label[idx]] if len(idx) else np.zeros(0)
-    return PseudoLabels(idx, label[idx], confidence, [src[int(i)] for i in idx], probs[idx])
 
 
 def precision_report(pl: PseudoLabels, true: list[Optional[int]], classes: list[str]) -> dict:
@@ -209,24 +81,20 @@ def run_pseudo(run) -> dict:
                                    tta=pcfg.tta, device=run.device, with_embeddings=True,
                                    weighting=cfg.ensemble.weighting)
     pred = probs.argmax(1)
-    clusters, points = None, None
-    if pcfg.cluster and len(paths) >= max(10, len(classes) * 3):
-        points = umap_2d(np.concatenate(embs, axis=1), pcfg.umap_neighbors, cfg.seed)
-        clusters = cluster_cores(points, pred, len(classes), pcfg.purity, pcfg.core_fraction, cfg.seed)
+    oof = run.dir / "stage1" / "oof_probs.npy"
+    pool = label_pool(probs, embs, pcfg, cfg.seed, calibration=lambda: (np.load(oof), run.labeled.labels))
+    pl, clusters, points = pool.labels, pool.clusters, pool.points
+    if clusters is not None:
         stats["clusters"] = [{"size": int(s), "majority": classes[int(m)], "purity": round(float(p), 4),
                               "pure": bool(p >= pcfg.purity)}
                              for s, m, p in zip(clusters.sizes, clusters.majority, clusters.purity)]
     elif pcfg.cluster:
         warn(f"only {len(paths)} unlabeled images: too few for UMAP + KMeans, using the confidence rule only")
-    threshold = pcfg.threshold
-    if pcfg.threshold_mode == "oof":
-        oof = np.load(run.dir / "stage1" / "oof_probs.npy")
-        threshold = oof_thresholds(oof, run.labeled.labels, pcfg.target_precision, pcfg.min_support)
-        stats["thresholds"] = {c: (round(float(t), 4) if np.isfinite(t) else None) for c, t in zip(classes, threshold)}
-        info("per-class thresholds from out-of-fold precision >= "
-             f"{pcfg.target_precision}: " + ", ".join(f"{c} {t if t is not None else 'none'}"
-                                                      for c, t in stats["thresholds"].items()))
-    pl = select(probs, threshold, clusters, pcfg.max_per_class)
+    if pcfg.threshold_mode != "global":
+        stats["thresholds"] = describe(pool.thresholds, classes)
+        info(f"per-class thresholds ({pcfg.threshold_mode} rule" + (f", out-of-fold precision >= {pcfg.target_precision}"
+                                                                    if pcfg.threshold_mode == "oof" else "") + "): "
+             + ", ".join(f"{c} {t if t is not None else 'none'}" for c, t in stats["thresholds"].items()))
     rel = [run.rel(p) for p in paths]
     rows = [(rel[i], classes[l], c, s, probs[i]) for i, l, c, s in zip(pl.index, pl.label, pl.confidence, pl.source)]
     _write_rows(out / "pseudo_labels.csv", rows, classes)
