@@ -245,18 +245,50 @@ def test_no_tta_graph_has_no_flip_and_matches_pytorch(no_tta_refused, run_copy, 
     assert np.abs(p - member_probs_by_hand(run_copy, held_out, tta=False)).max() <= 1e-4
 
 
-def test_int8_refusal_is_one_line_exit_2_and_leaves_no_int8_file(no_tta_refused):
+def test_int8_refusal_is_one_line_exit_2_and_leaves_no_int8_file(no_tta_refused, run_copy):
     out, res = no_tta_refused
     line = one_line_error(res, after_progress=True)
     assert "INT8 refused" in line and "macro F1" in line
     assert not (out / "model.int8.onnx").exists()
     meta = read_meta(out)  # the FP32 export itself is complete and verified
     assert meta["int8"]["accepted"] is False and meta["int8"]["file"] is None
-    assert meta["int8"]["macro_f1_fp32"] is not None and meta["int8"]["macro_f1_int8"] is not None
+    # the numbers behind the refusal are the real out-of-fold ones, and the line says them
+    model, doc = load_ensemble(run_copy, tta=False)
+    data = verify.load_run_images(run_copy, doc["classes"], doc["img_size"])
+    f32 = oof_macro_f1_by_hand(model, doc["members"], data)
+    assert meta["int8"]["macro_f1_fp32"] == pytest.approx(f32, abs=1e-9)
+    assert meta["int8"]["drop"] == pytest.approx(meta["int8"]["macro_f1_fp32"] - meta["int8"]["macro_f1_int8"])
+    assert f"({meta['int8']['macro_f1_fp32']:.4f} -> {meta['int8']['macro_f1_int8']:.4f})" in line
     assert check_files(out) == []
 
 
+@torch.no_grad()
+def oof_macro_f1_by_hand(model, members: list[dict], data) -> float:
+    """The gate's reference number computed independently, in PyTorch: each labeled image scored
+    by the members validated on its fold (weights renormalised), then sklearn's macro F1."""
+    from sklearn.metrics import f1_score
+
+    x = model.pre(torch.from_numpy(np.ascontiguousarray(data.images)))
+    per = []
+    for m in model.members:
+        p = torch.softmax(m(x), dim=1)
+        if model.tta:
+            p = 0.5 * (p + torch.softmax(m(x.flip(3)), dim=1))
+        per.append(p.numpy())
+    w = np.asarray([m["weight"] for m in members], dtype=np.float64)
+    pred = np.full(len(data.images), -1)
+    for k in np.unique(data.folds):
+        idx = [i for i, m in enumerate(members) if m.get("fold") == k]
+        rows = data.folds == k
+        pred[rows] = (sum(w[i] * per[i][rows] for i in idx) / w[idx].sum()).argmax(1)
+    n_cls = per[0].shape[1]
+    return float(f1_score(data.labels, pred, average="macro", labels=list(range(n_cls)), zero_division=0))
+
+
 def test_int8_accepted_when_macro_f1_holds(exported, run_copy, tmp_path):
+    """The gate on the real numbers: macro F1 of FP32 is the out-of-fold ensemble's (checked
+    against an independent PyTorch computation); with the limit at the measured drop INT8 is
+    kept, with the limit just below it INT8 is refused and deleted, the same numbers reported."""
     d = tmp_path / "EXPORT"
     shutil.copytree(exported, d)
     model, doc = load_ensemble(run_copy, tta=True)
@@ -264,8 +296,18 @@ def test_int8_accepted_when_macro_f1_holds(exported, run_copy, tmp_path):
     rep = int8mod.add_int8(d, model, doc["members"], data)
     assert rep["accepted"] and rep["file"] == "model.int8.onnx" and (d / "model.int8.onnx").is_file()
     assert rep["images"] == len(data.images) and rep["validation"].startswith("out-of-fold")
+    assert rep["macro_f1_fp32"] == pytest.approx(oof_macro_f1_by_hand(model, doc["members"], data), abs=1e-9)
     assert abs(rep["macro_f1_fp32"] - rep["macro_f1_int8"]) <= 0.01 and rep["drop"] == pytest.approx(
         rep["macro_f1_fp32"] - rep["macro_f1_int8"])
+    at_limit = int8mod.add_int8(d, model, doc["members"], data, tolerance=rep["drop"])
+    assert at_limit["accepted"] and (d / "model.int8.onnx").is_file()  # drop == limit: kept
+    with pytest.raises(int8mod.Int8Refused) as refused:
+        int8mod.add_int8(d, model, doc["members"], data, tolerance=rep["drop"] - 1e-6)
+    r = refused.value.report
+    assert not r["accepted"] and r["file"] is None and not (d / "model.int8.onnx").exists()
+    assert (r["macro_f1_fp32"], r["macro_f1_int8"]) == (rep["macro_f1_fp32"], rep["macro_f1_int8"])
+    assert f"{rep['macro_f1_fp32']:.4f} -> {rep['macro_f1_int8']:.4f}" in str(refused.value)
+    int8mod.add_int8(d, model, doc["members"], data)  # put it back for the checks below
     assert rep["bytes_int8"] < rep["bytes_fp32"]
     ops = graph.op_counts(d / "model.int8.onnx")
     assert ops["MatMulInteger"] + ops["DynamicQuantizeMatMul"] > 0

@@ -645,7 +645,11 @@ def test_gpu_backend_silent_cpu_fallback_is_an_error(fake_export, monkeypatch):
 def test_tensorrt_without_engine_or_runtime_is_one_clear_line(mixed_dir, fake_export, tmp_path):
     err = one_line_error(*cli(str(mixed_dir), "--model", str(fake_export), "--out", str(tmp_path / "p.csv"),
                               "--backend", "tensorrt"))
-    assert "TensorrtExecutionProvider" in err or "tensorrt" in err.lower()
+    # the actual missing piece and its fix - not just the user's own word "tensorrt" echoed back:
+    # no TensorRT execution provider in this onnxruntime, no CUDA GPU, or no engine in the export
+    assert (("has no TensorrtExecutionProvider" in err and "install onnxruntime-gpu" in err)
+            or "no CUDA GPU" in err
+            or ("model.engine" in err and "ssl export RUN --trt" in err)), err
 
 
 def test_engine_json_mismatch_is_detected():
@@ -746,4 +750,8 @@ def test_trained_tiny_run_predicts_its_test_images(tiny_run, tiny_data_shared, t
     rows = read_rows(tmp_path / "p.csv")
     assert len(rows) == 3 * 6 and all(r["status"] == "ok" for r in rows)
     right = sum(r["label"] == r["path"].split("/")[0] for r in rows)
-    assert right >= 9, f"only {right}/18 right"
+    # exactly what the trainer measured for this ensemble on the same held-out images
+    held = json.loads((tiny_run / "heldout.json").read_text())["full_ensemble"]
+    assert held["n_images"] == 18 and right == round(held["accuracy"] * 18), (right, held["accuracy"])
+    # and, the colours being separable, clearly better than any one-class answer (6 of 18)
+    assert right >= 12, f"only {right}/18 right"

@@ -89,6 +89,24 @@ def cli(*args: str):
     return CliRunner().invoke(app, list(args))
 
 
+def holdout_f1_by_hand(export: Path, holdout: Path) -> float:
+    """sklearn's macro F1 of an export's arg-max on DIR/<class>/ images (class = folder)."""
+    from sklearn.metrics import f1_score
+
+    from semivit.data.dataset import decode_many
+    from semivit.serve.backends import open_backend
+
+    be = open_backend(export, "onnxruntime")
+    classes = be.classes if hasattr(be, "classes") else json.loads((export / "meta.json").read_text())["classes"]
+    paths = sorted(p for p in holdout.rglob("*") if p.is_file())
+    dec = decode_many(paths, be.img_size if hasattr(be, "img_size") else json.loads(
+        (export / "meta.json").read_text())["img_size"])
+    assert len(dec.ok) == len(paths) == 18
+    y = np.array([classes.index(paths[i].parent.name) for i in dec.ok])
+    pred = np.concatenate([be.predict(dec.images[s:s + 32])[0] for s in range(0, len(dec.images), 32)]).argmax(1)
+    return float(f1_score(y, pred, average="macro", labels=list(range(len(classes))), zero_division=0))
+
+
 def assert_consistent(registry: Path, why: str = "") -> None:
     """The crash-safety promise: current is a complete version whose export loads and predicts,
     every visible version is complete, the inbox state is consistent."""
@@ -276,7 +294,12 @@ def test_two_refresh_cycles_promote_then_reject_list_rollback_and_serve_current(
     assert man2["data"]["inbox_pseudo_labels"] == rec["labeled"]["accepted"] > 0
     assert man2["comparison"]["checks"][0]["current"] == reg.read_manifest(registry / "v0001")["metrics"]["val"]["macro_f1"]
     assert [c["metric"] for c in man2["comparison"]["checks"]] == ["val_macro_f1", "holdout_macro_f1"]
-    assert man2["metrics"]["holdout"]["n_images"] == 18 and 0 <= man2["metrics"]["holdout"]["macro_f1"] <= 1
+    assert man2["metrics"]["holdout"]["n_images"] == 18
+    # the holdout score is v0002's own macro F1 on the registry's holdout, worked out here from
+    # its export's predictions (not, say, the parent's or the validation score)
+    assert man2["metrics"]["holdout"]["macro_f1"] == pytest.approx(
+        holdout_f1_by_hand(registry / "v0002" / "export", registry / "holdout"), abs=1e-6)
+    assert man2["comparison"]["checks"][1]["candidate"] == pytest.approx(man2["metrics"]["holdout"]["macro_f1"])
     ens = json.loads((registry / "v0002" / "run" / "ensemble.json").read_text())
     assert sorted(m["name"] for m in ens["members"]) == ["stage1/fold0", "stage1/fold1", "stage3/fold0", "stage3/fold1"]
     s3 = json.loads((registry / "v0002" / "run" / "stage3" / "fold0" / "done.json").read_text())

@@ -146,12 +146,14 @@ class Run:
             return
         path = self.dir / "skipped.csv"
         new = not path.exists()
-        with open(path, "a", newline="") as f:
+        seen = set() if new else {r["image"] for r in csv.DictReader(open(path, newline=""))}
+        with open(path, "a", newline="") as f:  # a resumed run decodes again: list each file once
             w = csv.writer(f)
             if new:
                 w.writerow(["image", "reason"])
             for p, reason in dec.failures:
-                w.writerow([self.rel(p), reason])
+                if self.rel(p) not in seen:
+                    w.writerow([self.rel(p), reason])
 
     def stage_dir(self, stage: str, fold: Optional[int] = None) -> Path:
         d = self.dir / stage / (f"fold{fold}" if fold is not None else "")
