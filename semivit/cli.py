@@ -10,10 +10,46 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from semivit.errors import UserError
 
+try:  # Typer >= 0.22 vendors Click as typer._click; older Typer uses Click itself
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover - depends on the Typer version
+    from click import exceptions as click_errors
+
+_ABORTS = tuple({typer.Abort, getattr(click_errors, "Abort", typer.Abort)})
+
+
+class OneLineErrors(TyperGroup):
+    """The one central hook for Click's own errors (a bad choice or range, a missing argument, an
+    unknown option or subcommand): one line starting ``error:`` and exit code 2, like every other
+    error of ``ssl``, instead of Typer's multi-line box.  ``ssl`` or ``ssl models`` alone still
+    print their help."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click_errors.NoArgsIsHelpError as e:
+            e.show()
+            rv = 0
+        except click_errors.ClickException as e:
+            usage = isinstance(e, click_errors.UsageError)
+            msg = " ".join(e.format_message().replace("Value error, ", "").split())
+            where = getattr(e, "ctx", None) and e.ctx.command_path
+            typer.echo(f"error: {msg}" + (f" (see `{where} --help`)" if usage and where else ""), err=True)
+            rv = 2 if usage else e.exit_code
+        except _ABORTS:
+            typer.echo("error: aborted", err=True)
+            rv = 1
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
 app = typer.Typer(
+    cls=OneLineErrors,
     name="ssl",
     help="semivit: semi-supervised Vision Transformers - train, export, predict, refresh.",
     no_args_is_help=True,
@@ -140,11 +176,12 @@ def eval_(
     model: Path = typer.Argument(..., help="A run directory or an export directory."),
     data: Path = typer.Argument(..., help="Labeled images: DIR/labels.csv, DIR/test/<class>/ or DIR/<class>/."),
     out: Optional[Path] = typer.Option(None, "--out", help="Report JSON (a PNG confusion matrix is written beside it)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing --out report and its PNG."),
 ):
     """Macro F1, accuracy, per-class scores and the confusion matrix on labeled images."""
     from semivit.evaluate import evaluate_cli
 
-    evaluate_cli(model, data, out)
+    evaluate_cli(model, data, out, force=force)
 
 
 @app.command()

@@ -6,6 +6,7 @@ above both the trainer and semivit.serve.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -64,11 +65,38 @@ def evaluate(model: Path, data: Path, stages: Optional[Sequence[str]] = None, tt
     return report
 
 
-def evaluate_cli(model: Path, data: Path, out: Optional[Path]) -> dict:
+def eval_outputs(model: Path, data: Path, out: Optional[Path], force: bool = False) -> tuple[Path, Path]:
+    """(report JSON, confusion-matrix PNG), both checked by the one output rule before the model
+    loads.  The default MODEL/eval/<DATA>.json is semivit's own and is replaced by a new eval; an
+    explicit ``--out`` (and the PNG beside it) is never overwritten without ``--force``, and may
+    not lie inside DATA, where the next run would read the PNG as an image."""
+    from semivit.safe_io import check_output_file, check_writable_dir
+
+    if out is None:
+        out = Path(model) / "eval" / f"{Path(data).resolve().name}.json"
+        check_writable_dir(out.parent, f"the report {out}")
+        return out, out.with_suffix(".png")
+    out = Path(out)
+    png = out.with_suffix(".png")
+    if png == out:
+        raise UserError(f"--out {out}: the report is JSON and a PNG is written beside it; give e.g. "
+                        f"{out.with_suffix('.json')}")
+    data_dir = Path(data).resolve()
+    here = Path(os.path.abspath(out)).parent
+    if Path(data).is_dir() and (here == data_dir or data_dir in here.parents
+                                or here.resolve() == data_dir or data_dir in here.resolve().parents):
+        raise UserError(f"--out {out} is inside the data directory {data}: its confusion-matrix PNG would be "
+                        "read as an image by the next run; write the report elsewhere")
+    check_output_file(out, force)
+    check_output_file(png, force, what="--out's PNG")
+    return out, png
+
+
+def evaluate_cli(model: Path, data: Path, out: Optional[Path], force: bool = False) -> dict:
+    out, png = eval_outputs(model, data, out, force)
     report = evaluate(model, data)
-    out = Path(out) if out else Path(model) / "eval" / f"{Path(data).resolve().name}.json"
     atomic_write_json(out, report)
-    plot_confusion(report["confusion_matrix"], report["classes"], out.with_suffix(".png"),
+    plot_confusion(report["confusion_matrix"], report["classes"], png,
                    f"{Path(model).name} on {Path(data).name}: macro F1 {report['macro_f1']:.3f}")
     info(f"macro F1 {report['macro_f1']:.4f}  accuracy {report['accuracy']:.4f}  on {report['n_images']} images"
          + (f" ({len(report['skipped'])} undecodable skipped)" if report["skipped"] else ""))

@@ -49,5 +49,8 @@ def plot_confusion(cm, classes: Sequence[str], path: Path, title: str) -> None:
     ax.set_ylabel("true")
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    from semivit.utils import atomic_path
+
+    with atomic_path(Path(path), suffix=".png") as tmp:  # never a half-written PNG
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)

@@ -112,8 +112,11 @@ def read_format_json(path: Path, fmt: str, missing: str, wrong: str) -> dict:
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a regular file; a FIFO/device raises OSError at once instead of blocking."""
+    from semivit.safe_io import open_regular
+
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from semivit.data.decode import DecodeError, load_rgb
+from semivit.data.decode import DecodeError, load_rgb, max_pixels
 from semivit.utils import cpu_count
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -32,6 +32,7 @@ def decode_many(paths: Sequence[Path], size: int, workers: int = 0,
 
     Files that fail are returned in ``failures`` with their reason, never raised.
     """
+    max_pixels()  # a bad SEMIVIT_MAX_PIXELS is one line now, not an error per file
     n = len(paths)
     out = np.zeros((n, size, size, 3), dtype=np.uint8)
     good = np.zeros(n, dtype=bool)

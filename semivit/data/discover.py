@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from semivit.safe_io import path_text
+
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 
 
@@ -63,6 +65,6 @@ def discover_images(root: Path, exclude: tuple[Path, ...] = ()) -> Discovery:
             else:
                 other += 1
                 if len(examples) < 3:
-                    examples.append(str((here / name).relative_to(root)))
+                    examples.append(path_text(str((here / name).relative_to(root))))
     files.sort(key=lambda p: p.relative_to(root).as_posix())
     return Discovery(files, hidden, other, examples)

@@ -19,6 +19,7 @@ import numpy as np
 
 from semivit.data.discover import discover_images, is_image_name
 from semivit.errors import UserError
+from semivit.safe_io import path_text
 from semivit.utils import warn
 
 
@@ -44,10 +45,11 @@ class LabeledSet:
 
 
 def _rel(path: Path, root: Path) -> str:
+    """The path relative to ``root`` as text (semivit.safe_io.path_text: the one rule for paths in files)."""
     try:
-        return Path(path).relative_to(root).as_posix()
+        return path_text(Path(path).relative_to(root).as_posix())
     except ValueError:
-        return str(path)
+        return path_text(str(path))
 
 
 def _from_class_folders(folder: Path, root: Path, classes: Optional[list[str]],

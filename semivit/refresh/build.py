@@ -33,6 +33,7 @@ from typing import Optional
 import numpy as np
 
 from semivit.errors import UserError
+from semivit.safe_io import path_text
 from semivit.refresh import registry as reg
 from semivit.refresh.settings import Settings, init_registry, load_settings
 from semivit.refresh.lock import FileLock, StopFlag, StopRequested, check_disk, dir_size, kill_point
@@ -137,7 +138,7 @@ def write_used_csv(path: Path, used) -> None:
         w = csv.writer(f)
         w.writerow(["sha256", "path", "label", "confidence", "source", "labeled_by"])
         for a in used:
-            w.writerow([a.sha256, str(a.path), a.label, f"{a.confidence:.6f}", a.source, a.labeled_by])
+            w.writerow([a.sha256, path_text(str(a.path)) if a.path is not None else "", a.label, f"{a.confidence:.6f}", a.source, a.labeled_by])
 
 
 def read_used_shas(vdir: Path) -> list[str]:

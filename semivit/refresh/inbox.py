@@ -11,10 +11,12 @@
     rejected        not accepted: ``reason`` says why - "unconfident" (below the threshold and not
                     in a pure cluster core; looked at again once another version is current) or
                     "undecodable: ..." (final for that content)
-- ``paths`` - path -> sha256 with the size and mtime seen; a file that changes under the same
+- ``paths`` - path (as text by semivit.safe_io.path_text, so names that are not UTF-8 are kept
+  too) -> sha256 with the size and mtime seen; a file that changes under the same
   name gets a new hash, i.e. it is NEW content (the old content's row stays as it was).
 
-Inbox files are only ever opened for reading: never moved, renamed, modified or deleted.
+Inbox files are only ever opened for reading, and without blocking (safe_io.open_regular: a FIFO
+named x.png is skipped, never waited on): never moved, renamed, modified or deleted.
 Every change is one SQLite transaction (WAL mode, synchronous=FULL), so a process killed at any
 point leaves the last committed state, and the next refresh carries on from it.
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import stat
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,6 +36,7 @@ from typing import Iterator, Optional
 from semivit.data.discover import discover_images
 from semivit.errors import UserError
 from semivit.refresh.lock import kill_point
+from semivit.safe_io import path_text, text_path
 from semivit.utils import sha256_file
 
 STATES = ("new", "pseudo_labeled", "used", "rejected")
@@ -135,8 +139,11 @@ class Inbox:
             s = os.stat(p)
         except OSError:  # vanished between the listing and now
             return
+        if not stat.S_ISREG(s.st_mode):  # a FIFO/socket/device named like an image: never opened
+            return
         now = time.time()
-        row = c.execute("SELECT sha256, size, mtime_ns FROM paths WHERE path = ?", (str(p),)).fetchone()
+        key = path_text(str(p))  # paths are stored as text by the one reversible rule (safe_io)
+        row = c.execute("SELECT sha256, size, mtime_ns FROM paths WHERE path = ?", (key,)).fetchone()
         if row and row["size"] == s.st_size and row["mtime_ns"] == s.st_mtime_ns:
             st.unchanged += 1
             return
@@ -146,7 +153,7 @@ class Inbox:
             return
         if row and row["sha256"] == sha:  # touched, same bytes
             c.execute("UPDATE paths SET size = ?, mtime_ns = ?, last_seen = ? WHERE path = ?",
-                      (s.st_size, s.st_mtime_ns, now, str(p)))
+                      (s.st_size, s.st_mtime_ns, now, key))
             st.unchanged += 1
             return
         st.changed += bool(row)
@@ -159,14 +166,14 @@ class Inbox:
         c.execute("INSERT INTO paths (path, sha256, size, mtime_ns, last_seen) VALUES (?, ?, ?, ?, ?) "
                   "ON CONFLICT(path) DO UPDATE SET sha256 = excluded.sha256, size = excluded.size, "
                   "mtime_ns = excluded.mtime_ns, last_seen = excluded.last_seen",
-                  (str(p), sha, s.st_size, s.st_mtime_ns, now))
+                  (key, sha, s.st_size, s.st_mtime_ns, now))
 
     # ------------------------------------------------------------ lookups
 
     def locate(self, sha: str) -> Optional[Path]:
         """A path whose CURRENT content is ``sha`` (size and mtime as recorded, else re-hashed)."""
         for r in self.conn.execute("SELECT path, size, mtime_ns FROM paths WHERE sha256 = ? ORDER BY path", (sha,)):
-            p = Path(r["path"])
+            p = Path(text_path(r["path"]))
             try:
                 s = os.stat(p)
             except OSError:

@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from semivit.data.decode import DecodeError, load_rgb
+from semivit.data.decode import DecodeError, load_rgb, max_pixels
 
 
 @dataclass
@@ -53,9 +53,15 @@ def _worker_init() -> None:
 
 
 def default_workers() -> int:
-    env = os.environ.get("SEMIVIT_DECODE_WORKERS")
-    if env is not None:
-        return max(0, int(env))
+    env = os.environ.get("SEMIVIT_DECODE_WORKERS", "").strip()
+    if env:
+        try:
+            return max(0, int(env))
+        except ValueError:
+            from semivit.errors import UserError
+
+            raise UserError(f"SEMIVIT_DECODE_WORKERS must be a whole number (0: decode in the main "
+                            f"process), not {env!r}") from None
     from semivit.utils import cpu_count
 
     return min(cpu_count(), 8)
@@ -69,6 +75,7 @@ class DecodePool:
 
     def __init__(self, paths: Sequence[str], size: int, chunk: int, workers: Optional[int] = None,
                  window: Optional[int] = None):
+        max_pixels()  # a bad SEMIVIT_MAX_PIXELS is one line before any work, not an error row per file
         self.paths = [str(p) for p in paths]
         self.size = int(size)
         self.chunk = max(1, int(chunk))

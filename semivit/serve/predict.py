@@ -8,6 +8,7 @@ without --force, a model that cannot be found or loaded.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -17,9 +18,10 @@ from typing import Optional
 
 from semivit.data.discover import discover_images
 from semivit.errors import UserError
+from semivit.safe_io import path_text
 from semivit.serve.backends import Backend, Level, open_backend
 from semivit.serve.engine import run_loop
-from semivit.serve.loader import DecodePool
+from semivit.serve.loader import DecodePool, default_workers
 from semivit.serve.resolve import resolve_model_dir
 from semivit.serve.scheduler import Scheduler, reserve_seconds
 from semivit.serve.shard import parse_shard, select_shard
@@ -124,16 +126,19 @@ def run_predict(dir: Path, model: Optional[Path], out: Path = Path("predictions.
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     if batch_size < 1:
         raise UserError("--batch-size must be at least 1")
-    if time_limit is not None and time_limit <= 0:
-        raise UserError("--time-limit must be positive")
+    if time_limit is not None and not (math.isfinite(time_limit) and time_limit > 0):
+        raise UserError(f"--time-limit must be a positive number of seconds, not {time_limit:g} "
+                        "(leave it out for no limit)")
     out = check_output(Path(out), force)
+    if workers is None:
+        workers = default_workers()  # a bad SEMIVIT_DECODE_WORKERS: one line before the model loads
     ref = resolve_model_dir(model)
 
     disc = discover_images(dir)
     if not disc.files:
         extra = f" ({disc.summary()})" if disc.ignored else ""
         raise UserError(f"no images in {dir}{extra}")
-    rel_all = [p.relative_to(dir).as_posix() for p in disc.files]
+    rel_all = [path_text(p.relative_to(dir).as_posix()) for p in disc.files]
     sel = select_shard(rel_all, shard_t)
     rels = [rel_all[k] for k in sel]
     paths = [str(disc.files[k]) for k in sel]

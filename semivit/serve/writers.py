@@ -2,7 +2,9 @@
 only when the run ends normally (a killed run leaves a hidden ``.NAME.*.tmp``, never a
 half-written NAME).
 
-Formats (every file gets exactly one row/entry, in sorted path order):
+Formats (every file gets exactly one row/entry, in sorted path order; a path is written as text by
+the one rule of :func:`semivit.safe_io.path_text`, so every row is one line and names that are not
+UTF-8 round-trip):
 
 csv     path,label,confidence,p_<class>...,status,level,error
         path: relative to DIR (POSIX); label/confidence/p_*: empty unless status is ok;
@@ -26,6 +28,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from semivit.errors import UserError
+from semivit.safe_io import check_output_file
 from semivit.utils import fsync_dir
 
 FORMATS = ("csv", "json", "kaggle")
@@ -44,16 +47,21 @@ class Row:
 
 
 def check_output(out: Path, force: bool) -> Path:
-    """Refuse an existing output without ``force`` (before any work is done)."""
-    out = Path(out)
-    if out.is_dir():
-        raise UserError(f"--out {out} is a directory; give a file name")
-    if out.exists() and not force:
-        raise UserError(f"{out} already exists (use --force to overwrite it)")
-    parent = next((p for p in out.parents if p.exists()), None)
-    if parent is not None and not (parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)):
-        raise UserError(f"cannot write {out}: {parent} is not a writable directory")
-    return out
+    """Refuse an existing output without ``force``, and an unwritable place (before any work is done)."""
+    return check_output_file(out, force)
+
+
+class _CsvRows:
+    """``csv.writer`` quotes a field only for the characters of its lineterminator ("\n" here), so a
+    bare "\r" (in a class name or an error text) would pass unquoted and split the row for most
+    readers: a row holding one is written with every field quoted (still RFC 4180)."""
+
+    def __init__(self, f):
+        self.plain = csv.writer(f, lineterminator="\n")
+        self.quoted = csv.writer(f, lineterminator="\n", quoting=csv.QUOTE_ALL)
+
+    def writerow(self, row) -> None:
+        (self.quoted if any("\r" in str(x) for x in row) else self.plain).writerow(row)
 
 
 class Writer:
@@ -68,7 +76,8 @@ class Writer:
             raise UserError(f"cannot create the output directory {self.out.parent}: {e.strerror}") from None
         fd, tmp = tempfile.mkstemp(prefix=f".{self.out.name}.", suffix=".tmp", dir=self.out.parent)
         self.tmp = Path(tmp)
-        self.f = os.fdopen(fd, "w", newline="", encoding="utf-8")
+        # backslashreplace: a stray undecodable character in an error text cannot fail the run
+        self.f = os.fdopen(fd, "w", newline="", encoding="utf-8", errors="backslashreplace")
         self.rows = 0
         self._open()
         self.f.flush()
@@ -116,7 +125,7 @@ def _num(x: Optional[float]) -> str:
 
 class CsvWriter(Writer):
     def _open(self):
-        self.w = csv.writer(self.f, lineterminator="\n")
+        self.w = _CsvRows(self.f)
         self.w.writerow(["path", "label", "confidence", *[f"p_{c}" for c in self.classes], "status", "level", "error"])
 
     def _write(self, r: Row):
@@ -126,7 +135,7 @@ class CsvWriter(Writer):
 
 class KaggleWriter(Writer):
     def _open(self):
-        self.w = csv.writer(self.f, lineterminator="\n")
+        self.w = _CsvRows(self.f)
         self.w.writerow(["id", "label"])
 
     def _write(self, r: Row):

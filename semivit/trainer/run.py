@@ -23,6 +23,7 @@ from semivit.data import folds as foldmod
 from semivit.data.dataset import Decoded, decode_many
 from semivit.data.layout import LabeledSet, load_train, unlabeled_pool
 from semivit.errors import UserError
+from semivit.safe_io import path_text
 from semivit.progress import progress_bar
 from semivit.utils import atomic_write_text, info, resolve_device, warn
 
@@ -135,9 +136,9 @@ class Run:
 
     def rel(self, path: Path) -> str:
         try:
-            return Path(path).relative_to(self.data).as_posix()
+            return path_text(Path(path).relative_to(self.data).as_posix())
         except ValueError:
-            return str(path)
+            return path_text(str(path))
 
     def _record_skipped(self, dec: Decoded, root: Path) -> None:
         from semivit.trainer.distributed import is_main
