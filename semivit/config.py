@@ -405,7 +405,10 @@ def save(cfg: Config, path: Path, extra: Optional[dict] = None) -> None:
     """Write the resolved config with the package versions and the seed (RUN/config.yaml)."""
     from semivit.utils import atomic_write_text
 
+    from semivit.kinds import RUN_FORMAT
+
     doc = {
+        "format": RUN_FORMAT,  # what makes RUN a semivit run (semivit.kinds), not the file name
         "config": cfg.model_dump(mode="json"),
         "seed": cfg.seed,
         **(extra or {}),
@@ -419,9 +422,19 @@ def load(path: Path) -> Config:
     return _validate(load_yaml(path), f"config file {path}")
 
 
+def saved_run_config(saved: dict, path: Path) -> Config:
+    """The Config of a RUN/config.yaml already recognised by semivit.kinds.read_run_yaml."""
+    try:
+        return Config.model_validate(saved["config"])
+    except ValidationError as e:  # a damaged config, or one from a newer semivit
+        raise UserError(f"{path}: the saved run config does not load ({' '.join(str(e).split())[:200]})") from None
+
+
 def load_run_config(run_dir: Path) -> tuple[Config, Path]:
+    from semivit.kinds import read_run_yaml
+
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise UserError(f"{run_dir} is not a semivit run (no config.yaml)")
-    saved = yaml.safe_load(path.read_text()) or {}
-    return Config.model_validate(saved.get("config", {})), Path(saved.get("data", "."))
+    saved = read_run_yaml(run_dir)
+    return saved_run_config(saved, path), Path(saved.get("data", "."))

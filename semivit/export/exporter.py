@@ -193,18 +193,27 @@ def export_run(run: Path, out: Optional[Path] = None, trt: bool = False, int8: b
 
 def _up_to_date(run: Path, out: Path, tta: bool, int8: bool, trt: bool, candidates: str = "none") -> bool:
     """EXPORT was made from this very ensemble.json with the options asked for now, so running
-    the same command again (a re-run quickstart, a script) is a no-op instead of an error."""
+    the same command again (a re-run quickstart, a script) is a no-op instead of an error.  An
+    export whose meta.json or files no longer match their recorded sha256 is never "up to date":
+    that is an error naming the file (semivit.integrity), and ``--force`` rebuilds it."""
+    from semivit import integrity
     from semivit.utils import read_json
 
     try:
         meta = read_json(out / "meta.json")
     except (OSError, ValueError):
         return False
-    return (meta.get("source_ensemble_sha256") == sha256_file(run / "ensemble.json")
+    if not isinstance(meta, dict):
+        return False
+    same = (meta.get("source_ensemble_sha256") == sha256_file(run / "ensemble.json")
             and bool(meta.get("tta")) == tta
             and (not int8 or bool((meta.get("int8") or {}).get("accepted")))
             and (not trt or bool(meta.get("tensorrt")))
             and ((meta.get("serving") or {}).get("selection") or "none") == candidates)
+    if same:
+        integrity.check_meta(out, meta)
+        integrity.check_files(out, meta)
+    return same
 
 
 def _check_out(run: Path, out: Path, force: bool) -> None:

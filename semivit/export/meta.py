@@ -5,7 +5,9 @@ Keys a consumer can rely on (format ``semivit-export/1``): ``classes``, ``img_si
 ``std``, ``input``, ``outputs``, ``tta``, ``members`` (name, weight, val_macro_f1, stage, fold),
 ``levels`` (see :mod:`semivit.export.levels`), ``level_members``, ``verification`` (per level),
 ``int8`` (null or the INT8 report; ``int8.file`` is null when refused), ``tensorrt`` (null or the
-engine.json fields), ``source_run``, ``opset``, ``exporter``, ``files`` ({relative path: sha256}).
+engine.json fields), ``source_run``, ``opset``, ``exporter``, ``files`` ({relative path: sha256}),
+``meta_sha256`` (of meta.json's own content; checked with the files by :mod:`semivit.integrity`
+before an export is served or called up to date).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
+from semivit import integrity
 from semivit.utils import atomic_write_json, read_format_json, read_json, sha256_file
 
 EXPORT_FORMAT = "semivit-export/1"
@@ -30,15 +33,17 @@ def file_hashes(export_dir: Path) -> dict[str, str]:
 
 
 def write_meta(export_dir: Path, doc: dict) -> dict:
-    doc = {"format": EXPORT_FORMAT, **doc, "files": file_hashes(export_dir)}
+    doc = integrity.seal({"format": EXPORT_FORMAT, **doc, "files": file_hashes(export_dir)})
     atomic_write_json(Path(export_dir) / META, doc)
     return doc
 
 
 def read_meta(export_dir: Path) -> dict:
     path = Path(export_dir) / META
-    return read_format_json(path, EXPORT_FORMAT, f"{export_dir} is not a semivit export (no {META}; run `ssl export RUN`)",
-                            f"{path} is not a {EXPORT_FORMAT} file")
+    doc = read_format_json(path, EXPORT_FORMAT, f"{export_dir} is not a semivit export (no {META}; run `ssl export RUN`)",
+                           f"{path} is not a {EXPORT_FORMAT} file")
+    integrity.check_meta(export_dir, doc)
+    return doc
 
 
 def check_files(export_dir: Path) -> list[str]:
@@ -66,4 +71,4 @@ def refresh_hashes(export_dir: Path, names: Iterable[str]) -> None:
             doc["files"][rel] = sha256_file(p)
     if (Path(export_dir) / "engine.json").is_file():
         doc["tensorrt"] = read_json(Path(export_dir) / "engine.json")
-    atomic_write_json(path, doc)
+    atomic_write_json(path, integrity.seal(doc))

@@ -72,9 +72,7 @@ def _check_inputs(registry: Path, inbox: Path, overrides: list[str]) -> tuple[Pa
     inbox = Path(inbox)
     if not inbox.is_dir():
         raise UserError(f"inbox directory not found: {inbox}")
-    cur = reg.current_version(registry)
-    if cur is None:
-        raise UserError(f"{registry} has no current version: promote one with `ssl models promote VERSION`")
+    cur = reg.require_current(registry)
     candidate_config(registry / cur / "run", overrides)  # bad --set: fail before anything changes
     return registry, inbox
 
@@ -153,29 +151,26 @@ def refresh_cli(registry: Path, inbox: Path, every: Optional[str] = None, min_ne
     period = parse_duration(every) if every else None
     _check_inputs(registry, inbox, overrides)
     with StopFlag() as stop:
-        if period is None:
-            try:
+        try:
+            if period is None:
                 refresh_once(registry, inbox, min_new=min_new, tolerance=tolerance, overrides=overrides, stop=stop)
-            except StopRequested as e:
+                return 0
+            info(f"refresh every {every} ({period:.0f}s, start to start) on {registry}; SIGINT/SIGTERM stops it")
+            while True:
+                start = time.monotonic()
+                try:
+                    refresh_once(registry, inbox, min_new=min_new, tolerance=tolerance, overrides=overrides,
+                                 stop=stop)
+                except (RegistryBusy, LowDiskSpace, UserError) as e:
+                    warn(f"refresh skipped: {e}")
+                except Exception as e:  # noqa: BLE001 - a scheduler keeps going; the next run retries
+                    if os.environ.get("SEMIVIT_DEBUG"):
+                        raise
+                    warn(f"refresh failed: {type(e).__name__}: {e} (recorded in history.jsonl; retrying next time)")
+                stop.sleep(max(0.0, period - (time.monotonic() - start)))
+        except StopRequested as e:
+            if period is None:
                 warn(f"refresh stopped by {e}: the registry is consistent; the next refresh redoes the rest")
                 return 130
+            info(f"refresh loop stopped by {e}")
             return 0
-        info(f"refresh every {every} ({period:.0f}s, start to start) on {registry}; SIGINT/SIGTERM stops it")
-        while True:
-            start = time.monotonic()
-            try:
-                refresh_once(registry, inbox, min_new=min_new, tolerance=tolerance, overrides=overrides, stop=stop)
-            except StopRequested:
-                break
-            except (RegistryBusy, LowDiskSpace, UserError) as e:
-                warn(f"refresh skipped: {e}")
-            except Exception as e:  # noqa: BLE001 - a scheduler keeps going; the next run retries
-                if os.environ.get("SEMIVIT_DEBUG"):
-                    raise
-                warn(f"refresh failed: {type(e).__name__}: {e} (recorded in history.jsonl; retrying next time)")
-            try:
-                stop.sleep(max(0.0, period - (time.monotonic() - start)))
-            except StopRequested:
-                break
-        info(f"refresh loop stopped by {stop.requested}")
-        return 0

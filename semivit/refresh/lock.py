@@ -39,8 +39,12 @@ class LowDiskSpace(UserError):
     exit_code = EXIT_LOW_DISK
 
 
-class StopRequested(Exception):
-    """SIGINT/SIGTERM arrived; raised between steps, where stopping leaves everything consistent."""
+class StopRequested(BaseException):
+    """SIGINT/SIGTERM arrived: raised at once, from the signal handler, wherever the refresh is.
+    That is safe because every step already survives a SIGKILL at any point (and here the
+    ``finally`` blocks still run: temporary files removed, the lock released).  A BaseException,
+    like KeyboardInterrupt, so that no ``except Exception`` on the way (one bad file must not
+    stop the others...) can swallow it."""
 
 
 def _pid_alive(pid: int) -> bool:
@@ -111,8 +115,11 @@ def _read_holder(fd: int) -> dict:
 # ---------------------------------------------------------------- clean stops between steps
 
 class StopFlag:
-    """Installs SIGINT/SIGTERM handlers: the first signal asks for a stop at the next step
-    boundary (:meth:`check` raises :class:`StopRequested`), a second one stops at once."""
+    """Installs SIGINT/SIGTERM handlers that stop the refresh promptly: the handler raises
+    :class:`StopRequested` in the main thread, which unwinds whatever it was doing (a training
+    epoch, a decode, a wait) through its ``finally`` blocks, so the lock is released and nothing
+    half-written stays visible within moments -- what systemd's ``TimeoutStopSec`` or
+    ``timeout`` expect.  :meth:`check` raises it again wherever the first one was swallowed."""
 
     def __init__(self):
         self.requested: Optional[str] = None
@@ -120,11 +127,11 @@ class StopFlag:
 
     def _handler(self, signum, frame):
         name = signal.Signals(signum).name
-        if self.requested:
-            raise KeyboardInterrupt(name)
+        first = not self.requested
         self.requested = name
-        warn(f"{name}: stopping after the current step (send it again to stop at once; "
-             "a stop at any point leaves the registry consistent)")
+        if first:
+            warn(f"{name}: stopping now (the registry stays consistent; the next refresh redoes the rest)")
+        raise StopRequested(name)
 
     def __enter__(self) -> "StopFlag":
         for s in (signal.SIGINT, signal.SIGTERM):

@@ -69,9 +69,9 @@ def parse_version(text: str) -> str:
 
 
 def require_registry(registry: Path) -> Path:
-    registry = Path(registry)
-    if not registry.is_dir():
-        raise UserError(f"registry not found: {registry}")
+    from semivit.kinds import require_registry as recognise
+
+    registry = recognise(Path(registry))
     if not versions(registry) and current_version(registry) is None:
         raise UserError(f"{registry} holds no model versions (create the first one with "
                         f"`ssl train DATA --registry {registry}`)")
@@ -219,6 +219,19 @@ def current_version(registry: Path) -> Optional[str]:
     if not cur.is_symlink():
         return None
     return Path(os.readlink(cur)).name
+
+
+def require_current(registry: Path) -> str:
+    """The current version, which must exist: one line for a missing or dangling ``current``."""
+    registry = Path(registry)
+    cur = current_version(registry)
+    if cur is None:
+        raise UserError(f"{registry} has no current version: promote one with "
+                        f"`ssl models promote VERSION --registry {registry}`")
+    if not (registry / cur).is_dir():
+        raise UserError(f"{registry}: current points at {cur}, which does not exist (a dangling link); "
+                        f"promote an existing version with `ssl models promote VERSION --registry {registry}`")
+    return cur
 
 
 def _switch_link(registry: Path, version: str) -> None:

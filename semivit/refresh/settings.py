@@ -59,11 +59,16 @@ def load_settings(registry: Path) -> Settings:
 
 
 def init_registry(registry: Path) -> Path:
+    """Create a registry, or reuse an existing one; a folder that is not a registry is refused
+    (semivit.kinds) before anything is written into it."""
+    from semivit.kinds import REGISTRY_FORMAT, require_registry_or_new
+
     registry = Path(registry)
+    require_registry_or_new(registry)
     registry.mkdir(parents=True, exist_ok=True)
     if not (registry / "registry.yaml").exists():
         s = Settings()
-        doc = {"format": "semivit-registry/1", "holdout": s.holdout, "min_free_mb": s.min_free_mb,
+        doc = {"format": REGISTRY_FORMAT, "holdout": s.holdout, "min_free_mb": s.min_free_mb,
                "export": {"tta": s.export_tta, "trt": s.export_trt, "int8": s.export_int8}}
         atomic_write_text(registry / "registry.yaml", SETTINGS_HEADER + yaml.safe_dump(doc, sort_keys=False))
     return registry

@@ -44,6 +44,7 @@ from typing import Callable, Optional, Union
 import numpy as np
 
 from semivit.errors import UserError
+from semivit.integrity import ExportTampered
 from semivit.serve.resolve import ModelRef, resolve_model_dir
 from semivit.utils import cpu_count, cpu_name, warn
 
@@ -102,6 +103,7 @@ class Backend:
         if i not in self.load_seconds:
             import time
 
+            self._check_file(self.levels[i])
             t = time.perf_counter()
             self._activate(i)
             self.load_seconds[i] = time.perf_counter() - t
@@ -112,6 +114,14 @@ class Backend:
     def load_estimate(self, i: int) -> float:
         """Seconds that ``set_level(i)`` is expected to take (0 when already loaded)."""
         return 0.0
+
+    def _check_file(self, level: "Level") -> None:
+        """A graph/engine of an export is hashed right before its first load and must match
+        meta.json's ``files`` (semivit.integrity) - whichever backend loads it."""
+        if level.file and self.ref.export_dir is not None and level.file in (self.ref.meta.get("files") or {}):
+            from semivit.integrity import check_files
+
+            check_files(self.ref.export_dir, self.ref.meta, [level.file])
 
     def describe(self) -> str:
         return self.name
@@ -289,7 +299,7 @@ def open_backend(model: Union[Path, str, ModelRef], name: str = "auto", **option
             backend.why = _choice_reason(ref, n) if name == "auto" else None
             return backend
         except UserError as e:
-            if name != "auto":
+            if name != "auto" or isinstance(e, ExportTampered):  # a tampered export is refused, not worked around
                 raise
             failures.append(f"{n}: {e}")
             if i + 1 < len(names):

@@ -117,6 +117,7 @@ class OrtBackend(Backend):
         if len(inputs) != 1 or inputs[0].type != "tensor(uint8)":
             raise BackendUnavailable(f"{path}: expected one uint8 input (images NHWC), got "
                                      + ", ".join(f"{x.name}:{x.type}" for x in inputs))
+        _check_shapes(path, inputs[0].shape, sess.get_outputs()[0].shape, self.img_size, len(self.classes))
         outs = [o.name for o in sess.get_outputs()]
         names = ["probs", "label"] if {"probs", "label"} <= set(outs) else outs[:2]
         dt = time.perf_counter() - t
@@ -151,6 +152,19 @@ class OrtBackend(Backend):
 
     def close(self) -> None:
         self._sessions.clear()
+
+
+def _check_shapes(path, in_shape, out_shape, size: int, n_classes: int) -> None:
+    """The graph must take the img_size and give the classes that meta.json names: a mismatch is
+    a bad model (one line at load), not an "inference failed" error row for every image."""
+    dims = [d if isinstance(d, int) else None for d in (in_shape or [])]
+    if len(dims) == 4 and dims[1:3] != [None, None] and dims[1:3] != [size, size]:
+        raise BackendUnavailable(f"bad model: {path} takes {dims[1]}x{dims[2]} images but meta.json says "
+                                 f"img_size {size}")
+    outs = [d if isinstance(d, int) else None for d in (out_shape or [])]
+    if len(outs) == 2 and outs[1] is not None and outs[1] != n_classes:
+        raise BackendUnavailable(f"bad model: {path} gives {outs[1]} class probabilities but meta.json names "
+                                 f"{n_classes} classes")
 
 
 @register_backend("onnxruntime-cpu")

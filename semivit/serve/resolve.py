@@ -58,6 +58,10 @@ def _read_doc(path: Path, what: str) -> dict:
         raise UserError(f"cannot read the model: {path} lacks classes/img_size") from None
     if not classes or size <= 0:
         raise UserError(f"cannot read the model: {path} has no classes or a bad img_size")
+    if path.name == "meta.json":  # an edited meta.json (a renamed class, a size) is refused, not served
+        from semivit.integrity import check_meta
+
+        check_meta(path.parent, doc)
     return doc
 
 
@@ -85,7 +89,8 @@ def _read_current(registry: Path) -> tuple[Path, str]:
     else:
         raise UserError(f"registry {registry}: 'current' is neither a link nor a pointer file")
     if not vdir.is_dir():
-        raise UserError(f"registry {registry}: current points at {name}, which does not exist")
+        raise UserError(f"registry {registry}: current points at {name}, which does not exist (a dangling "
+                        f"link; promote an existing version with `ssl models promote VERSION --registry {registry}`)")
     return vdir, name
 
 
@@ -141,4 +146,9 @@ def resolve_model_dir(path: Optional[Path]) -> ModelRef:
         ref = _plain(vdir)
         ref.path, ref.registry, ref.version = path, path, version
         return ref
+    from semivit.kinds import is_registry
+
+    if is_registry(path):
+        raise UserError(f"registry {path} has no current version yet: promote one with "
+                        f"`ssl models promote VERSION --registry {path}`")
     return _plain(path)

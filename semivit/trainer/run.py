@@ -23,6 +23,7 @@ from semivit.data import folds as foldmod
 from semivit.data.dataset import Decoded, decode_many
 from semivit.data.layout import LabeledSet, load_train, unlabeled_pool
 from semivit.errors import UserError
+from semivit.kinds import require_run_or_new
 from semivit.safe_io import path_text
 from semivit.progress import progress_bar
 from semivit.utils import atomic_write_text, info, resolve_device, warn
@@ -198,9 +199,9 @@ def open_run(out: Optional[Path], cfg: cfgmod.Config, data: Optional[Path], crea
         out = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     out = Path(out)
     cfg_path = out / "config.yaml"
-    if cfg_path.is_file():
-        saved = yaml.safe_load(cfg_path.read_text()) or {}
-        old_cfg = cfgmod.Config.model_validate(saved.get("config", {}))
+    saved = require_run_or_new(out)  # a foreign config.yaml or a non-empty folder: one line, nothing written
+    if saved is not None:
+        old_cfg = cfgmod.saved_run_config(saved, cfg_path)
         if _comparable(old_cfg) != _comparable(cfg):
             diff = _first_difference(_comparable(old_cfg), _comparable(cfg))
             raise UserError(f"{out} holds a run with a different config ({diff}); use a new --out to start another run")
@@ -210,8 +211,6 @@ def open_run(out: Optional[Path], cfg: cfgmod.Config, data: Optional[Path], crea
     elif not create:
         raise UserError(f"{out} has no config.yaml: rank 0 did not create the run (is RUN on a file system "
                         f"every rank sees?)")
-    elif out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} exists and is not a semivit run; choose a new --out (nothing was changed)")
     else:
         out.mkdir(parents=True, exist_ok=True)
         extra = {"data": str(data)}
