@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
@@ -80,12 +81,20 @@ def cli_errors(fn):
         except Exception as e:  # noqa: BLE001 - the last line of defence
             if os.environ.get("SEMIVIT_DEBUG"):
                 raise
+            if isinstance(e, OSError) and e.errno in _FULL:
+                where = f" writing {e.filename}" if e.filename else ""
+                typer.secho(f"error: {e.strerror}{where}: the disk, quota or file-size limit is full; no output "
+                            "was half-written (outputs are renamed into place only when complete)", fg="red", err=True)
+                raise typer.Exit(1) from None
             msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
             typer.secho(f"error: {type(e).__name__}: {msg} (set SEMIVIT_DEBUG=1 for the traceback)",
                         fg="red", err=True)
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 class Preset(str, Enum):

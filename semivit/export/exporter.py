@@ -219,7 +219,12 @@ def _up_to_date(run: Path, out: Path, tta: bool, int8: bool, trt: bool, candidat
 def _check_out(run: Path, out: Path, force: bool) -> None:
     """EXPORT may be replaced only with --force, and only when it is an export (or empty):
     ``--force`` must never delete a run, its parent, or an unrelated directory."""
+    from semivit.safe_io import check_writable_dir
+
+    check_writable_dir(out.parent, f"--out {out}")  # before minutes of work, not after
     if not out.exists():
+        if out.is_symlink():
+            raise UserError(f"--out {out} is a dangling symlink; not replacing it (remove it or choose another --out)")
         return
     if not force:
         raise UserError(f"{out} already exists; use --force to replace it (nothing was changed)")

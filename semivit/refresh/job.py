@@ -72,6 +72,10 @@ def _check_inputs(registry: Path, inbox: Path, overrides: list[str]) -> tuple[Pa
     inbox = Path(inbox)
     if not inbox.is_dir():
         raise UserError(f"inbox directory not found: {inbox}")
+    r, i = registry.resolve(), inbox.resolve()
+    if r == i or i in r.parents:  # the versions' report/UMAP PNGs would be ingested as field images
+        raise UserError(f"the registry {registry} is inside the inbox {inbox}: its own files would be read as "
+                        "new images; keep them apart")
     cur = reg.require_current(registry)
     candidate_config(registry / cur / "run", overrides)  # bad --set: fail before anything changes
     return registry, inbox

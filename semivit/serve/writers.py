@@ -83,17 +83,35 @@ class Writer:
         self.f.flush()
 
     def write(self, row: Row) -> None:
-        self._write(row)
+        with self._naming():
+            self._write(row)
         self.rows += 1
 
     def flush(self) -> None:
-        self.f.flush()
+        with self._naming():
+            self.f.flush()
+
+    def _naming(self):
+        """A full disk (ENOSPC, EDQUOT, EFBIG) is reported for the output it hit, not a temp file."""
+        from contextlib import contextmanager
+
+        @contextmanager
+        def ctx():
+            try:
+                yield
+            except OSError as e:
+                if e.filename is not None:
+                    raise
+                raise OSError(e.errno, e.strerror, str(self.out)) from None
+
+        return ctx()
 
     def commit(self, summary: Optional[dict] = None) -> None:
-        self._close(summary or {})
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
+        with self._naming():
+            self._close(summary or {})
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            self.f.close()
         mask = os.umask(0o022)
         os.umask(mask)
         os.chmod(self.tmp, 0o666 & ~mask)
@@ -103,6 +121,8 @@ class Writer:
     def abort(self) -> None:
         try:
             self.f.close()
+        except OSError:  # the buffer cannot be flushed (the full disk that made us abort): drop it
+            pass
         finally:
             self.tmp.unlink(missing_ok=True)
 

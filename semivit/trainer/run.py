@@ -9,6 +9,7 @@ RUN/stage3/fold{k}/   RUN/pretrain/   RUN/ensemble.json   RUN/report.md
 from __future__ import annotations
 
 import csv
+import os
 import time
 from dataclasses import dataclass
 from functools import cached_property
@@ -198,6 +199,7 @@ def open_run(out: Optional[Path], cfg: cfgmod.Config, data: Optional[Path], crea
     if out is None:
         out = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     out = Path(out)
+    _refuse_inside_images(out, data)
     cfg_path = out / "config.yaml"
     saved = require_run_or_new(out)  # a foreign config.yaml or a non-empty folder: one line, nothing written
     if saved is not None:
@@ -226,3 +228,14 @@ def _first_difference(a, b, prefix="") -> str:
             if a.get(k) != b.get(k):
                 return _first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
     return f"{prefix.rstrip('.')}: {a!r} -> {b!r}"
+
+
+def _refuse_inside_images(out: Path, data: Path) -> None:
+    """RUN inside DATA's image folders would feed the run's own PNGs (report, UMAP, confusion
+    matrices) back in as training or unlabeled images on the next run."""
+    where = Path(os.path.abspath(out))
+    for sub in ("train", "unlabeled", "test"):
+        d = data / sub
+        if d.is_dir() and (where == d or d in where.parents or d.resolve() in where.resolve().parents):
+            raise UserError(f"--out {out} is inside {d}: the run's PNGs would be read as images by the next run; "
+                            "put the run elsewhere")
