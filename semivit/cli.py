@@ -170,6 +170,10 @@ def train(
         overrides=set_ or [],
         **{"device": device.value if device else None, "seed": seed},
     )
+    if registry is not None:  # a foreign --registry is refused now, not after the training
+        from semivit.kinds import require_registry_or_new
+
+        require_registry_or_new(registry)
     from semivit.trainer.pipeline import run_training
 
     run = run_training(data=data, out=out, cfg=cfg, stages=stages)
