@@ -46,8 +46,8 @@ def decode_many(paths: Sequence[Path], size: int, workers: int = 0,
             return i, str(e)
 
     workers = workers or cpu_count()
-    pool = ThreadPoolExecutor(max_workers=workers)
-    try:
+    # (a stop signal while waiting here closes pool.map's iterator, which cancels the queued files)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
         for i, err in pool.map(work, range(n)):
             if err is None:
                 good[i] = True
@@ -55,10 +55,6 @@ def decode_many(paths: Sequence[Path], size: int, workers: int = 0,
                 failures.append((Path(paths[i]), err))
             if progress:
                 progress(1)
-    except BaseException:  # a stop signal (refresh) or Ctrl-C: drop the queued files, do not decode them all first
-        pool.shutdown(wait=True, cancel_futures=True)
-        raise
-    pool.shutdown(wait=True)
     ok = np.flatnonzero(good)
     return Decoded(out[ok] if len(ok) < n else out, ok, failures)
 

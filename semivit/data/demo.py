@@ -79,6 +79,9 @@ def write_demo(out: Path, labeled_fraction: float = 0.2, seed: int = 0,
         if isinstance(doc, dict) and doc.get("params") == params and "counts" in doc:
             return doc["counts"]
         raise UserError(f"{out} exists and is not empty; choose another directory (nothing was changed)")
+    from semivit.safe_io import check_writable_dir
+
+    check_writable_dir(out, f"the demo data {out}")  # a read-only place: one line before any image is written
 
     from sklearn.model_selection import train_test_split  # slow import: not on the error paths
 
