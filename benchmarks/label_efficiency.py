@@ -61,7 +61,7 @@ from semivit.data.demo import CLASS_NAMES, write_demo  # noqa: E402
 from semivit.data.layout import load_eval  # noqa: E402
 from semivit.evaluate import classification_metrics  # noqa: E402
 from semivit.models.ensemble import ensemble_weights, members_from_stages  # noqa: E402
-from semivit.models.networks import load_checkpoint  # noqa: E402
+from semivit.models.checkpoint import load_checkpoint  # noqa: E402
 from semivit.trainer.infer import predict_arrays  # noqa: E402
 from semivit.trainer.pipeline import run_training  # noqa: E402
 from semivit.trainer.run import open_run  # noqa: E402
@@ -182,11 +182,11 @@ class Scorer:
     def member_probs(self, run_dir: Path, m: dict) -> np.ndarray:
         key = str(Path(run_dir) / m["path"])
         if key not in self.cache:
-            model, meta = load_checkpoint(Path(run_dir) / m["path"])
-            self.cache[key] = predict_arrays(model, self._inputs(model), tta=True)
+            model, doc = load_checkpoint(Path(run_dir) / m["path"])
+            self.cache[key] = predict_arrays(model, self._inputs(model, int(doc["model"]["img_size"])), tta=True)
         return self.cache[key]
 
-    def _inputs(self, model):
+    def _inputs(self, model, size: int):
         """The split's images at the model's size, or their frozen-stem features (computed once
         per distinct stem)."""
         import hashlib
@@ -196,7 +196,7 @@ class Scorer:
         from semivit.models.networks import frozen_stem
         from semivit.trainer.stem_cache import features
 
-        images = self._images(int(getattr(model, "img_size", 0) or self.size))
+        images = self._images(size)
         stem = frozen_stem(model)
         if stem is None:
             return images
@@ -273,8 +273,9 @@ def lite0_sets(size: int, lr: float, sets: list[str]) -> list[str]:
 
 
 def lite0_lr(work: Path, tag: str, data: Path, preset: str, size: int, sets: list[str], folds_from: Path) -> float:
-    """(f)'s learning rate: the grid value with the best mean validation macro F1 on folds 0-1
-    of seed 0 (chosen once per dataset, fraction and resolution; recorded in --work)."""
+    """(f)'s learning rate: the grid value with the best mean validation macro F1 on folds 0-1 of
+    the labeled pool of the first seed measured (chosen once per dataset, fraction and
+    resolution; recorded in --work).  Validation folds only: never the dev or test split."""
     from semivit.trainer.folds import train_fold
 
     rec = work / f"lite0-lr-{tag}-r{size}.json"
@@ -303,7 +304,7 @@ def run_lite0(work: Path, tag: str, runs: Path, data: Path, preset: str, seed: i
               folds_from: Path, sc: Scorer) -> dict:
     from semivit.trainer.folds import run_stage
 
-    lr = lite0_lr(work, tag.rsplit("-s", 1)[0], data if seed == 0 else data, preset, size, sets, folds_from)
+    lr = lite0_lr(work, tag.rsplit("-s", 1)[0], data, preset, size, sets, folds_from)
     F = runs / f"F{size}"
     cfg = cfg_for(preset, seed, lite0_sets(size, lr, sets))
     if not (F / "config.yaml").exists():
@@ -319,55 +320,75 @@ def run_lite0(work: Path, tag: str, runs: Path, data: Path, preset: str, seed: i
 
 
 # ----------------------------------------------------------------------------- one (dataset, fraction, seed)
-def bench_one(args, fraction: float, seed: int) -> dict:
-    work, preset, sets, split = args.work, args.preset, args.sets, args.split
+def prepare(args, fraction: float, seed: int) -> Path:
     if args.dataset == "elpv":
-        data = prepare_elpv(work, fraction, seed, args.test_seed)
-    else:
-        data = prepare_mnist(work, int(fraction), seed, args.test_seed)
+        return prepare_elpv(args.work, fraction, seed, args.test_seed)
+    return prepare_mnist(args.work, int(fraction), seed, args.test_seed)
+
+
+def bench_one(args, fraction: float, seed: int) -> dict:
+    """Train what is missing for one (fraction, seed) and score every arm on dev AND test.
+
+    Stage 1 (run A) is shared: every semi-supervised candidate is a run that copies A's folds and
+    stage-1 models and trains its own stage 2-3, so candidates differ only in the method.  The
+    control (g) is trained last, for as many steps as the most expensive candidate's stage 3.
+    """
+    work, preset, sets = args.work, args.preset, args.sets
+    data = prepare(args, fraction, seed)
     tag = f"{args.dataset}-f{fraction:g}-s{seed}" + ("" if args.test_seed == TEST_SEED else f"-t{args.test_seed}")
-    res_path = work / f"result-{tag}-{split}.json"
-    res: dict = json.loads(res_path.read_text()) if res_path.exists() else {}
+    res_path = work / f"result-{tag}.json"
+    old: dict = json.loads(res_path.read_text()) if res_path.exists() else {}
     counts = read_json(data / "demo.json")["counts"]
-    res |= {"dataset": args.dataset, "fraction": fraction, "seed": seed, "split": split, "test_seed": args.test_seed,
-            "labeled": counts["train"] if isinstance(counts["train"], int) else sum(counts["train"].values())}
+    res: dict = {"dataset": args.dataset, "fraction": fraction, "seed": seed, "test_seed": args.test_seed,
+                 "labeled": counts["train"] if isinstance(counts["train"], int) else sum(counts["train"].values()),
+                 "dev": dict(old.get("dev", {})), "test": dict(old.get("test", {})), "runs": dict(old.get("runs", {}))}
     runs = work / f"runs-{tag}"
     base = cfg_for(preset, seed, sets)
     A = runs / "A"
     t0 = time.time()
-    run_training(data, A, base)
+    run_training(data, A, base, stages="supervised")
     classes = read_json(A / "ensemble.json")["classes"]
-    sc = Scorer(data / split, classes, base.model.img_size)
-    s1, s3 = stage_steps(A, "stage1"), stage_steps(A, "stage3")
-    res["a"] = sc.score(members(A, ["stage1"]), sum(s1)) | {"seconds": seconds(A, ["supervised"])}
-    res["b"] = sc.score(members(A, ["stage1", "stage3"]), sum(s1) + sum(s3)) | {"seconds": seconds(A)}
-    res["b_method"] = {"ssl.method": base.ssl.method, "pseudo.threshold_mode": base.pseudo.threshold_mode,
-                       "pseudo.soft": base.pseudo.soft}
-    res["pseudo_labels"] = pseudo_summary(A)
-    if "g" in args.arms:
-        # as many models, and per fold at least as many optimiser steps (and epochs) as (b)'s stage 3
-        n_train = int((np.asarray(read_json(A / "folds.json")["folds"]) != 0).sum())
-        per_epoch = max(1, n_train // base.train.batch_size)
-        need = max(s3) if s3 else base.train.epochs * per_epoch
-        g_epochs = max(base.train.epochs, math.ceil(need / per_epoch) + 1)
-        G = runs / "G"
-        gsets = sets + [f"train.epochs={g_epochs}", f"train.restart_epochs={g_epochs}", f"train.patience={g_epochs}"]
-        derived_run(G, cfg_for(preset, seed + 1000, gsets), data, A, ["folds.json"], "supervised")
-        gs = stage_steps(G, "stage1")
-        assert not s3 or min(gs) >= max(s3), f"control has fewer steps ({gs}) than (b)'s stage 3 ({s3})"
-        res["g"] = sc.score(members(A, ["stage1"]) + members(G, ["stage1"]), sum(s1) + sum(gs)) | {
-            "seconds": seconds(A, ["supervised"]) + seconds(G, ["supervised"]), "epochs_second_five": g_epochs}
+    scorers = {split: Scorer(data / split, classes, base.model.img_size) for split in ("dev", "test")}
+
+    def score(arm: str, pairs, steps: int, **info) -> None:
+        for split, sc in scorers.items():
+            res[split][arm] = sc.score(pairs, steps) | info
+
+    s1 = stage_steps(A, "stage1")
+    score("a", members(A, ["stage1"]), sum(s1), seconds=seconds(A, ["supervised"]))
+    stage3_steps = []
     for name, overrides in args.candidates:
         C = derived_run(runs / f"C-{name}", cfg_for(preset, seed, sets + overrides), data, A,
                         ["folds.json", "stage1"], "pseudo,retrain")
         cs = stage_steps(C, "stage3")
-        res[f"cand_{name}"] = sc.score(members(C, ["stage1", "stage3"]), sum(s1) + sum(cs)) | {
-            "seconds": seconds(A, ["supervised"]) + seconds(C), "overrides": overrides,
-            "pseudo_labels": pseudo_summary(C)}
+        stage3_steps += cs
+        score(f"cand_{name}", members(C, ["stage1", "stage3"]), sum(s1) + sum(cs),
+              seconds=seconds(A, ["supervised"]) + seconds(C))
+        res["runs"][f"cand_{name}"] = {"overrides": overrides, "pseudo_labels": pseudo_summary(C),
+                                       "stage3_steps": cs}
     if "f" in args.arms:
         for size in args.lite0_sizes:
-            res |= run_lite0(work, tag, runs, data, preset, seed, size, sets, A / "folds.json", sc)
-    res["wall_seconds"] = round(res.get("wall_seconds", 0) + time.time() - t0, 1)
+            if size != args.lite0_sizes[0] and seed not in args.lite0_extra_seeds:
+                continue
+            for split, sc in scorers.items():
+                res[split] |= run_lite0(work, tag, runs, data, preset, seed, size, sets, A / "folds.json", sc)
+    if "g" in args.arms and stage3_steps:
+        # as many models, and per fold at least as many optimiser steps (and epochs) as the most
+        # expensive candidate's stage-3 fold
+        n_train = int(min((np.asarray(read_json(A / "folds.json")["folds"]) != k).sum() for k in range(base.cv.folds)))
+        per_epoch = max(1, n_train // base.train.batch_size)
+        need = max(stage3_steps)
+        g_epochs = max(base.train.epochs, math.ceil(need / per_epoch))
+        G = runs / "G"
+        gsets = sets + [f"train.epochs={g_epochs}", f"train.restart_epochs={g_epochs}", f"train.patience={g_epochs}"]
+        derived_run(G, cfg_for(preset, seed + 1000, gsets), data, A, ["folds.json"], "supervised")
+        gs = stage_steps(G, "stage1")
+        if min(gs) < need:
+            raise SystemExit(f"error: the control took fewer steps ({gs}) than a candidate's stage 3 ({need})")
+        score("g", members(A, ["stage1"]) + members(G, ["stage1"]), sum(s1) + sum(gs),
+              seconds=seconds(A, ["supervised"]) + seconds(G, ["supervised"]), epochs_second_five=g_epochs)
+        res["runs"]["g"] = {"epochs_second_five": g_epochs, "steps_per_fold": gs, "matched_to": need}
+    res["wall_seconds"] = round(old.get("wall_seconds", 0) + time.time() - t0, 1)
     res_path.write_text(json.dumps(res, indent=2) + "\n")
     return res
 
@@ -375,7 +396,7 @@ def bench_one(args, fraction: float, seed: int) -> dict:
 def bench_upper(args, seed: int) -> dict:
     if args.dataset != "elpv":
         return {}
-    cached = args.work / f"result-upper-elpv-s{seed}-{args.split}.json"
+    cached = args.work / f"result-upper-elpv-s{seed}.json"
     if cached.exists():
         return json.loads(cached.read_text())
     data_all = args.work / f"data-elpv-f1-s{seed}"
@@ -385,10 +406,7 @@ def bench_upper(args, seed: int) -> dict:
     t0 = time.time()
     run_training(data_all, E, cfg, stages="supervised")
     classes = read_json(E / "ensemble.json")["classes"]
-    # the dev split of the 10% data (same pool draw) is not in the all-labels training set only for
-    # the test split; for --split dev the upper bound is scored on the test split's images
-    split_dir = data_all / "test"
-    sc = Scorer(split_dir, classes, cfg.model.img_size)
+    sc = Scorer(data_all / "test", classes, cfg.model.img_size)
     res = sc.score(members(E, ["stage1"]), sum(stage_steps(E, "stage1"))) | {
         "seconds": seconds(E, ["supervised"]), "seed": seed, "wall_seconds": round(time.time() - t0, 1)}
     cached.write_text(json.dumps(res) + "\n")
@@ -410,7 +428,7 @@ def t_interval(diffs: list[float]) -> tuple[float, float, float]:
 
 def verdict(p: dict) -> str:
     a, b = p["a"], p["b"]
-    if p["n"] < 2 or not np.isfinite(p["ci_low"]):
+    if p["n"] < 2 or p["ci_low"] is None:
         return f"{a} - {b}: {p['diff_mean']:+.4f} at {p['n']} seed - one seed cannot show a difference: not demonstrated."
     ci = f"{p['diff_mean']:+.4f} (95% CI {p['ci_low']:+.4f} to {p['ci_high']:+.4f}, {p['n']} seeds)"
     if p["ci_low"] > 0:
@@ -420,31 +438,44 @@ def verdict(p: dict) -> str:
     return f"{a} - {b}: {ci} - the interval includes zero: not demonstrated."
 
 
-PAIRS = [("b", "g"), ("b", "f_best"), ("b", "a"), ("g", "a")]
-
-
-def arm_keys(rows: list[dict]) -> list[str]:
+def arm_keys(rows: list[dict], split: str) -> list[str]:
     keys = []
     for r in rows:
-        keys += [k for k in r if (k in ARM_LABELS or k.startswith("cand_")) and isinstance(r[k], dict)
-                 and "macro_f1" in r[k] and k not in keys]
-    return keys
+        keys += [k for k, v in r[split].items() if isinstance(v, dict) and "macro_f1" in v and k not in keys]
+    order = list(ARM_LABELS)
+    return sorted(keys, key=lambda k: (order.index(k) if k in order else len(order), k))
 
 
-def summarise(results: list[dict], upper: list[dict]) -> tuple[list, list, dict]:
+def choose_b(results: list[dict]) -> str | None:
+    """The semi-supervised method with the best mean DEV macro F1 over every (fraction, seed)
+    where all candidates ran: it becomes (b), the default ``ssl train`` (the test split plays no
+    part in the choice)."""
+    cands = sorted({k for r in results for k in r["dev"] if k.startswith("cand_")})
+    rows = [r for r in results if all(c in r["dev"] for c in cands)]
+    if not cands or not rows:
+        return None
+    return max(cands, key=lambda c: np.mean([r["dev"][c]["macro_f1"] for r in rows]))
+
+
+def summarise(results: list[dict], upper: list[dict], split: str, b: str | None) -> tuple[list, list, dict]:
     summary, paired, extra = [], [], {}
     for frac in sorted({r["fraction"] for r in results}):
         rows = sorted([r for r in results if r["fraction"] == frac], key=lambda r: r["seed"])
-        keys = arm_keys(rows)
-        f_keys = [k for k in keys if k.startswith("f")]
-        if f_keys:  # the best (f) by mean macro F1 over the seeds that have it
-            best = max(f_keys, key=lambda k: np.mean([r[k]["macro_f1"] for r in rows if k in r]))
+        for r in rows:
+            if b and b in r[split]:
+                r[split]["b"] = r[split][b] | {"method": b}
+        keys = arm_keys(rows, split)
+        f_keys = [k for k in keys if k.startswith("f") and k != "f_best"]
+        ex = extra.setdefault(f"{frac:g}", {"b": b})
+        if f_keys:  # the best (f) by mean DEV macro F1 over the seeds that have it
+            best = max(f_keys, key=lambda k: np.mean([r["dev"][k]["macro_f1"] for r in rows if k in r["dev"]]))
             for r in rows:
-                if best in r:
-                    r["f_best"] = r[best] | {"arm": best}
-            extra[f"{frac:g}"] = {"f_best": best}
-        for k in keys + (["f_best"] if f_keys else []) + (["e"] if upper else []):
-            vals = [r[k] for r in rows if k in r] if k != "e" else upper
+                if best in r[split]:
+                    r[split]["f_best"] = r[split][best] | {"arm": best}
+            ex["f_best"] = best
+            keys.append("f_best")
+        for k in keys + (["e"] if upper else []):
+            vals = [r[split][k] for r in rows if k in r[split]] if k != "e" else upper
             f1 = np.array([v["macro_f1"] for v in vals])
             acc = np.array([v["accuracy"] for v in vals])
             summary.append({"fraction": frac, "arm": k, "n_seeds": len(vals),
@@ -456,21 +487,22 @@ def summarise(results: list[dict], upper: list[dict]) -> tuple[list, list, dict]
                             "per_class_f1_mean": {c: round(float(np.mean([v["per_class_f1"][c] for v in vals])), 4)
                                                   for c in vals[0].get("per_class_f1", {})}})
         cands = [k for k in keys if k.startswith("cand_")]
-        for a, b in PAIRS + [(c, "b") for c in cands] + [(c, "g") for c in cands]:
-            both = [r for r in rows if a in r and b in r]
+        pairs = [("b", "g"), ("b", "f_best"), ("b", "a"), ("g", "a")] + [(c, "g") for c in cands]
+        for a, bb in pairs:
+            both = [r for r in rows if a in r[split] and bb in r[split]]
             if not both:
                 continue
-            diffs = [r[a]["macro_f1"] - r[b]["macro_f1"] for r in both]
+            diffs = [r[split][a]["macro_f1"] - r[split][bb]["macro_f1"] for r in both]
             m, lo, hi = t_interval(diffs)
-            paired.append({"fraction": frac, "a": a, "b": b, "n": len(both), "diff_mean": round(m, 4),
+            paired.append({"fraction": frac, "a": a, "b": bb, "n": len(both), "diff_mean": round(m, 4),
                            "ci_low": round(lo, 4) if np.isfinite(lo) else None,
                            "ci_high": round(hi, 4) if np.isfinite(hi) else None,
-                           "per_seed": {int(r["seed"]): round(d, 4) for r, d in zip(both, diffs)}})
-        if upper:
-            a_m = np.mean([r["a"]["macro_f1"] for r in rows])
-            b_m = np.mean([r["b"]["macro_f1"] for r in rows])
+                           "per_seed": {str(r["seed"]): round(d, 4) for r, d in zip(both, diffs)}})
+        if upper and b:
+            a_m = np.mean([r[split]["a"]["macro_f1"] for r in rows])
+            b_m = np.mean([r[split]["b"]["macro_f1"] for r in rows if "b" in r[split]])
             e_m = np.mean([u["macro_f1"] for u in upper])
-            extra.setdefault(f"{frac:g}", {})["gap_closed_by_b"] = round(float((b_m - a_m) / (e_m - a_m)), 3) if e_m != a_m else None
+            ex["gap_closed_by_b"] = round(float((b_m - a_m) / (e_m - a_m)), 3) if e_m != a_m else None
     return summary, paired, extra
 
 
@@ -497,46 +529,58 @@ def commit() -> str:
         return "unknown"
 
 
+def _table(summary: list[dict], frac: float) -> list[str]:
+    lines = ["| arm | macro F1 mean ± sd (ddof=1) | accuracy | seeds | optimiser steps | train s | per-class F1 |",
+             "|---|---|---|---|---|---|---|"]
+    for s in [s for s in summary if s["fraction"] == frac]:
+        sd = f" ± {s['macro_f1_sd']:.4f}" if s["macro_f1_sd"] is not None else ""
+        pc = ", ".join(f"{c} {v:.2f}" for c, v in s["per_class_f1_mean"].items())
+        lines.append(f"| {ARM_LABELS.get(s['arm'], s['arm'])} | {s['macro_f1_mean']:.4f}{sd} | {s['accuracy_mean']:.4f} | "
+                     f"{s['n_seeds']} | {s['steps_mean']:.0f} | {s['seconds_mean']:.0f} | {pc} |")
+    return lines
+
+
 def write_outputs(doc: dict, stem: Path) -> None:
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")
-    split = doc["split"]
-    what = "fraction of the training pool labeled" if doc["dataset"] == "elpv" else "labels per class"
-    lines = [f"# Label efficiency on {doc['dataset'].upper()} ({split} split, macro F1)", "",
+    what = "of the training pool labeled" if doc["dataset"] == "elpv" else "labels per class"
+    b = doc["b_method"]
+    lines = [f"# Label efficiency on {doc['dataset'].upper()}: do the unlabeled images pay?", "",
              f"Machine: {doc['machine']}. Commit `{doc['commit']}`. Preset `{doc['preset']}`"
              f"{' with ' + ', '.join(doc['overrides']) if doc['overrides'] else ''}; seeds {doc['seeds']} "
-             f"(the seed draws the labeled subset); fixed {split} split. "
-             f"Wall time {doc['wall_seconds'] / 60:.0f} min of training and scoring.", "",
-             "Reproduce: `" + doc["command"] + "`", ""]
-    if split == "dev":
-        lines += ["This is the DEV study: its numbers choose the methods and defaults; they are not test results.", ""]
+             f"(the seed draws the labeled subset; the test split is fixed). "
+             f"Wall time {doc['wall_seconds'] / 60:.0f} min of training and scoring "
+             f"(machine shared with other jobs: times are not speed measurements).", "",
+             "Reproduce: `" + doc["command"] + "`", "",
+             f"(b) = the semi-supervised method with the best mean DEV macro F1: **{b}** "
+             f"({', '.join(doc['candidates'].get(b, [])) or 'no overrides'}). The test split played no part in choosing it.", ""]
     for frac in doc["fractions"]:
-        rows = [s for s in doc["summary"] if s["fraction"] == frac]
         head = f"{frac:g} {what}" if doc["dataset"] != "elpv" else f"{float(frac):.0%} {what}"
-        lines += [f"## {head}", ""]
+        lines += [f"## {head}: test split (reported only)", ""]
         for p in [p for p in doc["paired"] if p["fraction"] == frac]:
             lines.append(f"- {verdict(p)}")
-        ex = doc.get("extra", {}).get(f"{frac:g}", {})
+        ex = doc["extra"].get(f"{frac:g}", {})
         if ex.get("f_best"):
-            lines.append(f"- best (f) on this split: {ARM_LABELS.get(ex['f_best'], ex['f_best'])}")
+            lines.append(f"- (f_best), chosen on dev: {ARM_LABELS.get(ex['f_best'], ex['f_best'])}")
         if ex.get("gap_closed_by_b") is not None:
             lines.append(f"- share of the (a) -> (e) gap closed by (b): {ex['gap_closed_by_b']}")
-        lines += ["", "| arm | macro F1 mean ± sd (ddof=1) | accuracy | seeds | optimiser steps | train s | per-class F1 |",
-                  "|---|---|---|---|---|---|---|"]
-        for s in rows:
-            sd = f" ± {s['macro_f1_sd']:.4f}" if s["macro_f1_sd"] is not None else ""
-            pc = ", ".join(f"{c} {v:.2f}" for c, v in s["per_class_f1_mean"].items())
-            lines.append(f"| {ARM_LABELS.get(s['arm'], s['arm'])} | {s['macro_f1_mean']:.4f}{sd} | {s['accuracy_mean']:.4f} | "
-                         f"{s['n_seeds']} | {s['steps_mean']:.0f} | {s['seconds_mean']:.0f} | {pc} |")
-        pls = [(r["seed"], r.get("pseudo_labels", {})) for r in doc["runs"] if r["fraction"] == frac]
-        pls = [(s, p) for s, p in pls if p.get("count_by_class")]
+        lines += [""] + _table(doc["summary"], frac)
+        pls = [(r["seed"], r["runs"].get(b, {}).get("pseudo_labels", {})) for r in doc["runs"] if r["fraction"] == frac]
+        pls = [(sd, p) for sd, p in pls if p.get("count_by_class")]
         if pls:
-            lines += ["", "Pseudo-labels of (b) per class (count / precision against the held-back truth):", "",
-                      "| seed | " + " | ".join(pls[0][1]["count_by_class"]) + " | all |",
-                      "|---|" + "---|" * (len(pls[0][1]["count_by_class"]) + 1)]
-            for s, p in pls:
-                cells = [f"{p['count_by_class'].get(c, 0)} / {p['precision_by_class'].get(c, 0):.2f}" for c in pls[0][1]["count_by_class"]]
-                lines.append(f"| {s} | " + " | ".join(cells) + f" | {p['selected']} / {p['precision']} |")
+            cls = list(pls[0][1]["count_by_class"])
+            lines += ["", f"Pseudo-labels of (b) per class (count / precision against the held-back truth of the unlabeled pool):", "",
+                      "| seed | " + " | ".join(cls) + " | all |", "|---|" + "---|" * (len(cls) + 1)]
+            for sd, p in pls:
+                cells = [f"{p['count_by_class'].get(c, 0)} / {p['precision_by_class'].get(c, 0):.2f}" for c in cls]
+                lines.append(f"| {sd} | " + " | ".join(cells) + f" | {p['selected']} / {p['precision']} |")
+        lines += ["", f"## {head}: dev split (chooses the method and (f))", ""]
+        for p in [p for p in doc["dev_paired"] if p["fraction"] == frac]:
+            lines.append(f"- {verdict(p)}")
+        lines += [""] + _table(doc["dev_summary"], frac) + [""]
+    if doc.get("lite0_lr"):
+        lines += ["(f)'s learning rate, chosen on validation folds 0-1 of the labeled pool:", ""]
+        lines += [f"- {k}: lr {v['lr']:g} (mean val macro F1 by lr: {v['val_macro_f1_by_lr']})" for k, v in doc["lite0_lr"].items()]
         lines.append("")
     lines += [f"![label efficiency]({stem.name}.png)", ""]
     stem.with_suffix(".md").write_text("\n".join(lines))
@@ -550,16 +594,16 @@ def _plot(doc: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fracs = doc["fractions"]
-    fig, axes = plt.subplots(1, len(fracs), figsize=(6 * len(fracs), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(fracs), figsize=(7 * len(fracs), 4.8), squeeze=False)
     for ax, frac in zip(axes[0], fracs):
         rows = [s for s in doc["summary"] if s["fraction"] == frac and s["arm"] != "f_best"]
         ys = [s["macro_f1_mean"] for s in rows]
         es = [s["macro_f1_sd"] or 0 for s in rows]
         ax.barh(range(len(rows)), ys, xerr=es, capsize=3, color=["C1" if s["arm"] == "b" else "C0" for s in rows])
-        ax.set_yticks(range(len(rows)), [ARM_LABELS.get(s["arm"], s["arm"]).split(": ")[0][:48] for s in rows], fontsize=7)
+        ax.set_yticks(range(len(rows)), [ARM_LABELS.get(s["arm"], s["arm"])[:60] for s in rows], fontsize=7)
         ax.invert_yaxis()
-        ax.set_xlim(min(ys) * 0.8, min(1.0, max(ys) * 1.1 + 0.02))
-        ax.set_xlabel(f"{doc['split']} macro F1 (mean ± sd over seeds)")
+        ax.set_xlim(max(0, min(ys) - 0.1), min(1.0, max(ys) + 0.06))
+        ax.set_xlabel("test macro F1 (mean ± sd over seeds)")
         ax.set_title(f"{doc['dataset'].upper()}, {frac:g} labeled", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -567,8 +611,8 @@ def _plot(doc: dict, path: Path) -> None:
 
 
 def parse_candidate(text: str) -> tuple[str, list[str]]:
-    name, _, rest = text.partition(":")
-    if not name or not rest:
+    name, sep, rest = text.partition(":")
+    if not name or not sep:
         raise SystemExit(f"error: --candidate expects NAME:key=value[,key=value], got {text!r}")
     return name, [s for s in rest.split(",") if s]
 
@@ -579,12 +623,15 @@ def main() -> None:
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.25],
                     help="ELPV: labeled share of the training pool; MNIST: labels per class")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    ap.add_argument("--split", choices=["dev", "test"], default="test")
     ap.add_argument("--test-seed", type=int, default=TEST_SEED, help="another value draws a second test split")
     ap.add_argument("--preset", default="quick")
-    ap.add_argument("--arms", default="a,b,g,f", help="subset of a,b,g,f (a and b always run)")
+    ap.add_argument("--arms", default="g,f", help="besides (a) and the candidates: g (control), f (Lite0)")
     ap.add_argument("--lite0-sizes", type=int, nargs="+", default=[128, 192])
-    ap.add_argument("--candidate", dest="candidates", action="append", default=[], type=parse_candidate)
+    ap.add_argument("--lite0-extra-seeds", type=int, nargs="*", default=[0],
+                    help="seeds that also train the second and later --lite0-sizes (they are expensive)")
+    ap.add_argument("--candidate", dest="candidates", action="append", default=[], type=parse_candidate,
+                    help="NAME:key=value,... a semi-supervised method (stage 2-3 on run A's stage 1); "
+                         "'NAME:' alone is the preset as it is")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="extra config override for every arm")
     ap.add_argument("--upper", action="store_true", help="also (e), the all-labels upper bound (ELPV)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/semivit-bench"))
@@ -595,23 +642,25 @@ def main() -> None:
     t0 = time.time()
     for frac in args.fractions:
         for seed in args.seeds:
-            print(f"=== {args.dataset} fraction {frac:g}, seed {seed}, split {args.split}", flush=True)
+            print(f"=== {args.dataset} fraction {frac:g}, seed {seed}", flush=True)
             r = bench_one(args, frac, seed)
-            print(json.dumps({k: (v.get("macro_f1") if isinstance(v, dict) else v) for k, v in r.items()}), flush=True)
-    upper = [bench_upper(args, s) for s in args.seeds] if args.upper else []
-    upper += [json.loads(p.read_text()) for p in sorted(args.work.glob(f"result-upper-elpv-s*-{args.split}.json"))
-              if json.loads(p.read_text()).get("seed") not in args.seeds] if args.upper else []
+            print(json.dumps({s: {k: v.get("macro_f1") for k, v in r[s].items()} for s in ("dev", "test")}), flush=True)
+    upper = [bench_upper(args, s) for s in args.seeds[:1]] if args.upper else []
+    upper += [json.loads(p.read_text()) for p in sorted(args.work.glob("result-upper-elpv-s*.json"))
+              if json.loads(p.read_text()).get("seed") not in args.seeds[:1]]
     suffix = "" if args.test_seed == TEST_SEED else f"-t{args.test_seed}"
-    results = [json.loads(p.read_text()) for p in sorted(args.work.glob(f"result-{args.dataset}-f*-s*{suffix}-{args.split}.json"))]
-    if args.test_seed == TEST_SEED:
-        results = [r for r in results if r.get("test_seed", TEST_SEED) == TEST_SEED]
-    summary, paired, extra = summarise(results, [u for u in upper if u])
+    results = [json.loads(p.read_text()) for p in sorted(args.work.glob(f"result-{args.dataset}-f*-s*{suffix}.json"))]
+    results = [r for r in results if r.get("test_seed", TEST_SEED) == args.test_seed and r["fraction"] in args.fractions]
+    b = choose_b(results)
+    summary, paired, extra = summarise(results, [u for u in upper if u], "test", b)
+    dev_summary, dev_paired, _ = summarise(results, [], "dev", b)
     from importlib.metadata import version
 
     import torch
 
+    lr_docs = {p.stem.removeprefix("lite0-lr-"): json.loads(p.read_text()) for p in sorted(args.work.glob("lite0-lr-*.json"))}
     doc = {
-        "benchmark": "label_efficiency", "dataset": args.dataset, "split": args.split, "test_seed": args.test_seed,
+        "benchmark": "label_efficiency", "dataset": args.dataset, "test_seed": args.test_seed,
         "preset": args.preset, "overrides": args.sets, "fractions": sorted({r["fraction"] for r in results}),
         "seeds": sorted({r["seed"] for r in results}), "commit": commit(), "machine": cpu_name(),
         "threads": torch.get_num_threads(), "python": platform.python_version(),
@@ -619,10 +668,12 @@ def main() -> None:
         "command": " ".join(["python", "benchmarks/label_efficiency.py"] + sys.argv[1:]),
         "wall_seconds": round(sum(r.get("wall_seconds", 0) for r in results) + sum(u.get("wall_seconds", 0) for u in upper if u), 1),
         "this_invocation_seconds": round(time.time() - t0, 1),
-        "summary": summary, "paired": paired, "extra": extra, "runs": results, "upper_bound": upper,
+        "b_method": b, "candidates": {f"cand_{n}": o for n, o in args.candidates},
+        "summary": summary, "paired": paired, "extra": extra,
+        "dev_summary": dev_summary, "dev_paired": dev_paired, "lite0_lr": lr_docs,
+        "runs": results, "upper_bound": upper,
     }
-    name = "label_efficiency" + ("" if args.dataset == "elpv" else f"_{args.dataset}") + suffix.replace("-", "_") + \
-        ("_dev" if args.split == "dev" else "")
+    name = "label_efficiency" + ("" if args.dataset == "elpv" else f"_{args.dataset}") + suffix.replace("-", "_")
     write_outputs(doc, args.results / name)
     print(f"wrote {args.results / name}.md")
 
