@@ -356,12 +356,12 @@ def bench_one(args, fraction: float, seed: int) -> dict:
 
     s1 = stage_steps(A, "stage1")
     score("a", members(A, ["stage1"]), sum(s1), seconds=seconds(A, ["supervised"]))
-    stage3_steps = []
+    stage3_steps: dict[str, list[int]] = {}
     for name, overrides in args.candidates:
         C = derived_run(runs / f"C-{name}", cfg_for(preset, seed, sets + overrides), data, A,
                         ["folds.json", "stage1"], "pseudo,retrain")
         cs = stage_steps(C, "stage3")
-        stage3_steps += cs
+        stage3_steps[name] = cs
         score(f"cand_{name}", members(C, ["stage1", "stage3"]), sum(s1) + sum(cs),
               seconds=seconds(A, ["supervised"]) + seconds(C))
         res["runs"][f"cand_{name}"] = {"overrides": overrides, "pseudo_labels": pseudo_summary(C),
@@ -373,11 +373,12 @@ def bench_one(args, fraction: float, seed: int) -> dict:
             for split, sc in scorers.items():
                 res[split] |= run_lite0(work, tag, runs, data, preset, seed, size, sets, A / "folds.json", sc)
     if "g" in args.arms and stage3_steps:
-        # as many models, and per fold at least as many optimiser steps (and epochs) as the most
-        # expensive candidate's stage-3 fold
+        # as many models, and per fold at least as many optimiser steps (and epochs) as (b)'s
+        # stage-3 folds (--control-matches; default: the most expensive candidate's)
         n_train = int(min((np.asarray(read_json(A / "folds.json")["folds"]) != k).sum() for k in range(base.cv.folds)))
         per_epoch = max(1, n_train // base.train.batch_size)
-        need = max(stage3_steps)
+        matched = args.control_matches or max(stage3_steps, key=lambda n: max(stage3_steps[n]))
+        need = max(stage3_steps[matched])
         g_epochs = max(base.train.epochs, math.ceil(need / per_epoch))
         G = runs / "G"
         gsets = sets + [f"train.epochs={g_epochs}", f"train.restart_epochs={g_epochs}", f"train.patience={g_epochs}"]
@@ -387,7 +388,8 @@ def bench_one(args, fraction: float, seed: int) -> dict:
             raise SystemExit(f"error: the control took fewer steps ({gs}) than a candidate's stage 3 ({need})")
         score("g", members(A, ["stage1"]) + members(G, ["stage1"]), sum(s1) + sum(gs),
               seconds=seconds(A, ["supervised"]) + seconds(G, ["supervised"]), epochs_second_five=g_epochs)
-        res["runs"]["g"] = {"epochs_second_five": g_epochs, "steps_per_fold": gs, "matched_to": need}
+        res["runs"]["g"] = {"epochs_second_five": g_epochs, "steps_per_fold": gs, "matched_to": need,
+                            "matched_to_candidate": matched}
     res["wall_seconds"] = round(old.get("wall_seconds", 0) + time.time() - t0, 1)
     res_path.write_text(json.dumps(res, indent=2) + "\n")
     return res
@@ -632,6 +634,8 @@ def main() -> None:
     ap.add_argument("--candidate", dest="candidates", action="append", default=[], type=parse_candidate,
                     help="NAME:key=value,... a semi-supervised method (stage 2-3 on run A's stage 1); "
                          "'NAME:' alone is the preset as it is")
+    ap.add_argument("--control-matches", default=None,
+                    help="candidate whose stage-3 steps (g) must match (default: the most expensive one)")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="extra config override for every arm")
     ap.add_argument("--upper", action="store_true", help="also (e), the all-labels upper bound (ELPV)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/semivit-bench"))
