@@ -94,12 +94,16 @@ class CVConfig(_Section):
 
 class PseudoConfig(_Section):
     threshold: float = Field(0.96, gt=0, le=1)
-    # "global": one threshold for every class (the seed's rule).  "oof": per class, the lowest
-    # confidence at which the stage-1 out-of-fold predictions of that class reach
-    # `target_precision` (with >= `min_support` of them); a class that never does gets none.
-    threshold_mode: Literal["global", "oof"] = "global"
+    # The selection rule, by name (semivit.pseudo.rules' registry).  "global": one threshold for
+    # every class (the seed's rule).  "oof": per class, the lowest confidence at which the stage-1
+    # out-of-fold predictions of that class reach `target_precision` (with >= `min_support` of
+    # them); a class that never does gets none.  "quota": per class its `quota` x pool x labeled
+    # prior most confident predictions (CReST/DASO).  "freematch": FreeMatch's self-adaptive class
+    # thresholds.  "all": every prediction (soft-target distillation with soft: true).
+    threshold_mode: str = "global"
     target_precision: float = Field(0.9, gt=0, le=1)
     min_support: int = Field(5, ge=1)
+    quota: float = Field(0.5, gt=0, le=1)  # "quota": share of the pool pseudo-labeled
     tta: bool = True
     cluster: bool = True
     purity: float = Field(0.9, gt=0, le=1)
@@ -108,6 +112,15 @@ class PseudoConfig(_Section):
     max_per_class: Optional[int] = Field(None, ge=1)
     soft: bool = False
     weight: Literal["confidence", "one"] = "confidence"
+
+    @field_validator("threshold_mode")
+    @classmethod
+    def _known_rule(cls, v: str) -> str:
+        from semivit.pseudo.rules import rule_names
+
+        if v not in rule_names():
+            raise ValueError(f"unknown pseudo-label rule (choose from {', '.join(rule_names())})")
+        return v
 
 
 class LossConfig(_Section):

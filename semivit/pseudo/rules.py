@@ -133,3 +133,7 @@ def out_of_fold(inp: RuleInputs) -> np.ndarray:
         raise UserError("threshold rule 'oof' needs the stage-1 out-of-fold predictions")
     probs, labels = inp.calibration()
     return oof_thresholds(probs, labels, inp.settings.target_precision, inp.settings.min_support)
+
+
+# Rules written in other modules register on import (see the module docstring).
+from semivit.pseudo import adaptive  # noqa: E402,F401

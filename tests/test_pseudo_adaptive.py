@@ -1,0 +1,133 @@
+"""Class-adaptive pseudo-label rules (quota, freematch, all) on scripted probability matrices,
+the soft-target loss, and each rule end to end on a tiny run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from semivit import config
+from semivit.errors import UserError
+from semivit.pseudo.adaptive import freematch_thresholds, quota_thresholds
+from semivit.pseudo.rules import RuleInputs, class_thresholds, rule_names
+from semivit.pseudo.select import select
+from semivit.trainer.losses import FocalLoss
+
+
+def _pool(counts, conf_hi=0.9, conf_lo=0.4, n_cls=4, seed=0):
+    """A pool where class c has counts[c] predictions, confidences spread in [conf_lo, conf_hi]."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for c, n in enumerate(counts):
+        for conf in rng.uniform(conf_lo, conf_hi, n):
+            p = np.full(n_cls, (1 - conf) / (n_cls - 1))
+            p[c] = conf
+            rows.append(p)
+    return np.asarray(rows)
+
+
+def test_rules_are_registered_and_validated_by_the_config():
+    assert {"global", "oof", "quota", "freematch", "all"} <= set(rule_names())
+    for name in ("quota", "freematch", "all"):
+        assert config.resolve(preset="tiny", overrides=[f"pseudo.threshold_mode={name}"]).pseudo.threshold_mode == name
+
+
+def test_quota_gives_every_class_its_prior_share():
+    # the classifier predicts the majority class far more than its labeled share
+    probs = _pool([400, 30, 20, 150])
+    prior = np.array([0.4, 0.2, 0.1, 0.3])  # labeled class shares
+    thr = quota_thresholds(probs, prior, share=0.25)  # budget 150 -> 60, 30, 15, 45
+    pl = select(probs, thr)
+    got = np.bincount(pl.label, minlength=4)
+    assert got.tolist() == [60, 30, 15, 45]
+    # each class keeps its MOST confident predictions
+    for c in range(4):
+        mine = probs[probs.argmax(1) == c, c]
+        assert pl.confidence[pl.label == c].min() >= np.sort(mine)[::-1][got[c] - 1] - 1e-12
+
+
+def test_quota_takes_all_of_a_class_with_fewer_predictions_and_none_of_an_absent_one():
+    probs = _pool([100, 3, 0, 50])
+    thr = quota_thresholds(probs, np.array([0.25, 0.25, 0.25, 0.25]), share=0.4)  # 15.3 -> 15 each
+    got = np.bincount(select(probs, thr).label, minlength=4)
+    assert got.tolist() == [15, 3, 0, 15] and np.isinf(thr[2])
+
+
+def test_freematch_lowers_the_bar_for_rarely_predicted_classes():
+    probs = _pool([300, 20, 10, 100], conf_hi=0.95, conf_lo=0.5)
+    thr = freematch_thresholds(probs)
+    tau = probs.max(1).mean()
+    assert thr[0] == pytest.approx(tau)  # the most predicted class gets the global level
+    assert thr[2] < thr[1] < thr[3] < thr[0]  # ordered by how much mass the pool gives the class
+    local = probs.mean(0)
+    assert thr == pytest.approx(tau * local / local.max())
+    assert np.bincount(select(probs, thr).label, minlength=4)[2] == 10  # all of the rare class pass
+
+
+def test_all_selects_every_prediction_and_rules_need_a_pool():
+    probs = _pool([5, 5, 5, 5])
+    cfg = config.resolve(preset="tiny").pseudo
+    thr = class_thresholds("all", RuleInputs(4, 0.5, cfg, probs, None))
+    assert len(select(probs, thr).index) == 20
+    for name in ("quota", "freematch", "all"):
+        if name == "all":
+            continue
+        with pytest.raises(UserError, match="pool"):
+            class_thresholds(name, RuleInputs(4, 0.5, cfg, None, None))
+
+
+def test_soft_target_loss_equals_cross_entropy_on_one_hot_targets():
+    torch.manual_seed(0)
+    logits, y = torch.randn(16, 4), torch.randint(0, 4, (16,))
+    onehot = F.one_hot(y, 4).float()
+    ce = FocalLoss(gamma=0.0)
+    assert torch.allclose(ce(logits, onehot), F.cross_entropy(logits, y), atol=1e-6)
+    soft = torch.softmax(torch.randn(16, 4), 1)
+    want = -(soft * F.log_softmax(logits, 1)).sum(1).mean()  # cross-entropy to soft targets
+    assert torch.allclose(ce(logits, soft), want, atol=1e-6)
+
+
+@pytest.mark.parametrize("rule,sets", [
+    ("quota", ["pseudo.quota=0.5", "pseudo.cluster=false"]),
+    ("freematch", ["pseudo.cluster=false"]),
+    ("all", ["pseudo.soft=true", "pseudo.weight=one", "pseudo.cluster=false"]),
+])
+def test_rule_end_to_end_on_a_tiny_run(rule, sets, tiny_run, tiny_data_shared, tmp_path):
+    """Stage 2-3 with the rule on the shared tiny run's stage 1 (cluster cores off, so the rule alone
+    selects): the thresholds stage 2 recorded are the ones it applied, and stage 3 trained on
+    exactly the selected images."""
+    import csv
+    import json
+    import shutil
+
+    from semivit.pseudo.rules import RuleInputs, class_thresholds, run_calibration
+    from semivit.trainer.pipeline import run_training
+    from semivit.trainer.run import open_run
+
+    cfg = config.resolve(preset="tiny", overrides=[f"pseudo.threshold_mode={rule}"] + sets)
+    out = tmp_path / "RUN"
+    open_run(out, cfg, tiny_data_shared)
+    shutil.copy2(tiny_run / "folds.json", out / "folds.json")
+    shutil.copytree(tiny_run / "stage1", out / "stage1")
+    run_training(tiny_data_shared, out, cfg, stages="pseudo,retrain")
+    stats = json.loads((out / "pseudo" / "stats.json").read_text())
+    with open(out / "pseudo" / "predictions.csv", newline="") as f:
+        preds = list(csv.DictReader(f))
+    classes = json.loads((out / "ensemble.json").read_text())["classes"]
+    # the thresholds recorded are the rule's on the pool's ensemble probabilities (confidence of the
+    # predicted class, as predictions.csv has them, is enough to check the selection)
+    thr = [np.inf if stats["thresholds"][c] is None else stats["thresholds"][c] for c in classes]
+    chosen = [p for p in preds if float(p["confidence"]) >= thr[classes.index(p["pred"])] - 1e-4]
+    assert stats["selected"] == len(chosen) == sum(int(p["selected"]) for p in preds)
+    if rule == "all":
+        assert stats["selected"] == stats["unlabeled"] and stats["by_source"] == {"threshold": stats["unlabeled"]}
+    if rule == "quota":  # balanced labels (12 per class), 0.5 of the pool: k = 0.5 x 24 / 3 = 4 per class
+        _, labels = run_calibration(out)
+        assert np.bincount(labels).tolist() == [12, 12, 12] and stats["unlabeled"] == 24
+        for c in classes:
+            assert stats["by_class"][c] == min(4, sum(p["pred"] == c for p in preds))
+    done = [json.loads((out / "stage3" / f"fold{k}" / "done.json").read_text()) for k in range(cfg.cv.folds)]
+    assert all(d["extra_samples"] == stats["selected"] for d in done)
+    assert len(json.loads((out / "ensemble.json").read_text())["members"]) == 2 * cfg.cv.folds
