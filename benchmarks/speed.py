@@ -3,16 +3,31 @@
 Every inference number is measured on the same images (the ELPV demo data's held-out test split:
 300x300 greyscale PNGs, decoded and resized once to the model's size), with the same batch size and
 the same thread count, by the functions of ``benchmarks/predict_speed.py`` (imported, not copied).
-Sections (``--sections``, default all):
+The report is a list of small section objects (``SECTION_LIST``: key, title, ``run(ctx) -> dict``,
+``md(dict) -> lines``).  Sections (``--sections``, default all):
 
+  flops      FLOPs per image of the served ensemble (torch's FlopCounterMode: stem + members x views)
+  peak       this CPU's matmul peak in the same run: fp32 and bf16 (torch), int8 (torch._int_mm and
+             ONNX Runtime MatMulInteger), large square matmuls, same threads
+  peers      every engine side by side on the same ensemble, batch, threads and uint8 input, each
+             in its own process (benchmarks/engines.py; a thread count or OpenMP setting is
+             process-global): PyTorch eager fp32, bf16 autocast, torch.compile, ONNX Runtime FP32
+             with and without the transformer optimizer's fusions, ONNX Runtime INT8 dynamic and
+             static QDQ, OpenVINO FP32 / bf16 / INT8; images/s, achieved GFLOP/s and share of the
+             peak of the engine's precision, agreement with ORT FP32, macro F1 on the test labels;
+             the default ``ssl predict`` path (the export's ``serving.auto``) against them
   ort_torch  ONNX Runtime vs PyTorch eager on the same exported ensemble (level ``full``), images/s,
              and the largest probability difference between the two
   int8       FP32 ``model.onnx`` vs its INT8 dynamic quantisation (EXPORT/model.int8.onnx when
-             ``ssl export --int8`` wrote one, else quantised here with the same routine): images/s,
+             ``ssl export`` kept one, else quantised here with the same routine): images/s,
              file size, arg-max agreement and macro F1 against FP32 (and against the test labels)
   tta        with vs without flip TTA: the export's degradation levels (full, no_tta, top{k}_no_tta)
   batch      batch-size sweep of the ONNX Runtime session (level full): images/s and ms per batch
-  e2e        ``ssl predict DIR`` as a user runs it (new process) vs the raw session
+  e2e        ``ssl predict DIR`` as a user runs it (new process, default backend auto) vs the same
+             engine raw on pre-decoded arrays, and vs ``--backend torch`` on the run's checkpoints
+  contention throughput alone and beside one busy CPU-bound process per usable core (a fair share
+             is 0.5x): the default predict path, ONNX Runtime FP32, PyTorch eager and a training
+             loop with OpenMP's default and passive wait policies; each in its own process
   train      training throughput on CPU: the semivit trainer (``trainer.engine.fit``, as
              ``trainer.folds.train_fold`` calls it) vs a bare hand-written torch loop on the same
              model (``build_model``), same images, batch size and number of steps; with the frozen
@@ -63,9 +78,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import predict_speed as ps  # noqa: E402  (puts the repository root on sys.path too)
 
 from semivit.serve.backends import first_line, open_backend, physical_cores  # noqa: E402
-from semivit.utils import read_json  # noqa: E402
+from semivit.utils import cpu_has_bf16, cpu_has_vnni, cpu_name, read_json  # noqa: E402
 
-SECTIONS = ("ort_torch", "int8", "tta", "batch", "e2e", "train", "bf16", "scaling", "gpu")
 BF16_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile", "avx512f", "avx512_vnni", "amx_int8")
 
 
@@ -90,6 +104,7 @@ class Ctx:
     min_seconds: float
     ort: object = None  # the ONNX Runtime CPU backend on the export, opened once
     cache: dict = field(default_factory=dict)  # measurements reused by later sections
+    results: dict = field(default_factory=dict)  # each finished section's JSON, by key
 
     @property
     def size(self) -> int:
@@ -153,7 +168,7 @@ def dynamo_full_graph(c: Ctx, out: Path) -> Path:
     exports it: predict_speed's mini-export of the untrained architecture uses the TorchScript
     exporter, whose graphs ONNX Runtime's quantisation pre-processing cannot shape-infer."""
     from semivit.export.graph import export_graph
-    from semivit.trainer.ensemble import EnsembleModel, load_members, read_ensemble
+    from semivit.models.ensemble import EnsembleModel, load_members, read_ensemble
 
     if not out.is_file():
         doc = read_ensemble(c.run)
@@ -190,7 +205,7 @@ def int8_graph(c: Ctx) -> tuple[Path, Path, str]:
 def sec_int8(c: Ctx) -> dict:
     from sklearn.metrics import f1_score
 
-    from semivit.trainer.engine import macro_f1
+    from semivit.metrics import macro_f1
 
     fp32, int8, source = int8_graph(c)
     c.ort.set_level(0)
@@ -250,21 +265,29 @@ def sec_batch(c: Ctx) -> dict:
 # ------------------------------------------------------------------------------------------ 5 end to end
 
 def sec_e2e(c: Ctx) -> dict:
+    """`ssl predict` (default --backend auto: the engine the export chose) vs that same engine
+    raw on pre-decoded arrays in this process; and the same command on PyTorch eager."""
     reps = max(1, min(2, c.reps))
-    e2e_runs = [ps.measure_e2e(c.images_dir, c.export, c.work, c.batch, c.threads) for _ in range(reps)]
+    e2e_runs = [ps.measure_e2e(c.images_dir, c.export, c.work, c.batch, c.threads, backend="auto")
+                for _ in range(reps)]
     e = max(e2e_runs, key=lambda r: r["images_per_s_wall"])
-    raw, _ = best_of({"raw": lambda: ort_ips(c, 0)}, c.reps)
-    raw = max(raw["raw"], c.cache.get(("ort", 0, c.batch), 0))
-    # `ssl predict --backend onnxruntime` takes the CUDA provider where onnxruntime-gpu and a GPU exist
-    e["same_backend_as_raw"] = "CPUExecutionProvider" in e["provider"]
-    # the same command on the run's checkpoints with PyTorch eager: what the user gets without the export
-    # (the model shares the cores with the decode workers in both; CUDA where a GPU exists, as for ORT)
+    raw_be = open_backend(c.export, "auto", threads=c.threads)
+    raw_be.set_level(0)
+    raw, _ = best_of({"raw": lambda: ps.throughput(raw_be.predict, tiled(c.arrays, 2 * c.batch), c.batch,
+                                                   min_seconds=c.min_seconds)}, c.reps)
+    raw = raw["raw"]
+    raw_desc = raw_be.describe()
+    e["raw_backend"] = f"{raw_be.name} - {raw_desc}"
+    raw_be.close()
+    e["same_backend_as_raw"] = raw_desc.split(" (")[0] in e["provider"]
     torch_runs = [ps.measure_e2e(c.images_dir, c.run, c.work, c.batch, c.threads, backend="torch") for _ in range(reps)]
     e["torch_backend"] = max(torch_runs, key=lambda r: r["images_per_s_wall"])
     e["torch_backend"]["runs_images_per_s_wall"] = [r["images_per_s_wall"] for r in torch_runs]
     return {**e, "runs_images_per_s_wall": [r["images_per_s_wall"] for r in e2e_runs], "batch": c.batch,
             "raw_session_images_per_s": raw, "overhead_steady": round(1 - e["images_per_s_steady"] / raw, 3),
-            "overhead_wall": round(1 - e["images_per_s_wall"] / raw, 3)}
+            "overhead_wall": round(1 - e["images_per_s_wall"] / raw, 3),
+            "vs_torch_wall": round(e["images_per_s_wall"] / e["torch_backend"]["images_per_s_wall"], 2),
+            "vs_torch_steady": round(e["images_per_s_steady"] / e["torch_backend"]["images_per_s_steady"], 2)}
 
 
 # ------------------------------------------------------------------------------------------ 6/7 training
@@ -295,7 +318,7 @@ def train_setup(c: Ctx) -> TrainSetup:
     if c.untrained:
         cfg = cfgmod.resolve(preset="quick")
     else:
-        from semivit.trainer.run import load_run_config
+        from semivit.config import load_run_config
 
         cfg = load_run_config(c.run)[0]
     batch = c.args.train_batch or cfg.train.batch_size
@@ -310,7 +333,7 @@ def train_setup(c: Ctx) -> TrainSetup:
     ts = TrainSetup(cfg, images, labels, list(ls.classes), steps, batch,
                     source=f"{len(dec.ok)} labeled images of the demo data's train split"
                            + (f", repeated to {n}" if len(dec.ok) < n else ""))
-    from semivit.trainer.models import build_model, frozen_stem
+    from semivit.models.networks import build_model, frozen_stem
 
     stem = frozen_stem(build_model(cfg.model, len(ts.classes)))
     ts.frozen_stem = stem is not None
@@ -339,7 +362,7 @@ def bare_loop(ts: TrainSetup, features: bool, bf16: bool, steps: Optional[int] =
     import torch.nn.functional as F
 
     from semivit.data.dataset import Preprocess
-    from semivit.trainer.models import build_model, features_input
+    from semivit.models.networks import build_model, features_input
 
     model = build_model(ts.cfg.model, len(ts.classes)).train()
     pre = Preprocess()
@@ -375,7 +398,7 @@ def trainer_fit(ts: TrainSetup, features: bool) -> float:
     from semivit.data.dataset import ArrayDataset
     from semivit.trainer.engine import fit
     from semivit.trainer.losses import build_loss
-    from semivit.trainer.models import build_model
+    from semivit.models.networks import build_model
 
     cfg, n_cls = ts.cfg, len(ts.classes)
     weights = np.ones(len(ts.labels), dtype=np.float32)
@@ -537,6 +560,227 @@ def sec_gpu(c: Ctx) -> dict:
     return res
 
 
+# ------------------------------------------------------------------------------------------ know the limit
+
+ENGINES_PY = Path(__file__).resolve().parent / "engines.py"
+
+
+def child(args: list[str], env: Optional[dict] = None, timeout: float = 1800) -> dict:
+    """benchmarks/engines.py in its own process (its own thread pools and OpenMP settings): the
+    last stdout line's JSON, or {"error": ...}."""
+    e = {**os.environ, "SEMIVIT_QUIET": "1", **(env or {})}
+    e = {k: v for k, v in e.items() if v is not None}
+    try:
+        r = subprocess.run([sys.executable, str(ENGINES_PY), *map(str, args)], env=e, capture_output=True, text=True,
+                           timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+    if r.returncode != 0 or not lines:
+        tail = [ln for ln in r.stderr.strip().splitlines() if ln.strip()][-1:] or ["no output"]
+        return {"error": f"exit {r.returncode}: {tail[0][:300]}"}
+    return json.loads(lines[-1])
+
+
+def thread_env(threads: int) -> dict:
+    """A child's threads, and the OpenMP wait policy `ssl` itself sets (semivit.utils.cpu_runtime_defaults)."""
+    return {"OMP_NUM_THREADS": str(threads), "SEMIVIT_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def sec_flops(c: Ctx) -> dict:
+    """FLOPs per image of the served ensemble (TTA on): torch's FlopCounterMode on one batch of
+    the exported EnsembleModel (matmuls, convolutions, attention; 2 per multiply-add)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from semivit.models.ensemble import load_ensemble
+
+    model, _ = load_ensemble(c.run, tta=True)
+    x = torch.from_numpy(np.ascontiguousarray(c.arrays[:2]))
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    counter = FlopCounterMode(display=False)
+    # the math attention kernel: its matmuls are counted like any other (a fused CPU attention
+    # kernel would be missed by the counter)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
+        model.eval()(x)
+    by_op = {str(k).replace("aten.", "").split(".")[0]: int(v)
+             for k, v in counter.get_flop_counts().get("Global", {}).items()}
+    total = counter.get_total_flops() / len(x)
+    gemm = sum(v for k, v in by_op.items() if k in ("mm", "addmm", "bmm", "matmul", "linear", "baddbmm")) / len(x)
+    conv = sum(v for k, v in by_op.items() if "conv" in k) / len(x)
+    attn = sum(v for k, v in by_op.items() if "attention" in k) / len(x)
+    return {"flops_per_image": total, "gflops_per_image": round(total / 1e9, 3),
+            "gemm_flops_per_image": gemm, "conv_flops_per_image": conv, "attention_flops_per_image": attn,
+            "gemm_share": round((gemm + attn) / total, 3) if total else None, "by_op_per_batch_of_2": by_op,
+            "members": len(model.members), "tta_views": 2 if model.tta else 1,
+            "shared_stem": model.stem is not None,
+            "counted": "torch.utils.flop_counter.FlopCounterMode on the EnsembleModel the export was made from "
+                       "(uint8 in, TTA on); elementwise ops, softmax and LayerNorm are not counted"}
+
+
+def sec_peak(c: Ctx) -> dict:
+    n = 1024 if c.args.quick else 2048
+    r = child(["peak", "--threads", c.threads, "--n", n, "--seconds", 1.0 if c.args.quick else 4.0],
+              env=thread_env(c.threads))
+    r["bf16_native"] = cpu_has_bf16()
+    r["vnni"] = cpu_has_vnni()
+    r["cpu_capability"] = torch_capability()
+    return r
+
+
+def torch_capability() -> str:
+    try:
+        import torch
+
+        return str(torch.backends.cpu.get_cpu_capability())
+    except Exception:  # noqa: BLE001
+        return "?"
+
+
+# ------------------------------------------------------------------------------------------ peers
+
+PEER_LABELS = {"torch-eager": "PyTorch eager fp32", "torch-bf16": "PyTorch bf16 autocast",
+               "torch-compile": "torch.compile (inductor)", "ort-fp32": "ONNX Runtime FP32 (as served)",
+               "ort-fp32-fused": "ONNX Runtime FP32, transformer-optimizer fusions",
+               "ort-int8": "ONNX Runtime INT8 dynamic", "ort-int8-qdq": "ONNX Runtime INT8 static QDQ",
+               "ov-fp32": "OpenVINO FP32", "ov-bf16": "OpenVINO bf16 hint", "ov-int8": "OpenVINO INT8 (NNCF)"}
+SERVE_TO_PEER = {"onnxruntime-cpu": "ort-fp32", "onnxruntime-int8": "ort-int8", "onnxruntime-int8-qdq": "ort-int8-qdq",
+                 "openvino": "ov-fp32", "openvino-bf16": "ov-bf16", "openvino-int8": "ov-int8", "torch": "torch-eager"}
+
+
+def arrays_npy(c: Ctx) -> Path:
+    p = c.work / f"arrays_{len(c.arrays)}_{c.size}.npy"
+    if not p.is_file():
+        np.save(p, c.arrays)
+    return p
+
+
+def _peak_for(c: Ctx, precision: str) -> Optional[float]:
+    peak = c.results.get("peak") or {}
+    return (peak.get("peak") or {}).get(precision)
+
+
+def sec_peers(c: Ctx) -> dict:
+    from sklearn.metrics import f1_score  # noqa: F401 - the metric below is semivit's own
+
+    from semivit.metrics import macro_f1
+
+    import importlib.util
+
+    has_ov = importlib.util.find_spec("openvino") is not None
+    engines = [e for e in (c.args.peers or list(PEERS_DEFAULT))]
+    res = {"batch": c.batch, "threads": c.threads, "images": int(len(c.arrays)), "reps": max(2, min(c.reps, 3)),
+           "engines": {}, "input": "the same uint8 NHWC test images, batches of the same size, in every engine"}
+    x = arrays_npy(c)
+    for e in engines:
+        if e.startswith("ov-") and not has_ov:
+            res["engines"][e] = {"error": "openvino is not installed (pip install 'semivit[openvino]')"}
+            continue
+        if e == "ov-bf16" and not cpu_has_bf16():
+            res["engines"][e] = {"error": "this CPU has no native bf16"}
+            continue
+        print(f"   peer {e}", flush=True)
+        probs = c.work / f"probs_{e}.npy"
+        probs.unlink(missing_ok=True)
+        r = child([e, "--export", c.export, "--run", c.run, "--images", x, "--batch", c.batch, "--threads", c.threads,
+                   "--reps", res["reps"], "--probs", probs, "--work", c.work / "engines"], env=thread_env(c.threads))
+        if "error" not in r and probs.is_file():
+            r["_probs"] = np.load(probs)
+        res["engines"][e] = r
+    ref = res["engines"].get("ort-fp32", {}).get("_probs")
+    flops = (c.results.get("flops") or {}).get("flops_per_image")
+    for e, r in res["engines"].items():
+        p = r.pop("_probs", None)
+        if p is None:
+            continue
+        if ref is not None and len(ref) == len(p):
+            r["max_abs_prob_diff_vs_ort_fp32"] = float(np.abs(p - ref).max())
+            r["argmax_agreement_vs_ort_fp32"] = float((p.argmax(1) == ref.argmax(1)).mean())
+        if c.labels is not None:  # the child ran full batches only: the first len(p) images
+            r["macro_f1_test"] = macro_f1(c.labels[:len(p)], p.argmax(1), p.shape[1])
+        if flops:
+            r["gflops_per_s"] = round(r["images_per_s"] * flops / 1e9, 1)
+            pk = _peak_for(c, "int8" if r["precision"] == "int8" else r["precision"])
+            if pk:
+                r["share_of_peak"] = round(r["gflops_per_s"] / pk, 3)
+    ok = {e: r["images_per_s"] for e, r in res["engines"].items() if "images_per_s" in r}
+    auto = (c.meta.get("serving") or {}).get("auto", "onnxruntime-cpu")
+    res["default_path"] = {"backend": auto, "peer": SERVE_TO_PEER.get(auto)}
+    if ok:
+        best = max(ok, key=ok.get)
+        res["fastest"] = best
+        d = ok.get(SERVE_TO_PEER.get(auto))
+        if d:
+            res["default_path"].update({
+                "images_per_s": d, "vs_torch_eager": round(d / ok["torch-eager"], 2) if "torch-eager" in ok else None,
+                "vs_ort_fp32": round(d / ok["ort-fp32"], 2) if "ort-fp32" in ok else None,
+                "vs_fastest": round(d / ok[best], 3)})
+    return res
+
+
+PEERS_DEFAULT = ("torch-eager", "torch-bf16", "torch-compile", "ort-fp32", "ort-fp32-fused", "ort-int8",
+                 "ort-int8-qdq", "ov-fp32", "ov-bf16", "ov-int8")
+
+
+# ------------------------------------------------------------------------------------------ contention
+
+def busy_processes(n: int) -> list:
+    """``n`` CPU-bound competitors (a pure-Python loop each: one busy core apiece)."""
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+
+def stop(procs: list) -> None:
+    for p in procs:
+        p.kill()
+    for p in procs:
+        p.wait()
+
+
+def sec_contention(c: Ctx) -> dict:
+    """Throughput alone and beside one busy process per usable core (fair share: 0.5x), for the
+    default predict path, ONNX Runtime with and without thread spinning, PyTorch eager and the
+    training loop with OpenMP's default and passive wait policies."""
+    from semivit.utils import cpu_count
+
+    cores = cpu_count()
+    secs = 3.0 if c.args.quick else 10.0
+    x = arrays_npy(c)
+    auto = (c.meta.get("serving") or {}).get("auto", "onnxruntime-cpu")
+    peer = SERVE_TO_PEER.get(auto, "ort-fp32")
+    common = ["--export", c.export, "--run", c.run, "--images", x, "--batch", c.batch, "--threads", c.threads,
+              "--reps", 1, "--seconds", secs, "--work", c.work / "engines"]
+    unset = {"OMP_WAIT_POLICY": None}
+    workloads = {
+        f"predict default path ({auto})": ([peer, *common], {}),
+        "ONNX Runtime FP32, no spinning (as served)": (["ort-fp32", *common], {}),
+        "PyTorch eager, OMP wait policy default": (["torch-eager", *common], unset),
+        "PyTorch eager, OMP_WAIT_POLICY=PASSIVE": (["torch-eager", *common], {"OMP_WAIT_POLICY": "PASSIVE"}),
+        "training, OMP wait policy default": (["train", *common, "--steps", 2], unset),
+        "training, OMP_WAIT_POLICY=PASSIVE": (["train", *common, "--steps", 2], {"OMP_WAIT_POLICY": "PASSIVE"}),
+    }
+    rows = []
+    for name, (argv, env) in workloads.items():
+        print(f"   contention: {name}", flush=True)
+        env = {**thread_env(c.threads), **env}
+        alone = child(argv, env=env)
+        procs = busy_processes(cores)
+        try:
+            time.sleep(0.5)
+            loaded = child(argv, env=env)
+        finally:
+            stop(procs)
+        row = {"workload": name, "alone": alone, "loaded": loaded}
+        if "runs" in alone and "runs" in loaded:
+            a, b = float(np.median(alone["runs"])), float(np.median(loaded["runs"]))
+            row.update({"alone_images_per_s": round(a, 2), "loaded_images_per_s": round(b, 2),
+                        "ratio": round(b / a, 3)})
+        rows.append(row)
+    return {"competitors": cores, "competitor": "python -c 'while True: pass' (one busy core each)",
+            "seconds_per_measurement": secs, "threads": c.threads, "batch": c.batch, "rows": rows,
+            "statistic": "median images/s over the passes of each measurement", "fair_share": 0.5, "target": 0.4}
+
+
 # ------------------------------------------------------------------------------------------ report
 
 def machine(start: bool = True) -> dict:
@@ -546,7 +790,8 @@ def machine(start: bool = True) -> dict:
     m = ps.machine_info()
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ps.ROOT,
                            capture_output=True, text=True).stdout.strip()
-    m.update({"timm": timm.__version__, "matplotlib": matplotlib.__version__, "git_dirty": bool(dirty),
+    up = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    m.update({"uptime_start": up, "cpu_name": cpu_name(), "timm": timm.__version__, "matplotlib": matplotlib.__version__, "git_dirty": bool(dirty),
               "cpu_flags": cpu_flags(), "cpu_count_os": os.cpu_count(), "machine": platform.machine()})
     return m
 
@@ -618,8 +863,9 @@ def md_e2e(r: dict) -> list[str]:
     else:
         why = " (decoding, batching and writing the results share the cores with the model)"
     lines = ["| measurement | images/s |", "|---|---:|",
-             f"| raw ONNX Runtime session (pre-decoded arrays) | {_ips(r['raw_session_images_per_s'])} |",
-            f"| `ssl predict` whole wall time ({r['wall_seconds']:.2f} s, model load "
+             f"| raw engine, pre-decoded arrays ({r.get('raw_backend', 'ONNX Runtime session')}) | "
+             f"{_ips(r['raw_session_images_per_s'])} |",
+            f"| `ssl predict` (default --backend auto) whole wall time ({r['wall_seconds']:.2f} s, model load "
             f"{r['model_load_seconds']:.2f} s) | {_ips(r['images_per_s_wall'])} |",
             f"| `ssl predict` steady state (model load excluded) | {_ips(r['images_per_s_steady'])} |",
             *([f"| `ssl predict --backend torch --model RUN` (PyTorch eager on the checkpoints) whole wall time "
@@ -628,13 +874,16 @@ def md_e2e(r: dict) -> list[str]:
                f"| `ssl predict --backend torch` steady state | {_ips(r['torch_backend']['images_per_s_steady'])} |"]
               if r.get("torch_backend") else []), "",
             f"On {r['ok']} images (batch {r['batch']}) `ssl predict` reaches {100 * (1 - r['overhead_steady']):.0f}% "
-            f"of the raw session's images/s in its steady state and {100 * (1 - r['overhead_wall']):.0f}% over the "
+            f"of the raw engine's images/s in its steady state and {100 * (1 - r['overhead_wall']):.0f}% over the "
             f"whole command{why}; backend {r['provider']}."]
     if r.get("torch_backend"):
         t = r["torch_backend"]
         lines += ["", f"The same command with PyTorch eager instead of the export: "
-                  f"{_ips(t['images_per_s_steady'])} images/s steady - the export makes `ssl predict` "
-                  f"{r['images_per_s_steady'] / max(1e-9, t['images_per_s_steady']):.2f}x as fast ({t['provider']})."]
+                  f"{_ips(t['images_per_s_steady'])} images/s steady, {_ips(t['images_per_s_wall'])} over the whole "
+                  f"command - the export's default path makes `ssl predict` "
+                  f"{r['images_per_s_steady'] / max(1e-9, t['images_per_s_steady']):.2f}x as fast steady and "
+                  f"{r['images_per_s_wall'] / max(1e-9, t['images_per_s_wall']):.2f}x over the whole command "
+                  f"({t['provider']})."]
     return lines
 
 
@@ -732,14 +981,105 @@ def md_gpu(r: dict) -> list[str]:
     return lines
 
 
-# headings numbered as in the issue (9, machine and run, is the header of the report)
-MD = {"ort_torch": ("1. ONNX Runtime vs PyTorch eager", md_ort_torch), "int8": ("2. FP32 vs INT8", md_int8),
-      "tta": ("3. With vs without TTA", md_tta), "batch": ("4. Batch-size sweep (ONNX Runtime CPU)", md_batch),
-      "e2e": ("5. `ssl predict` end to end vs the raw session", md_e2e),
-      "train": ("6. Training throughput: semivit trainer vs a bare loop", md_train),
-      "bf16": ("7. bf16 autocast vs fp32 training on CPU", md_bf16),
-      "scaling": ("8. Scaling of `ssl predict` with the number of images", md_scaling),
-      "gpu": ("10. GPU: TensorRT vs ONNX Runtime CUDA vs PyTorch CUDA", md_gpu)}
+def md_flops(r: dict) -> list[str]:
+    return [f"The served ensemble ({r['members']} members x {r['tta_views']} TTA views"
+            + (", the shared frozen stem once per view" if r["shared_stem"] else "") + f") costs "
+            f"**{r['gflops_per_image']:.3f} GFLOP per image**: matmuls (linear layers and attention) "
+            f"{r['gemm_flops_per_image'] / 1e9:.3f}, convolutions {r['conv_flops_per_image'] / 1e9:.3f} GFLOP "
+            f"(matmul share {100 * (r['gemm_share'] or 0):.0f}%).  Counted with {r['counted']}."]
+
+
+def md_peak(r: dict) -> list[str]:
+    if "error" in r:
+        return [f"Not measured: {r['error']}"]
+    rows = [("fp32", "torch.mm", "fp32_torch"), ("fp32", "ONNX Runtime MatMul", "fp32_ort_matmul"),
+            ("bf16", "torch.mm (oneDNN)", "bf16_torch"), ("int8", "torch._int_mm", "int8_torch_int_mm"),
+            ("int8", "ONNX Runtime MatMulInteger (u8 x s8)", "int8_ort_matmulinteger")]
+    lines = ["| precision | kernel | GFLOP/s (GOP/s for int8) |", "|---|---|---:|"]
+    lines += [f"| {p} | {k} | {r[key]:.0f} |" for p, k, key in rows if isinstance(r.get(key), (int, float))]
+    pk = r["peak"]
+    return lines + ["", f"Square {r['n']} x {r['n']} matmuls, {_th(r['threads'])}, best call over a few seconds.  "
+                        f"Peak used below: fp32 {pk['fp32']:.0f}, bf16 {pk['bf16']:.0f}, int8 {pk['int8']:.0f} "
+                        f"GFLOP/s (native bf16: {r['bf16_native']}, VNNI: {r['vnni']}, torch CPU capability "
+                        f"{r['cpu_capability']})."]
+
+
+def md_peers(r: dict) -> list[str]:
+    lines = ["| engine | precision | images/s | x eager | GFLOP/s | share of peak | max abs dp vs ORT FP32 | "
+             "arg-max agreement | test macro F1 |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    eng = r["engines"]
+    eager = eng.get("torch-eager", {}).get("images_per_s")
+    for e, v in eng.items():
+        label = PEER_LABELS.get(e, e)
+        if "images_per_s" not in v:
+            lines.append(f"| {label} | {PRECISION_OF.get(e, '')} | not measured: {v.get('error')} | | | | | | |")
+            continue
+        extra = f" (compile {v['compile_seconds']:.0f} s)" if "compile_seconds" in v else ""
+        f1 = f"{v['macro_f1_test']:.4f}" if "macro_f1_test" in v else "-"
+        dp = f"{v['max_abs_prob_diff_vs_ort_fp32']:.1e}" if "max_abs_prob_diff_vs_ort_fp32" in v else "-"
+        ag = f"{100 * v['argmax_agreement_vs_ort_fp32']:.1f}%" if "argmax_agreement_vs_ort_fp32" in v else "-"
+        share = f"{100 * v['share_of_peak']:.0f}%" if "share_of_peak" in v else "-"
+        gf = f"{v['gflops_per_s']:.0f}" if "gflops_per_s" in v else "-"
+        lines.append(f"| {label}{extra} | {v['precision']} | {_ips(v['images_per_s'])} | "
+                     f"{v['images_per_s'] / eager:.2f}x | {gf} | {share} | {dp} | {ag} | {f1} |" if eager else
+                     f"| {label}{extra} | {v['precision']} | {_ips(v['images_per_s'])} | - | {gf} | {share} | {dp} | {ag} | {f1} |")
+    d = r.get("default_path", {})
+    lines += ["", f"Each engine in its own process ({_th(r['threads'])}, batch {r['batch']}, {r['images']} test images, "
+                  f"best of {r['reps']} full passes; {r['input']}).  Share of peak: achieved GFLOP/s (images/s x the "
+                  "ensemble's FLOPs per image) over the measured matmul peak of the precision the engine runs in."]
+    if d.get("images_per_s"):
+        lines += ["", f"Default `ssl predict --backend auto` path on this export: **{d['backend']}** "
+                      f"({_ips(d['images_per_s'])} images/s): {d['vs_torch_eager']}x PyTorch eager fp32, "
+                      f"{d['vs_ort_fp32']}x ONNX Runtime FP32, {100 * d['vs_fastest']:.0f}% of the fastest engine "
+                      f"measured here ({PEER_LABELS.get(r['fastest'], r['fastest'])})."]
+    return lines
+
+
+PRECISION_OF = {"torch-eager": "fp32", "torch-bf16": "bf16", "torch-compile": "fp32", "ort-fp32": "fp32",
+                "ort-fp32-fused": "fp32", "ort-int8": "int8", "ort-int8-qdq": "int8", "ov-fp32": "fp32",
+                "ov-bf16": "bf16", "ov-int8": "int8"}
+
+
+def md_contention(r: dict) -> list[str]:
+    lines = ["| workload | alone images/s | beside busy processes | ratio |", "|---|---:|---:|---:|"]
+    for row in r["rows"]:
+        if "ratio" in row:
+            lines.append(f"| {row['workload']} | {_ips(row['alone_images_per_s'])} | "
+                         f"{_ips(row['loaded_images_per_s'])} | {row['ratio']:.2f}x |")
+        else:
+            err = row["alone"].get("error") or row["loaded"].get("error")
+            lines.append(f"| {row['workload']} | not measured: {err} | | |")
+    return lines + ["", f"Beside {r['competitors']} competitors ({r['competitor']}), one per usable core: a fair share "
+                        f"is {r['fair_share']}x, the target >= {r['target']}x.  {_th(r['threads'])}, batch "
+                        f"{r['batch']}, about {r['seconds_per_measurement']:.0f} s per measurement; {r['statistic']}."]
+
+
+@dataclass(frozen=True)
+class Section:
+    """One part of the report: ``run(ctx) -> dict`` (the JSON) and ``md(dict) -> lines``."""
+
+    key: str
+    title: str
+    run: Callable[["Ctx"], dict]
+    md: Callable[[dict], list[str]]
+
+
+SECTION_LIST = [
+    Section("flops", "1. Work per image: FLOPs of the ensemble", sec_flops, md_flops),
+    Section("peak", "2. This CPU's matmul peak", sec_peak, md_peak),
+    Section("peers", "3. Every engine side by side (same ensemble, batch, threads, uint8 input)", sec_peers, md_peers),
+    Section("ort_torch", "4. ONNX Runtime vs PyTorch eager (in one process)", sec_ort_torch, md_ort_torch),
+    Section("int8", "5. FP32 vs INT8 (dynamic)", sec_int8, md_int8),
+    Section("tta", "6. With vs without TTA", sec_tta, md_tta),
+    Section("batch", "7. Batch-size sweep (ONNX Runtime CPU)", sec_batch, md_batch),
+    Section("e2e", "8. `ssl predict` end to end vs the raw session", sec_e2e, md_e2e),
+    Section("contention", "9. Under contention: one busy process per core", sec_contention, md_contention),
+    Section("train", "10. Training throughput: semivit trainer vs a bare loop", sec_train, md_train),
+    Section("bf16", "11. bf16 autocast vs fp32 training on CPU", sec_bf16, md_bf16),
+    Section("scaling", "12. Scaling of `ssl predict` with the number of images", sec_scaling, md_scaling),
+    Section("gpu", "13. GPU: TensorRT vs ONNX Runtime CUDA vs PyTorch CUDA", sec_gpu, md_gpu),
+]
+SECTIONS = tuple(x.key for x in SECTION_LIST)
 
 
 def write_md(doc: dict, path: Path) -> None:
@@ -749,8 +1089,12 @@ def write_md(doc: dict, path: Path) -> None:
              f"{m['platform']}; Python {m['python']}, torch {m['torch']}, onnxruntime {m['onnxruntime']}, "
              f"onnx {m['onnx']}, timm {m['timm']}; commit {m['git_commit']}"
              + (" (with uncommitted changes)." if m["git_dirty"] else "."),
+             f"`uptime` at start: `{m.get('uptime_start', '')}`; at end: `{doc.get('uptime_end', '')}`.  "
              f"Load average at start {tuple(round(x, 1) for x in m['load_average_start'])}, at end "
-             f"{tuple(round(x, 1) for x in doc['load_average_end'])}; "
+             f"{tuple(round(x, 1) for x in doc['load_average_end'])}"
+             + (f" on {m['usable_cpus']} usable CPUs: **the machine was shared with other jobs during this run; "
+                "compare only ratios measured in it**; " if max(m['load_average_start'][0], doc['load_average_end'][0])
+                > 0.5 * m['usable_cpus'] + 0.5 else "; ")
              + (f"each throughput is the best of {doc['settings']['reps']} interleaved runs (all in the JSON)."
                 if doc["settings"]["reps"] > 1 else "one run per throughput."),
              f"Benchmark wall time: {doc['wall_seconds']:.0f} s (per section: "
@@ -765,16 +1109,16 @@ def write_md(doc: dict, path: Path) -> None:
                   "speed here is that of a trained quick run; only INT8's agreement/F1 figures need a trained run.", ""]
     if doc.get("quick"):
         lines += ["**Smoke run (`--quick`)**: few images and steps, short timings: not for quoting.", ""]
-    for key in SECTIONS:
+    for sec in SECTION_LIST:
+        key = sec.key
         if key not in doc["sections"]:
             continue
-        title, fn = MD[key]
         r = doc["sections"][key]
-        lines += [f"## {title}", ""]
-        if "error" in r and key != "gpu":
+        lines += [f"## {sec.title}", ""]
+        if "error" in r and key not in ("gpu", "peak"):
             lines += [f"Failed: `{r['error']}`", ""]
             continue
-        lines += fn(r) + [""]
+        lines += sec.md(r) + [""]
         if key == "scaling" and doc.get("plot"):
             lines += [f"![batch sweep and scaling]({doc['plot']})", ""]
     path.write_text("\n".join(lines) + "\n")
@@ -871,6 +1215,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="least seconds per inference throughput run (default 5; quick 0.5)")
     ap.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), metavar="SECTION",
                     help=f"subset of: {' '.join(SECTIONS)}")
+    ap.add_argument("--peers", nargs="+", help="engines of the peers section (default: all of benchmarks/engines.py)")
     ap.add_argument("--quick", action="store_true", help="smoke mode: few images and steps, results under WORK")
     ap.add_argument("--work", type=Path, default=None, help="scratch directory (default /tmp/semivit-speed-bench)")
     ap.add_argument("--out", type=Path, default=None, help="results directory (default benchmarks/results)")
@@ -913,21 +1258,21 @@ def main(argv=None) -> None:
     doc["model"] = {"description": description, "run": str(run), "export": str(export), "untrained_weights": untrained,
                     "members": len(meta["members"]), "img_size": int(meta["img_size"]),
                     "levels": [lv.name for lv in c.ort.levels]}
-    funcs = {"ort_torch": sec_ort_torch, "int8": sec_int8, "tta": sec_tta, "batch": sec_batch, "e2e": sec_e2e,
-             "train": sec_train, "bf16": sec_bf16, "scaling": sec_scaling, "gpu": sec_gpu}
-    for key in SECTIONS:
+    for sec in SECTION_LIST:
+        key = sec.key
         if key not in args.sections:
             continue
         print(f"== {key}", flush=True)
         t0 = time.perf_counter()
         try:
-            doc["sections"][key] = funcs[key](c)
+            doc["sections"][key] = c.results[key] = sec.run(c)
         except Exception as e:  # noqa: BLE001 - one failed section must not lose the others
             traceback.print_exc()
             doc["sections"][key] = {"error": f"{type(e).__name__}: {first_line(e)}"}
         doc["section_seconds"][key] = round(time.perf_counter() - t0, 1)
         print(json.dumps({k: v for k, v in doc["sections"][key].items() if k != "runs"}, default=str), flush=True)
     doc["load_average_end"] = os.getloadavg()
+    doc["uptime_end"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     doc["wall_seconds"] = round(time.perf_counter() - t_start, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     if write_plot(doc, args.out / "speed.png"):

@@ -291,6 +291,9 @@ def models_rollback(registry: Path = typer.Option(..., "--registry")):
 
 
 def main() -> None:
+    from semivit.utils import cpu_runtime_defaults
+
+    cpu_runtime_defaults()  # before any command imports torch (OpenMP reads these once)
     app()
 
 

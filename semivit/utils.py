@@ -176,3 +176,57 @@ def cpu_has_bf16() -> bool:
 def cpu_has_vnni() -> bool:
     """Fast int8 dot products: AVX512-VNNI, AVX-VNNI or AMX-INT8."""
     return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags())
+
+
+def physical_core_count() -> int:
+    """Physical cores this process may use: /proc/cpuinfo's (physical id, core id) pairs, capped
+    by the affinity mask (os.sched_getaffinity) and a cgroup CPU quota."""
+    import math
+
+    n = cpu_count()
+    try:
+        cores, phys, core = set(), None, None
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("physical id"):
+                    phys = line.split(":")[1].strip()
+                elif line.startswith("core id"):
+                    core = line.split(":")[1].strip()
+                elif not line.strip():
+                    if core is not None:
+                        cores.add((phys, core))
+                    phys = core = None
+        if core is not None:
+            cores.add((phys, core))
+        if cores:
+            n = min(n, len(cores))
+    except OSError:
+        pass
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
+def cpu_runtime_defaults(environ=None) -> dict:
+    """OpenMP defaults for the PyTorch paths (training, ``--backend torch``), set before torch is
+    imported (OpenMP reads them once, at start-up); a value the user set is kept.
+
+    - ``OMP_NUM_THREADS``: one thread per usable physical core (affinity mask and cgroup quota
+      respected; SMT siblings add no matmul throughput).
+    - ``OMP_WAIT_POLICY=PASSIVE``: idle OpenMP workers sleep instead of spinning between parallel
+      regions.  Spinning workers burn the time slices another process on the same cores needs and,
+      worse, are descheduled while the next region waits for them: beside one busy process per
+      core PyTorch fell far below its fair share (benchmarks/results/speed.md, contention).
+
+    ONNX Runtime (``session.intra_op.allow_spinning=0``) and OpenVINO (CPU pinning off) get the
+    same behaviour through their own session options.  Returns what was set."""
+    env = os.environ if environ is None else environ
+    done = {}
+    for key, value in (("OMP_NUM_THREADS", str(physical_core_count())), ("OMP_WAIT_POLICY", "PASSIVE")):
+        if not env.get(key):
+            env[key] = done[key] = value
+    return done

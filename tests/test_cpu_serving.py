@@ -212,3 +212,36 @@ def test_candidates_option_errors_and_none(run_dir, tmp_path):
     lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
     assert res.exit_code == 2 and len(lines) == 1 and "unknown tflite" in lines[0], res.output
     assert not (tmp_path / "E").exists()
+
+
+# ----------------------------------------------------------------------------- contention defaults
+def test_cpu_runtime_defaults_passive_openmp_and_cores_from_affinity(monkeypatch):
+    import os
+
+    from semivit import utils
+
+    env: dict = {}
+    assert utils.cpu_runtime_defaults(env) == env
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE"
+    n = int(env["OMP_NUM_THREADS"])
+    assert 1 <= n <= len(os.sched_getaffinity(0))
+    # the affinity mask caps the count (a process pinned to one CPU gets one thread)
+    monkeypatch.setattr(utils.os, "sched_getaffinity", lambda pid: {0})
+    assert utils.physical_core_count() == 1
+    # what the user set is kept
+    env = {"OMP_NUM_THREADS": "3", "OMP_WAIT_POLICY": "ACTIVE"}
+    assert utils.cpu_runtime_defaults(env) == {} and env == {"OMP_NUM_THREADS": "3", "OMP_WAIT_POLICY": "ACTIVE"}
+
+
+def test_ssl_entry_point_sets_the_openmp_defaults_before_torch(tmp_path):
+    import os
+    import subprocess
+
+    code = ("import os, sys; sys.argv = ['ssl', '--help']\n"
+            "from semivit import cli\n"
+            "try:\n    cli.main()\nexcept SystemExit:\n    pass\n"
+            "print('ENV', os.environ.get('OMP_WAIT_POLICY'), os.environ.get('OMP_NUM_THREADS'), 'torch' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stdout
+    line = [ln for ln in out.splitlines() if ln.startswith("ENV")][-1].split()
+    assert line[1] == "PASSIVE" and int(line[2]) >= 1 and line[3] == "False", out

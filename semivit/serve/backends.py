@@ -34,7 +34,6 @@ never a quiet slowdown.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from dataclasses import dataclass
@@ -46,7 +45,7 @@ import numpy as np
 from semivit.errors import UserError
 from semivit.integrity import ExportTampered
 from semivit.serve.resolve import ModelRef, resolve_model_dir
-from semivit.utils import cpu_count, cpu_name, warn
+from semivit.utils import cpu_name, physical_core_count, warn
 
 
 class BackendUnavailable(UserError):
@@ -141,32 +140,7 @@ class Backend:
 
 def physical_cores() -> int:
     """Physical cores this process may use: /proc/cpuinfo cores, capped by affinity and cgroup quota."""
-    n = cpu_count()
-    try:
-        cores, phys, core = set(), None, None
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("physical id"):
-                    phys = line.split(":")[1].strip()
-                elif line.startswith("core id"):
-                    core = line.split(":")[1].strip()
-                elif not line.strip():
-                    if core is not None:
-                        cores.add((phys, core))
-                    phys = core = None
-        if core is not None:
-            cores.add((phys, core))
-        if cores:
-            n = min(n, len(cores))
-    except OSError:
-        pass
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            n = min(n, max(1, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return max(1, n)
+    return physical_core_count()
 
 
 def default_threads() -> int:
