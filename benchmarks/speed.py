@@ -684,7 +684,8 @@ def sec_peers(c: Ctx) -> dict:
         probs = c.work / f"probs_{e}.npy"
         probs.unlink(missing_ok=True)
         r = child([e, "--export", c.export, "--run", c.run, "--images", x, "--batch", c.batch, "--threads", c.threads,
-                   "--reps", res["reps"], "--probs", probs, "--work", c.work / "engines"], env=thread_env(c.threads))
+                   "--reps", res["reps"], "--probs", probs, "--work", c.work / "engines"], env=thread_env(c.threads),
+                  timeout=c.args.peer_timeout)
         if "error" not in r and probs.is_file():
             r["_probs"] = np.load(probs)
         res["engines"][e] = r
@@ -1215,6 +1216,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="least seconds per inference throughput run (default 5; quick 0.5)")
     ap.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), metavar="SECTION",
                     help=f"subset of: {' '.join(SECTIONS)}")
+    ap.add_argument("--peer-timeout", type=float, default=600.0,
+                    help="seconds one engine of the peers section may take, compile included (default 600)")
     ap.add_argument("--peers", nargs="+", help="engines of the peers section (default: all of benchmarks/engines.py)")
     ap.add_argument("--quick", action="store_true", help="smoke mode: few images and steps, results under WORK")
     ap.add_argument("--work", type=Path, default=None, help="scratch directory (default /tmp/semivit-speed-bench)")
