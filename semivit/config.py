@@ -111,6 +111,9 @@ class PseudoConfig(_Section):
     umap_neighbors: int = Field(15, ge=2)
     max_per_class: Optional[int] = Field(None, ge=1)
     soft: bool = False
+    # soft targets: "ce" = cross-entropy to the teacher's probabilities (the labeled rows keep
+    # train.loss); "same" = train.loss (focal, class weights) on them too
+    soft_loss: Literal["ce", "same"] = "ce"
     weight: Literal["confidence", "one"] = "confidence"
 
     @field_validator("threshold_mode")

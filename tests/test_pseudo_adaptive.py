@@ -131,3 +131,34 @@ def test_rule_end_to_end_on_a_tiny_run(rule, sets, tiny_run, tiny_data_shared, t
     done = [json.loads((out / "stage3" / f"fold{k}" / "done.json").read_text()) for k in range(cfg.cv.folds)]
     assert all(d["extra_samples"] == stats["selected"] for d in done)
     assert len(json.loads((out / "ensemble.json").read_text())["members"]) == 2 * cfg.cv.folds
+
+
+def test_distillation_loss_is_cross_entropy_on_soft_rows_and_the_configured_loss_on_labeled_rows():
+    from semivit.trainer.losses import DistillationLoss
+
+    torch.manual_seed(0)
+    hard = FocalLoss(gamma=2.0, class_weights=torch.tensor([0.5, 1.0, 2.0, 1.5]))
+    loss = DistillationLoss(hard)
+    logits = torch.randn(8, 4)
+    y = torch.randint(0, 4, (8,))
+    onehot = F.one_hot(y, 4).float()
+    soft = torch.softmax(torch.randn(8, 4), 1)
+    assert torch.allclose(loss(logits, y), hard(logits, y))  # index targets: the configured loss
+    assert torch.allclose(loss(logits, onehot), hard(logits, onehot), atol=1e-6)
+    mixed = torch.cat([onehot[:4], soft[4:]])
+    want = torch.cat([hard.per_sample(logits[:4], onehot[:4]),
+                      -(soft[4:] * F.log_softmax(logits[4:], 1)).sum(1)]).mean()
+    assert torch.allclose(loss(logits, mixed), want, atol=1e-6)
+
+
+def test_distillation_optimum_is_the_teacher_and_focal_is_not():
+    """At logits = log(teacher) the soft cross-entropy's gradient vanishes (the student can match
+    the teacher); the class-weighted focal loss's does not (it would learn a distorted teacher)."""
+    from semivit.trainer.losses import DistillationLoss
+
+    teacher = torch.tensor([[0.6, 0.25, 0.1, 0.05]])
+    focal = FocalLoss(gamma=2.0, class_weights=torch.tensor([0.5, 1.0, 2.0, 1.5]))
+    for crit, vanishes in ((DistillationLoss(focal), True), (focal, False)):
+        logits = teacher.log().clone().requires_grad_(True)
+        crit(logits, teacher).backward()
+        assert (logits.grad.abs().max() < 1e-6) == vanishes

@@ -14,7 +14,7 @@ from semivit.data import transforms
 from semivit.data.dataset import ArrayDataset
 from semivit.trainer import distributed
 from semivit.trainer.engine import UnlabeledPolicy, fit
-from semivit.trainer.losses import build_loss
+from semivit.trainer.losses import DistillationLoss, build_loss
 from semivit.models.checkpoint import save_checkpoint
 from semivit.models.networks import build_model
 from semivit.pseudo.samples import Extra
@@ -52,6 +52,8 @@ def train_fold(run: Run, stage: str, k: int, extra: Optional[Extra] = None,
     # Class-balanced weights count the labeled part only: pseudo-labels must not re-balance.
     counts = np.bincount(y[tr], minlength=n_cls)
     criterion = build_loss(cfg.train, counts)
+    if labels.ndim == 2 and cfg.pseudo.soft_loss == "ce":  # soft pseudo-labels: distil the teacher
+        criterion = DistillationLoss(criterion)
     if run.stem is not None and make_policy is None:  # frozen stem: train on cached features
         from semivit.trainer.stem_cache import CachedViewsDataset, StemFeatures
 

@@ -66,6 +66,34 @@ class FocalLoss(nn.Module):
         return loss.mean()
 
 
+class DistillationLoss(nn.Module):
+    """Labeled rows (one-hot targets) get ``hard`` - the configured focal loss with class
+    weights; rows with soft targets (the teacher ensemble's probabilities) get plain
+    cross-entropy to that distribution, without the focal factor and the class weights.
+
+    With them, the minimum of the soft rows' loss is not at the teacher's distribution (focal
+    loss is no proper scoring rule for soft targets: (1 - p)^gamma pulls the optimum away from
+    p = t, and class weights re-balance a teacher that a class-balanced loss already balanced),
+    so the student would learn a distorted teacher.
+    """
+
+    def __init__(self, hard: FocalLoss):
+        super().__init__()
+        self.hard = hard
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor,
+                sample_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if target.ndim == 1:
+            return self.hard(logits, target, sample_weight)
+        logits = logits.float()
+        one_hot = target.max(dim=1).values >= 1.0 - 1e-6
+        soft = -(target * F.log_softmax(logits, dim=1)).sum(dim=1)
+        loss = torch.where(one_hot, self.hard.per_sample(logits, target), soft)
+        if sample_weight is not None:
+            loss = loss * sample_weight.to(loss.device, loss.dtype)
+        return loss.mean()
+
+
 def build_loss(train_cfg, counts: Sequence[int]) -> FocalLoss:
     """``train.loss``: focal (gamma from config) or ce (= focal with gamma 0), both class-weighted
     by effective number when ``train.class_balance_beta`` is set."""
