@@ -120,6 +120,16 @@ def registry_tag(d: Path) -> Optional[str]:
     return str(doc.get("format")) if isinstance(doc, dict) and doc.get("format") is not None else ""
 
 
+def _registry_what(d: Path) -> str:
+    path = Path(d) / "registry.yaml"
+    if not path.is_file():
+        return _found(d)
+    doc = _load_yaml(path)
+    if isinstance(doc, dict):
+        return f"a registry.yaml of format {doc['format']!r}" if "format" in doc else "a registry.yaml without a format tag"
+    return f"a registry.yaml with {describe_value(doc)}"
+
+
 def is_registry(d: Path) -> bool:
     d = Path(d)
     if not d.is_dir():
@@ -142,8 +152,7 @@ def require_registry_or_new(d: Path) -> bool:
     if is_registry(d):
         return True
     if d.is_dir() and not _is_empty(d):
-        tag = registry_tag(d)
-        what = f"a registry.yaml of format {tag!r}" if tag else _found(d)
+        what = _registry_what(d)
         raise UserError(f"{d} is not a semivit registry (it holds {what}); give a new or empty directory "
                         "or an existing registry (nothing was changed)")
     from semivit.safe_io import check_writable_dir
@@ -158,7 +167,6 @@ def require_registry(d: Path) -> Path:
     if not d.is_dir():
         raise UserError(f"registry not found: {d}")
     if not is_registry(d):
-        tag = registry_tag(d)
-        what = f"a registry.yaml of format {tag!r}" if tag else (_found(d) if not _is_empty(d) else "nothing")
+        what = _registry_what(d) if not _is_empty(d) else "nothing"
         raise UserError(f"{d} is not a semivit registry (it holds {what})")
     return d

@@ -555,3 +555,54 @@ def test_full_disk_mid_write_keeps_the_old_output_and_leaves_no_temp(export, tmp
     assert err.startswith("error: File too large writing ") and str(out) in err, err
     assert out.read_text() == "the previous predictions\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["MANY", "p.csv"]
+
+
+# ============================================================================ damaged registry files: one line each
+
+def _registry_with_v1(root: Path) -> Path:
+    reg = _registry_without_versions(root)
+    (reg / "v0001").mkdir()
+    (reg / "v0001" / "manifest.json").write_text(json.dumps(
+        {"format": "semivit-version/1", "version": "v0001", "status": "promoted"}))
+    (reg / "current").symlink_to("v0001")
+    (root.parent / "inbox").mkdir(exist_ok=True)
+    return reg
+
+
+def test_registry_yaml_that_is_a_list_is_one_line(tmp_path):
+    (tmp_path / "R").mkdir()
+    (tmp_path / "R" / "registry.yaml").write_text("- a\n- b\n")
+    code, out = cli("models", "list", "--registry", tmp_path / "R")
+    assert "a list of 2 items" in one_line(code, out)
+
+
+def test_manifest_that_is_a_list_is_listed_as_unreadable(tmp_path):
+    reg = _registry_with_v1(tmp_path / "R")
+    (reg / "v0001" / "manifest.json").write_text("[1, 2]")
+    code, out = cli("models", "list", "--registry", reg)
+    assert code == 0 and "unreadable" in out and "Traceback" not in out, out
+
+
+def test_damaged_promotions_json_is_one_line(tmp_path):
+    reg = _registry_with_v1(tmp_path / "R")
+    (reg / "promotions.json").write_text("{trunc")
+    code, out = cli("models", "list", "--registry", reg)  # the table is printed first, then the error
+    assert code == 2 and "Traceback" not in out
+    assert out.strip().splitlines()[-1].startswith("error: ") and "promotions.json is damaged" in out
+
+
+def test_inbox_sqlite_that_is_not_a_database_is_one_line(tmp_path):
+    reg = _registry_with_v1(tmp_path / "R")
+    (reg / "inbox.sqlite").write_bytes(b"not a database" * 100)
+    code, out = cli("models", "list", "--registry", reg)  # the table is printed first, then the error
+    assert code == 2 and "Traceback" not in out
+    assert out.strip().splitlines()[-1].startswith("error: ") and "inbox.sqlite is not a usable SQLite" in out
+    code, out = cli("refresh", "--registry", reg, "--inbox", tmp_path / "inbox")
+    assert code == 2 and "Traceback" not in out
+
+
+def test_refresh_on_an_incomplete_current_version_says_so(tmp_path):
+    reg = _registry_with_v1(tmp_path / "R")
+    code, out = cli("refresh", "--registry", reg, "--inbox", tmp_path / "inbox")
+    err = one_line(code, out)
+    assert "not complete" in err and "config file not found" not in err

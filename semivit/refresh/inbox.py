@@ -91,7 +91,12 @@ class Inbox:
         self.path = Path(registry) / "inbox.sqlite"
         self.conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
         self.conn.row_factory = sqlite3.Row
-        self.conn.execute("PRAGMA journal_mode=WAL")
+        try:
+            self.conn.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.DatabaseError as e:  # e.g. "file is not a database": say which file, one line
+            self.conn.close()
+            raise UserError(f"{self.path} is not a usable SQLite database ({e}); it is the inbox state: restore "
+                            "it from a backup or move it aside (the next refresh re-ingests the inbox)") from None
         self.conn.execute("PRAGMA synchronous=FULL")
         self.conn.execute("PRAGMA foreign_keys=ON")
         with self.tx() as c:  # (executescript would COMMIT first: one statement at a time instead)

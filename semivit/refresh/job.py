@@ -77,6 +77,9 @@ def _check_inputs(registry: Path, inbox: Path, overrides: list[str]) -> tuple[Pa
         raise UserError(f"the registry {registry} is inside the inbox {inbox}: its own files would be read as "
                         "new images; keep them apart")
     cur = reg.require_current(registry)
+    if not (registry / cur / "run" / "config.yaml").is_file():
+        raise UserError(f"{registry}: the current version {cur} is not complete (no run/config.yaml); "
+                        "promote a complete version with `ssl models promote VERSION`")
     candidate_config(registry / cur / "run", overrides)  # bad --set: fail before anything changes
     return registry, inbox
 

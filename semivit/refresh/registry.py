@@ -95,7 +95,7 @@ def read_manifest(vdir: Path) -> dict:
         doc = read_json(path)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read {path}: {e}") from None
-    if doc.get("format") != MANIFEST_FORMAT:
+    if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT:
         raise UserError(f"{path} is not a semivit version manifest")
     return doc
 
@@ -245,7 +245,16 @@ def _switch_link(registry: Path, version: str) -> None:
 
 def _read_stack(registry: Path) -> dict:
     path = registry / "promotions.json"
-    return read_json(path) if path.is_file() else {"stack": [], "pending": None}
+    if not path.is_file():
+        return {"stack": [], "pending": None}
+    try:
+        doc = read_json(path)
+    except (OSError, ValueError) as e:
+        doc = e
+    if not isinstance(doc, dict) or not isinstance(doc.get("stack", []), list):
+        raise UserError(f"{path} is damaged ({'not valid JSON' if isinstance(doc, Exception) else 'not a promotion journal'}); "
+                        "current is unaffected - move the file aside and `ssl models promote` the serving version again")
+    return doc
 
 
 def promotion_stack(registry: Path) -> list[str]:
