@@ -244,6 +244,7 @@ def test_fifo_socket_and_dir_named_like_images_are_error_rows_at_once(export, im
     import socket
 
     os.mkfifo(images / "pipe.png")
+    (images / "zero.png").symlink_to("/dev/zero")  # a link to a device: never read from
     s = socket.socket(socket.AF_UNIX)
     s.bind(str(images / "sock.png"))
     try:
@@ -254,7 +255,8 @@ def test_fifo_socket_and_dir_named_like_images_are_error_rows_at_once(export, im
         rows = {r[0]: r for r in read_csv(out)[1:]}
         assert rows["pipe.png"][-3] == "error" and "FIFO" in rows["pipe.png"][-1]
         assert rows["sock.png"][-3] == "error"
-        assert len(rows) == 5
+        assert rows["zero.png"][-3] == "error" and "character device" in rows["zero.png"][-1]
+        assert len(rows) == 6
     finally:
         s.close()
 
