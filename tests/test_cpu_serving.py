@@ -245,3 +245,30 @@ def test_ssl_entry_point_sets_the_openmp_defaults_before_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stdout
     line = [ln for ln in out.splitlines() if ln.startswith("ENV")][-1].split()
     assert line[1] == "PASSIVE" and int(line[2]) >= 1 and line[3] == "False", out
+
+
+def test_member_terms_are_located_in_a_shared_stem_ensemble(tmp_path):
+    """The accuracy gate scores images out of fold from each member's term in the graph; with the
+    quick preset's hybrids the members share one stem, and the check that the graph's terms are
+    the members' must run the stem first (it used to feed pixels to stem-less members)."""
+    import onnx
+    import torch
+
+    from semivit import config
+    from semivit.export import int8 as int8mod
+    from semivit.export.graph import export_graph
+    from semivit.models.ensemble import EnsembleModel
+    from semivit.models.networks import build_model
+
+    cfg = config.resolve(preset="quick", overrides=["model.img_size=32", "model.kwargs={embed_dim: 32, depth: 1, "
+                                                    "num_heads: 2}", "model.head_hidden=16"])
+    torch.manual_seed(0)
+    ens = EnsembleModel([build_model(cfg.model, 3).eval() for _ in range(3)], [1, 2, 3]).eval()
+    assert ens.stem is not None
+    path = tmp_path / "m.onnx"
+    export_graph(ens, path, 32, exporter="torchscript")
+    names = int8mod.member_terms(onnx.load(str(path)))
+    imgs = np.random.default_rng(0).integers(0, 255, (6, 32, 32, 3), dtype=np.uint8)
+    _, terms, _ = int8mod.run_members(path, names, imgs)
+    assert int8mod._terms_match_members(terms, ens, imgs)
+    assert not int8mod._terms_match_members(terms[::-1], ens, imgs)  # the order matters

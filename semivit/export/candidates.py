@@ -365,6 +365,15 @@ def choose(cands: list[Candidate], tolerance: float) -> dict:
     return {"auto": best.name, "why": why, "candidates": [c.row() for c in cands]}
 
 
+def cleanup(export_dir: Path) -> None:
+    """Remove every candidate's file (after a failed candidates step): only FP32 stays."""
+    for c in all_candidates():
+        if c.file != "model.onnx":
+            _remove(Path(export_dir) / c.file)
+    for p in Path(export_dir).glob(".*.members.onnx"):
+        p.unlink(missing_ok=True)
+
+
 def _message(e: BaseException) -> str:
     """One line of an exception's message (OpenVINO's first lines are a source location)."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.strip().startswith("Exception from")]

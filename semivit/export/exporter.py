@@ -147,11 +147,18 @@ def export_run(run: Path, out: Optional[Path] = None, trt: bool = False, int8: b
         if selection != []:
             info("serving candidates: build, gate (macro F1 within "
                  f"{candmod.TOLERANCE} of FP32), time ...")
-            serving = candmod.build(tmp, {"classes": classes, "img_size": size,
-                                          "levels": [lv.contract() for lv in plan],
-                                          "members": [_member_entry(m) for m in plan[0].members], "tta": tta},
-                                    full_model, plan[0].members, data, selection=selection,
-                                    int8_report=int8_report, tolerance=int8_tolerance)
+            try:
+                serving = candmod.build(tmp, {"classes": classes, "img_size": size,
+                                              "levels": [lv.contract() for lv in plan],
+                                              "members": [_member_entry(m) for m in plan[0].members], "tta": tta},
+                                        full_model, plan[0].members, data, selection=selection,
+                                        int8_report=int8_report, tolerance=int8_tolerance)
+            except Exception as e:  # noqa: BLE001 - the FP32 export is complete and verified without them
+                why = f"{type(e).__name__}: {candmod._message(e)}"
+                warn(f"serving candidates not evaluated ({why}); `--backend auto` serves ONNX Runtime FP32")
+                candmod.cleanup(tmp)
+                serving = {"auto": candmod.REFERENCE, "why": f"candidates not evaluated: {why}", "error": why,
+                           "candidates": []}
             serving["selection"] = spec
         trt_doc = None
         if trt:

@@ -155,14 +155,19 @@ def run_members(path: Path, names: list[str], images: np.ndarray, batch: int = E
 
 @torch.no_grad()
 def _terms_match_members(terms: np.ndarray, model, images: np.ndarray, atol: float = 1e-4) -> bool:
-    """Are the graph's terms w_i * p_i of the PyTorch members, in order (independent check)?"""
+    """Are the graph's terms w_i * p_i of the PyTorch members, in order (independent check)?
+    Members that share the ensemble's frozen stem (``model.stem``) get its features, as in
+    ``EnsembleModel.forward``."""
     if terms.shape[0] != len(model.members):
         return False
     x = model.pre(torch.from_numpy(np.ascontiguousarray(images)))
+    views = [x, x.flip(3)] if model.tta else [x]
+    if getattr(model, "stem", None) is not None:
+        views = [model.stem(v) for v in views]
     for i, m in enumerate(model.members):
-        p = torch.softmax(m(x), dim=1)
+        p = torch.softmax(m(views[0]), dim=1)
         if model.tta:
-            p = 0.5 * (p + torch.softmax(m(x.flip(3)), dim=1))
+            p = 0.5 * (p + torch.softmax(m(views[1]), dim=1))
         if not np.allclose(terms[i], (p * model.weights[i]).numpy(), atol=atol):
             return False
     return True
