@@ -1110,6 +1110,9 @@ def write_md(doc: dict, path: Path) -> None:
                   "speed here is that of a trained quick run; only INT8's agreement/F1 figures need a trained run.", ""]
     if doc.get("quick"):
         lines += ["**Smoke run (`--quick`)**: few images and steps, short timings: not for quoting.", ""]
+    if not doc.get("complete", True):
+        lines += ["**Incomplete run**: written after each section; the run stopped (or is still running) after "
+                  + ", ".join(doc["sections"]) + ".", ""]
     for sec in SECTION_LIST:
         key = sec.key
         if key not in doc["sections"]:
@@ -1274,15 +1277,21 @@ def main(argv=None) -> None:
             doc["sections"][key] = {"error": f"{type(e).__name__}: {first_line(e)}"}
         doc["section_seconds"][key] = round(time.perf_counter() - t0, 1)
         print(json.dumps({k: v for k, v in doc["sections"][key].items() if k != "runs"}, default=str), flush=True)
+        _write(doc, args, t_start, partial=True)  # after every section: a stopped run keeps what it measured
+    _write(doc, args, t_start, partial=False)
+    print(f"wrote {args.out / 'speed.json'}, speed.md" + (", speed.png" if doc.get("plot") else ""))
+
+
+def _write(doc: dict, args, t_start: float, partial: bool) -> None:
     doc["load_average_end"] = os.getloadavg()
     doc["uptime_end"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     doc["wall_seconds"] = round(time.perf_counter() - t_start, 1)
+    doc["complete"] = not partial
     args.out.mkdir(parents=True, exist_ok=True)
-    if write_plot(doc, args.out / "speed.png"):
+    if not partial and write_plot(doc, args.out / "speed.png"):
         doc["plot"] = "speed.png"
     (args.out / "speed.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
     write_md(doc, args.out / "speed.md")
-    print(f"wrote {args.out / 'speed.json'}, speed.md" + (", speed.png" if doc.get("plot") else ""))
 
 
 if __name__ == "__main__":
