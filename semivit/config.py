@@ -18,6 +18,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from semivit.errors import UserError
 
 
+def _registered(value: str, names: list[str]) -> str:
+    """Names that live in a registry (threshold rules, retrain and pre-training methods) are
+    checked against it, so a new registration is accepted without editing the config."""
+    if value not in names:
+        raise ValueError(f"choose from {', '.join(names)}")
+    return value
+
+
+def _threshold_rules() -> list[str]:
+    from semivit.pseudo.rules import rule_names
+
+    return rule_names()
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
@@ -100,7 +114,7 @@ class PseudoConfig(_Section):
     # them); a class that never does gets none.  "quota": per class its `quota` x pool x labeled
     # prior most confident predictions (CReST/DASO).  "freematch": FreeMatch's self-adaptive class
     # thresholds.  "all": every prediction (soft-target distillation with soft: true).
-    threshold_mode: str = "global"
+    threshold_mode: str = "global"  # a rule of semivit.pseudo.rules
     target_precision: float = Field(0.9, gt=0, le=1)
     min_support: int = Field(5, ge=1)
     quota: float = Field(0.5, gt=0, le=1)  # "quota": share of the pool pseudo-labeled
@@ -118,12 +132,8 @@ class PseudoConfig(_Section):
 
     @field_validator("threshold_mode")
     @classmethod
-    def _known_rule(cls, v: str) -> str:
-        from semivit.pseudo.rules import rule_names
-
-        if v not in rule_names():
-            raise ValueError(f"unknown pseudo-label rule (choose from {', '.join(rule_names())})")
-        return v
+    def _rule(cls, v: str) -> str:
+        return _registered(v, _threshold_rules())
 
 
 class LossConfig(_Section):
@@ -184,15 +194,15 @@ class EMAConfig(_Section):
 
 
 class SSLConfig(_Section):
-    method: Literal["pseudo-label", "ema-teacher"] = "pseudo-label"
+    method: str = "pseudo-label"  # a stage-3 strategy of semivit.trainer.methods
     # EMA momentum decay m of equation (1): 0.999, the appendix's "Settings on Other Datasets"
     # value for datasets smaller than ImageNet (ImageNet: 0.9999)
     ema_momentum: float = Field(0.999, gt=0, lt=1)
     threshold: float = Field(0.5, gt=0, le=1)  # confidence threshold tau: Table 13, 0.5 (S/B)
     # "global": `threshold` for every class (the paper).  "oof": per class, calibrated like
     # pseudo.threshold_mode=oof (pseudo.target_precision, pseudo.min_support) on the stage-1
-    # out-of-fold predictions of the other folds.
-    threshold_mode: Literal["global", "oof"] = "global"
+    # out-of-fold predictions of the other folds.  (Any rule of semivit.pseudo.rules.)
+    threshold_mode: str = "global"
     unlabeled_weight: float = Field(5.0, ge=0)  # mu: section 4, 5
     unlabeled_ratio: int = Field(5, ge=1)  # N_u = ratio * N_l per batch: section 4, 5
     prob_mixup: bool = True  # section 3.3
@@ -205,9 +215,29 @@ class SSLConfig(_Section):
     strong_augment: str = "seed"  # student's view
     ema: EMAConfig = Field(default_factory=EMAConfig)
 
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        from semivit.trainer.methods import retrain_names
+
+        return _registered(v, retrain_names())
+
+    @field_validator("threshold_mode")
+    @classmethod
+    def _rule(cls, v: str) -> str:
+        return _registered(v, _threshold_rules())
+
 
 class PretrainConfig(_Section):
-    method: Literal["none", "mae"] = "none"
+    method: str = "none"  # "none" or a pre-training method of semivit.trainer.methods
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        from semivit.trainer.methods import pretrain_names
+
+        return _registered(v, pretrain_names())
+
     epochs: int = Field(100, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1.5e-4, gt=0)

@@ -11,8 +11,8 @@ What a refresh candidate is (the choice, and why):
 - its stage-1 members are the current version's stage-1 members, unchanged (hard links): they are
   trained on the labeled images only, which a refresh does not change, so retraining them would
   only add seed noise and cost;
-- its stage-3 members are retrained from scratch, fold by fold (semivit.trainer.folds.run_stage,
-  the trainer's own code) on the labeled training folds + ALL accepted pseudo-labels: the original
+- its stage-3 members are retrained from scratch, fold by fold, by the trainer's own retrain
+  stage (semivit.trainer.stages, run by semivit.trainer.pipeline.run_stages) on the labeled training folds + ALL accepted pseudo-labels: the original
   run's stage-2 pseudo-labels (RUN/pseudo/pseudo_labels.csv, carried forward) and every accepted
   inbox pseudo-label (weighted by confidence, as stage 3 does; never used for validation);
 - the ensemble is stage 1 + the new stage 3, weighted by validation macro F1 as in the trainer:
@@ -162,12 +162,9 @@ def build_inputs(parent: str, overrides: list[str], accepted) -> dict:
 def build_candidate(registry: Path, parent: str, db, overrides: list[str], tolerance: float,
                     settings: Settings, stop: StopFlag) -> str:
     """Retrain, export, evaluate and publish a candidate (status candidate + its decision)."""
-    from semivit.models.ensemble import members_from_stages, write_ensemble
-    from semivit.models.networks import normalization
-    from semivit.trainer.folds import run_stage
-    from semivit.pseudo.samples import concat
-    from semivit.trainer.pipeline import pseudo_extra
     from semivit.config import load_run_config
+    from semivit.models.ensemble import read_ensemble
+    from semivit.trainer.pipeline import run_stages, write_run_report
     from semivit.trainer.run import Run
 
     registry = Path(registry)
@@ -194,33 +191,23 @@ def build_candidate(registry: Path, parent: str, db, overrides: list[str], toler
             atomic_write_json(st / "inputs.json", inputs)  # prepared: a killed build can be resumed
         run = Run(run_dir, cfg, data)
         _ = run.folds  # the parent's split; UserError if the labeled data changed since
-        orig = pseudo_extra(run) if (run_dir / "pseudo" / "pseudo_labels.csv").is_file() else None
         new_extra, used = inbox_extra(accepted, run.classes, cfg)
-        extra = concat(orig, new_extra) if orig is not None else new_extra
         write_used_csv(run_dir / "inbox_pseudo_labels.csv", used)
-        info(f"refresh: retraining stage 3 of {name}: {len(run.labeled)} labeled + "
-             f"{0 if orig is None else len(orig.labels)} original + {len(used)} inbox pseudo-labels per fold pool")
+        info(f"refresh: retraining stage 3 of {name}: the run's stage-2 pseudo-labels + {len(used)} inbox "
+             "pseudo-labels")
         stop.check()
 
-        def fold_kwargs(k: int) -> dict:
+        def before_fold(k: int) -> None:
             if k > 0:
                 kill_point("train")  # between folds: fold 0 done, fold 1 not
                 stop.check()
-            return {"extra": extra}
 
-        t_train = time.time()
-        run_stage(run, "stage3", fold_kwargs)
-        t_train = time.time() - t_train
-        run.log_time("retrain", t_train)
-        members = members_from_stages(run_dir, ["stage1", "stage3"])
-        write_ensemble(run_dir, members, run.classes, cfg.model.img_size, cfg.ensemble.weighting,
-                       norm=normalization(cfg.model))
-        try:
-            from semivit.trainer.report import write_report
-
-            write_report(run)
-        except Exception as e:  # noqa: BLE001 - the report is documentation, not the model
-            warn(f"report for {name} not written: {type(e).__name__}: {e}")
+        run.extra_pseudo, run.before_fold = new_extra, before_fold
+        # the trainer's retrain stage: stage 3 by ssl.method (pseudo-label: stage 2's + the inbox's
+        # pseudo-labels) and the ensemble stage 1 + stage 3; stage 1 is the parent's, unchanged
+        t_train = run_stages(run, ["retrain"], check_needs=False)["retrain"]
+        members = read_ensemble(run_dir)["members"]
+        write_run_report(run, best_effort=True)
         stop.check()
         check_disk(registry, int(1.2 * dir_size(registry / parent / "export")), settings.min_free_mb, "exporting")
         kill_point("export")

@@ -35,7 +35,7 @@ teacher start from stage-1 fold k's best checkpoint (the paper's pipeline, Table
 from __future__ import annotations
 
 import copy
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -213,16 +213,16 @@ class EMATeacherPolicy(UnlabeledPolicy):
 
 
 # ----------------------------------------------------------------------------- stage 3 wiring
-def fold_kwargs(run) -> Callable[[int], dict]:
-    """``train_fold`` arguments for fold k: start from stage-1 fold k's best model, EMA policy."""
-    from semivit.trainer.folds import fold_seed
-    from semivit.models.checkpoint import load_checkpoint
-
+def fold_plan(run):
+    """Stage 3's :class:`~semivit.trainer.folds.FoldPlan`: fold k's student and teacher start from
+    stage-1 fold k's best model, with the EMA policy; ``ssl.ema.train`` over ``train``."""
     from semivit.config import ssl_train_config
+    from semivit.models.checkpoint import load_checkpoint
+    from semivit.trainer.folds import FoldPlan, FoldSetup, fold_seed
 
     cfg = run.cfg.model_copy(update={"train": ssl_train_config(run.cfg)})  # ssl.ema.train on top
 
-    def kwargs(k: int) -> dict:
+    def setup(k: int) -> FoldSetup:
         model, _ = load_checkpoint(run.dir / "stage1" / f"fold{k}" / "best.pt")
         init_state = {name: v.clone() for name, v in model.state_dict().items()}
         counts = np.bincount(run.labeled.labels[run.folds != k], minlength=len(run.classes))
@@ -233,9 +233,9 @@ def fold_kwargs(run) -> Callable[[int], dict]:
             return EMATeacherPolicy(student, unlabeled, cfg, build_loss(cfg.ssl.ema.unlabeled_loss, counts),
                                     run.device, seed=fold_seed(cfg, "stage3", k), thresholds=thresholds)
 
-        return {"init_state": init_state, "make_policy": make_policy, "epochs": cfg.ssl.epochs, "cfg": cfg}
+        return FoldSetup(init_state=init_state, make_policy=make_policy, epochs=cfg.ssl.epochs, cfg=cfg)
 
-    return kwargs
+    return FoldPlan(per_fold=setup)
 
 
 def fold_thresholds(run, k: int) -> np.ndarray:

@@ -4,6 +4,7 @@ stage-wide loop with resume: a fold with ``done.json`` is finished and is never 
 from __future__ import annotations
 
 import csv
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -20,6 +21,32 @@ from semivit.models.networks import build_model
 from semivit.pseudo.samples import Extra
 from semivit.trainer.run import Run
 from semivit.utils import atomic_write_json, info, read_json, seed_everything
+
+
+@dataclass
+class FoldSetup:
+    """What :func:`train_fold` gets for one fold beyond the run's labeled data."""
+
+    extra: Optional[Extra] = None  # extra training samples (pseudo-labels)
+    init_state: Optional[dict] = None  # start from these weights (else the pre-trained backbone)
+    make_policy: Optional[Callable[[torch.nn.Module], UnlabeledPolicy]] = None  # a semi-supervised term
+    epochs: Optional[int] = None  # else train.epochs
+    cfg: object = None  # the stage's own config when it differs from the run's
+
+
+@dataclass
+class FoldPlan:
+    """How :func:`run_stage` trains each fold of a stage (a retrain strategy builds one)."""
+
+    extra: Optional[Extra] = None  # the same extra samples for every fold
+    per_fold: Optional[Callable[[int], FoldSetup]] = None  # fold k's own set-up, built only if fold k trains
+    before_fold: Optional[Callable[[int], None]] = None  # called before fold k trains (refresh: stop check)
+
+    def setup(self, k: int) -> FoldSetup:
+        s = self.per_fold(k) if self.per_fold is not None else FoldSetup()
+        if s.extra is None:
+            s.extra = self.extra
+        return s
 
 
 def fold_seed(cfg, stage: str, k: int) -> int:
@@ -97,12 +124,13 @@ def train_fold(run: Run, stage: str, k: int, extra: Optional[Extra] = None,
     return summary
 
 
-def run_stage(run: Run, stage: str, fold_kwargs: Optional[Callable[[int], dict]] = None) -> list[dict]:
+def run_stage(run: Run, stage: str, plan: Optional[FoldPlan] = None) -> list[dict]:
     """All folds of ``stage``; finished folds (done.json) are skipped, so a rerun resumes.
 
-    ``fold_kwargs(k)`` gives :func:`train_fold`'s extra arguments for fold k (built lazily, so
-    a finished fold costs nothing).
+    ``plan`` says what each fold trains on and from where it starts (fold k's set-up is built
+    only when fold k trains, so a finished fold costs nothing).
     """
+    plan = plan or FoldPlan()
     summaries = []
     for k in range(run.cfg.cv.folds):
         done = run.stage_dir(stage, k) / "done.json"
@@ -110,7 +138,11 @@ def run_stage(run: Run, stage: str, fold_kwargs: Optional[Callable[[int], dict]]
             s = read_json(done)
             info(f"{stage} fold {k + 1}: already trained (val macro F1 {s['val_macro_f1']:.3f})")
         else:
-            s = train_fold(run, stage, k, **(fold_kwargs(k) if fold_kwargs else {}))
+            if plan.before_fold is not None:
+                plan.before_fold(k)
+            f = plan.setup(k)
+            s = train_fold(run, stage, k, extra=f.extra, init_state=f.init_state, make_policy=f.make_policy,
+                           epochs=f.epochs, cfg=f.cfg)
             info(f"{stage} fold {k + 1}: val macro F1 {s['val_macro_f1']:.3f} at epoch {s['best_epoch']} "
                  f"({s['seconds']:.0f}s)")
         summaries.append(s)

@@ -1,4 +1,5 @@
-"""``ssl train``: stage 0 (optional MAE) -> stage 1 -> stage 2 -> stage 3 -> ensemble -> report.
+"""``ssl train``: the registered stages (semivit.trainer.stages: pretrain -> supervised ->
+pseudo -> retrain, each with its ensemble) in order, then the report.
 
 Every stage is resumable: folds with done.json and stages with their output files are kept, so
 rerunning the same command after an interruption continues where it stopped.
@@ -13,33 +14,72 @@ from typing import Optional
 import numpy as np
 
 from semivit.errors import UserError
-from semivit.models.ensemble import members_from_stages, write_ensemble
-from semivit.models.networks import normalization
 from semivit.pseudo.samples import Extra, pseudo_samples
-from semivit.trainer.folds import run_stage
-from semivit.trainer.run import STAGES, Run, open_run
+from semivit.trainer.run import Run, open_run
+from semivit.trainer.stages import get_stage, stage_names
 from semivit.utils import info, read_json, seed_everything, warn
 
 
 def parse_stages(stages: Optional[str], cfg) -> list[str]:
-    if not stages:
-        chosen = list(STAGES)
-    else:
-        chosen = [s.strip() for s in stages.split(",") if s.strip()]
-        bad = [s for s in chosen if s not in STAGES]
-        if bad:
-            raise UserError(f"unknown stage '{bad[0]}' (choose from {','.join(STAGES)})")
-    if cfg.pretrain.method == "none" and "pretrain" in chosen:
-        if stages and "pretrain" in stages:
-            raise UserError("--stages pretrain needs a pre-training method: --set pretrain.method=mae")
-        chosen.remove("pretrain")
-    if cfg.ssl.method == "ema-teacher" and "pseudo" in chosen:
-        chosen.remove("pseudo")  # the EMA-Teacher pseudo-labels online, inside stage 3
-    return [s for s in STAGES if s in chosen]
+    """``--stages a,b`` -> the stages to run, in registry order, without those this config lacks."""
+    names = stage_names()
+    chosen = [s.strip() for s in stages.split(",") if s.strip()] if stages else list(names)
+    bad = [s for s in chosen if s not in names]
+    if bad:
+        raise UserError(f"unknown stage '{bad[0]}' (choose from {','.join(names)})")
+    explicit = set(chosen) if stages else set()
+    for name in list(chosen):
+        st = get_stage(name)
+        if not st.applies(cfg):
+            if name in explicit and st.not_applicable:
+                raise UserError(st.not_applicable)
+            chosen.remove(name)  # e.g. the EMA-Teacher pseudo-labels online, inside stage 3
+    return [s for s in names if s in chosen]
 
 
-def _stage1_done(run: Run) -> bool:
-    return all((run.dir / "stage1" / f"fold{k}" / "done.json").is_file() for k in range(run.cfg.cv.folds))
+def run_stages(run: Run, chosen: list[str], check_needs: bool = True) -> dict[str, float]:
+    """Run the stages ``chosen`` (registry order) on ``run``; seconds per stage that ran."""
+    from semivit.trainer import distributed as dist
+
+    seconds = {}
+    for name in chosen:
+        st = get_stage(name)
+        if check_needs:
+            for need in st.needs(run.cfg):
+                dep = get_stage(need)
+                if not dep.is_done(run):
+                    raise UserError(f"stage '{name}' needs {dep.output}: run --stages {need} first")
+        if st.reuse and st.is_done(run):
+            info(st.reuse)
+            continue
+
+        def timed(st=st):
+            t0 = time.time()
+            st.run(run)
+            seconds[st.name] = time.time() - t0
+            run.log_time(st.name, seconds[st.name])
+
+        dist.main_first(timed) if st.rank0 else timed()
+    return seconds
+
+
+def write_run_report(run: Run, best_effort: bool = False) -> None:
+    """RUN/report.md (rank 0 under torchrun); ``best_effort``: a failure is a warning (the report
+    documents the model, it does not serve it)."""
+    from semivit.trainer import distributed as dist
+    from semivit.trainer.report import write_report
+
+    def report():
+        t0 = time.time()
+        try:
+            write_report(run)
+        except Exception as e:  # noqa: BLE001
+            if not best_effort:
+                raise
+            warn(f"report for {run.dir} not written: {type(e).__name__}: {e}")
+        run.log_time("report", time.time() - t0)
+
+    dist.main_first(report)
 
 
 def pseudo_extra(run: Run) -> Extra:
@@ -47,19 +87,15 @@ def pseudo_extra(run: Run) -> Extra:
     from semivit.trainer.pseudo import read_pseudo_labels
 
     rows = read_pseudo_labels(run.dir / "pseudo" / "pseudo_labels.csv", run.classes)
+    if not rows:  # (no stage 2, or it selected nothing: the pool need not be decoded)
+        size = run.cfg.model.img_size
+        return pseudo_samples(np.zeros((0, size, size, 3), np.uint8), [], [], None, run.cfg.pseudo)
     paths, images = run.unlabeled
     index = {run.rel(p): i for i, p in enumerate(paths)}
     rows = [r for r in rows if r["image"] in index]
     idx = np.asarray([index[r["image"]] for r in rows], dtype=np.int64)
     return pseudo_samples(images[idx], [r["label_index"] for r in rows], [r["confidence"] for r in rows],
                           [r["probs"] for r in rows], run.cfg.pseudo)
-
-
-def _timed(run: Run, stage: str, fn, *args, **kwargs):
-    t0 = time.time()
-    out = fn(*args, **kwargs)
-    run.log_time(stage, time.time() - t0)
-    return out
 
 
 def run_training(data: Optional[Path], out: Optional[Path], cfg, stages: Optional[str] = None) -> Run:
@@ -96,66 +132,14 @@ def _run_training(data: Optional[Path], out: Optional[Path], cfg, chosen: list[s
     dist.main_first(lambda: run.folds)
     _ = run.folds
 
-    if "pretrain" in chosen:
-        if not (run.dir / "pretrain" / "encoder.pt").is_file():
-            from semivit.trainer.mae import run_mae
-
-            if d.enabled:
-                info("pretrain: MAE runs on rank 0 (the other ranks wait)")
-            dist.main_first(lambda: _timed(run, "pretrain", run_mae, run))
-        else:
-            info("pretrain: encoder.pt exists, reusing it")
-
-    if "supervised" in chosen:
-        _timed(run, "supervised", run_stage, run, "stage1")
-        dist.main_first(lambda: _write_current_ensemble(run))
-
-    if "pseudo" in chosen:
-        if not _stage1_done(run):
-            raise UserError("stage 'pseudo' needs a finished stage 1: run --stages supervised first")
-        if (run.dir / "pseudo" / "stats.json").is_file():
-            info("pseudo: pseudo_labels.csv exists, reusing it")
-        else:
-            from semivit.trainer.pseudo import run_pseudo
-
-            dist.main_first(lambda: _timed(run, "pseudo", run_pseudo, run))  # inference: rank 0
-
-    if "retrain" in chosen:
-        if not _stage1_done(run):
-            raise UserError("stage 'retrain' needs a finished stage 1: run --stages supervised first")
-        if cfg.ssl.method == "ema-teacher":
-            from semivit.trainer.ema_teacher import fold_kwargs
-
-            _timed(run, "retrain", run_stage, run, "stage3", fold_kwargs(run))
-        else:
-            if not (run.dir / "pseudo" / "stats.json").is_file():
-                raise UserError("stage 'retrain' needs pseudo-labels: run --stages pseudo first")
-            extra = pseudo_extra(run)
-            info(f"stage 3: {len(run.labeled)} labeled + {len(extra.labels)} pseudo-labeled images per fold pool")
-            _timed(run, "retrain", run_stage, run, "stage3", lambda k: {"extra": extra})
-        dist.main_first(lambda: _write_current_ensemble(run))
-
-    from semivit.trainer.report import write_report
-
-    dist.main_first(lambda: _timed(run, "report", write_report, run))
+    run_stages(run, chosen)
+    write_run_report(run)
     if d.enabled and d.is_main:
         import shutil
 
         shutil.rmtree(run.dir / ".dist", ignore_errors=True)  # the shared stem-feature cache
     info(f"done in {time.time() - t_all:.0f}s: ensemble in {run.dir / 'ensemble.json'}, report in {run.dir / 'report.md'}")
     return run
-
-
-def _write_current_ensemble(run: Run) -> dict:
-    members = members_from_stages(run.dir, ["stage1", "stage3"])
-    if not members:
-        warn("no trained members yet: ensemble.json not written")
-        return {}
-    doc = write_ensemble(run.dir, members, run.classes, run.cfg.model.img_size, run.cfg.ensemble.weighting,
-                         norm=normalization(run.cfg.model))
-    info(f"ensemble: {len(members)} members, weights "
-         + ", ".join(f"{m['name']}={m['weight']:.3f}" for m in doc["members"]))
-    return doc
 
 
 def stage_summary(run_dir: Path, stage: str) -> list[dict]:

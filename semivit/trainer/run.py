@@ -11,10 +11,10 @@ from __future__ import annotations
 import csv
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import yaml
@@ -28,9 +28,6 @@ from semivit.kinds import require_run_or_new
 from semivit.safe_io import path_text
 from semivit.progress import progress_bar
 from semivit.utils import atomic_write_text, info, resolve_device, warn
-
-STAGES = ("pretrain", "supervised", "pseudo", "retrain")
-
 
 def decode_with_progress(paths, size: int, what: str, workers: int = 0) -> Decoded:
     with progress_bar(transient=True) as bar:
@@ -50,6 +47,10 @@ class Run:
     dir: Path
     cfg: cfgmod.Config
     data: Path
+    # what ``ssl refresh`` adds to the retrain stage: its accepted inbox pseudo-labels (trained on
+    # beside stage 2's) and a hook before each fold (stop requests, crash-test kill points)
+    extra_pseudo: Optional[object] = field(default=None, repr=False)
+    before_fold: Optional[Callable[[int], None]] = field(default=None, repr=False)
 
     @cached_property
     def device(self):

@@ -1,0 +1,112 @@
+"""Retraining strategies (stage 3) and pre-training methods (stage 0), by their config names.
+
+Stage 3 trains every fold again by ``ssl.method``; a strategy turns a run into a
+:class:`~semivit.trainer.folds.FoldPlan` - what each fold trains on and from where it starts -
+and says which stages it needs before it.  Adding one is one function and its registration::
+
+    from semivit.trainer.methods import FoldPlan, retrain_method
+
+    @retrain_method("noisy-student", needs=("supervised", "pseudo"))
+    def noisy_student(run) -> FoldPlan:
+        '''Soft targets from the stage-1 teacher, a noised student.'''
+        ...
+        return FoldPlan(extra=..., per_fold=lambda k: FoldSetup(make_policy=...))
+
+The config accepts every registered name (``ssl.method``; a wrong one is a one-line error that
+lists them), the pipeline runs the ``needs`` first (a stage a method does not need - the
+pseudo-label stage for the EMA-Teacher - is left out), and ``ssl refresh`` retrains through the
+same stage.  Keep this module light (no torch at import): the config imports it to validate
+names; import what a strategy needs inside its function.
+
+Pre-training methods (``pretrain.method``, "none" = no stage 0) register the same way with
+:func:`pretrain_method`; the function writes RUN/pretrain/encoder.pt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from semivit.errors import UserError
+
+
+@dataclass(frozen=True)
+class RetrainMethod:
+    name: str
+    plan: Callable  # (run) -> FoldPlan
+    needs: tuple[str, ...]  # stages that must have finished (by name, see semivit.trainer.stages)
+
+
+_RETRAIN: dict[str, RetrainMethod] = {}
+_PRETRAIN: dict[str, Callable] = {}
+
+
+def retrain_method(name: str, needs: tuple[str, ...] = ("supervised",)):
+    """Register a stage-3 strategy under the ``ssl.method`` name ``name`` (decorator)."""
+    def register(fn):
+        _RETRAIN[name] = RetrainMethod(name, fn, tuple(needs))
+        return fn
+
+    return register
+
+
+def pretrain_method(name: str):
+    """Register a stage-0 pre-training under the ``pretrain.method`` name ``name`` (decorator)."""
+    def register(fn):
+        _PRETRAIN[name] = fn
+        return fn
+
+    return register
+
+
+def retrain_names() -> list[str]:
+    return list(_RETRAIN)
+
+
+def pretrain_names() -> list[str]:
+    return ["none", *_PRETRAIN]
+
+
+def get_retrain(name: str) -> RetrainMethod:
+    if name not in _RETRAIN:
+        raise UserError(f"unknown ssl.method '{name}' (choose from {', '.join(_RETRAIN)})")
+    return _RETRAIN[name]
+
+
+def get_pretrain(name: str) -> Callable:
+    if name not in _PRETRAIN:
+        raise UserError(f"unknown pretrain.method '{name}' (choose from {', '.join(pretrain_names())})")
+    return _PRETRAIN[name]
+
+
+# ----------------------------------------------------------------------------- the strategies
+@retrain_method("pseudo-label", needs=("supervised", "pseudo"))
+def pseudo_label_retrain(run):
+    """Every fold again from the (pre-trained) backbone on its labeled training folds + all of
+    stage 2's pseudo-labels (and a refresh's accepted inbox pseudo-labels), weighted by confidence."""
+    from semivit.pseudo.samples import concat
+    from semivit.trainer.folds import FoldPlan
+    from semivit.trainer.pipeline import pseudo_extra
+    from semivit.utils import info
+
+    extra = pseudo_extra(run)
+    if run.extra_pseudo is not None:
+        extra = concat(extra, run.extra_pseudo)
+    info(f"stage 3: {len(run.labeled)} labeled + {len(extra.labels)} pseudo-labeled images per fold pool")
+    return FoldPlan(extra=extra)
+
+
+@retrain_method("ema-teacher", needs=("supervised",))
+def ema_teacher_retrain(run):
+    """Semi-ViT's EMA-Teacher, fold k starting from stage-1 fold k (semivit.trainer.ema_teacher)."""
+    from semivit.trainer.ema_teacher import fold_plan
+
+    return fold_plan(run)
+
+
+@pretrain_method("mae")
+def mae_pretrain(run):
+    """Masked-autoencoder pre-training of the ViT backbone (semivit.trainer.mae)."""
+    from semivit.trainer.mae import run_mae
+
+    return run_mae(run)
