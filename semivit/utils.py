@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import functools
 import hashlib
+import io
 import json
 import os
 import random
@@ -84,6 +86,21 @@ def fsync_dir(path: Path) -> None:
 def atomic_write_text(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def atomic_write_csv(path: Path, rows: list[dict]) -> None:
+    """A training history (one dict per epoch) as CSV: a header with every key any row has, in
+    first-seen order; rewritten atomically after every epoch (metrics.csv, MAE's loss.csv)."""
+    if not rows:
+        return
+    keys: list = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:

@@ -8,7 +8,6 @@ each optimiser step (EMA teacher) and names the model that is validated and chec
 from __future__ import annotations
 
 import copy
-import csv
 import itertools
 import math
 import time
@@ -29,7 +28,8 @@ from semivit.progress import progress_bar
 from semivit.trainer import distributed
 from semivit.trainer.infer import autocast, predict_arrays
 from semivit.trainer.losses import FocalLoss
-from semivit.trainer.optim import build_optimizer, build_scheduler
+from semivit.trainer.optim import OptimizerStep, build_optimizer, build_scheduler
+from semivit.utils import atomic_write_csv
 from semivit.trainer.stem_cache import CachedViewsDataset
 
 
@@ -139,18 +139,6 @@ def _forever(loader: Iterable):
         yield from loader
 
 
-def _write_history(path: Path, history: list[dict]) -> None:
-    if not history:
-        return
-    keys = list(history[0].keys())
-    for row in history:
-        keys += [k for k in row if k not in keys]
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(history)
-
-
 def fit(model: nn.Module, train_ds: ArrayDataset, val_images: np.ndarray, val_labels: np.ndarray,
         cfg, criterion: FocalLoss, device: torch.device, out_dir: Optional[Path] = None,
         policy: Optional[UnlabeledPolicy] = None, desc: str = "train", seed: int = 0,
@@ -174,8 +162,6 @@ def fit(model: nn.Module, train_ds: ArrayDataset, val_images: np.ndarray, val_la
     u_loader = policy.loader() if policy is not None else None
     steps = len(u_loader) if u_loader is not None else len(loader)
     mixer = _mixer(tcfg, num_classes)
-    use_scaler = device.type == "cuda" and tcfg.precision in ("auto", "amp")
-    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
     stopper = EarlyStopping(tcfg.patience, tcfg.min_delta)
 
     trainable = [p for p in model.backbone.parameters() if p.requires_grad]  # a frozen stem stays frozen
@@ -189,6 +175,7 @@ def fit(model: nn.Module, train_ds: ArrayDataset, val_images: np.ndarray, val_la
     net = distributed.wrap(model, device)  # DDP under torchrun (the parameters that train now)
     optimizer = build_optimizer(model, tcfg, lr=tcfg.freeze_lr if freeze else None)
     scheduler = build_scheduler(optimizer, tcfg, steps, epochs)
+    optimizer_step = OptimizerStep(optimizer, device, tcfg.precision, tcfg.grad_clip, scheduler)
 
     result = FitResult(best_f1=-1.0, best_epoch=-1, epochs_run=0, stopped_early=False)
     t_start = time.time()
@@ -201,6 +188,7 @@ def fit(model: nn.Module, train_ds: ArrayDataset, val_images: np.ndarray, val_la
                 net = distributed.wrap(model, device)  # DDP again: now over every parameter
                 optimizer = build_optimizer(model, tcfg)
                 scheduler = build_scheduler(optimizer, tcfg, steps, epochs - freeze)
+                optimizer_step.optimizer, optimizer_step.scheduler = optimizer, scheduler
             model.train()
             t0 = time.time()
             total, seen = 0.0, 0
@@ -222,20 +210,7 @@ def fit(model: nn.Module, train_ds: ArrayDataset, val_images: np.ndarray, val_la
                 if policy is not None and ubatch is not None:
                     with autocast(device, tcfg.precision):
                         loss = loss + policy.loss(model, ubatch, pre, step)
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    if tcfg.grad_clip:
-                        scaler.unscale_(optimizer)
-                        nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    if tcfg.grad_clip:
-                        nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-                    optimizer.step()
-                scheduler.step()
+                optimizer_step(loss, model)
                 if policy is not None:
                     policy.after_step(model)
                 step += 1
@@ -264,7 +239,7 @@ def fit(model: nn.Module, train_ds: ArrayDataset, val_images: np.ndarray, val_la
                 if on_best is not None:
                     on_best(eval_model, row)
             if out_dir is not None and distributed.is_main():
-                _write_history(Path(out_dir) / "metrics.csv", result.history)
+                atomic_write_csv(Path(out_dir) / "metrics.csv", result.history)
             bar.update(task, status=f"epoch {epoch + 1}: F1 {f1:.3f} (best {result.best_f1:.3f} @ {result.best_epoch})")
             if stop and tcfg.early_stopping and epoch + 1 < epochs:
                 result.stopped_early = True

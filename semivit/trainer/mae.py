@@ -19,7 +19,6 @@ images - labeled and unlabeled, never DATA/test/ - as seed 05's pipeline starts.
 
 from __future__ import annotations
 
-import csv
 import math
 import time
 from pathlib import Path
@@ -36,7 +35,8 @@ from semivit.data.dataset import ArrayDataset, Preprocess
 from semivit.errors import UserError
 from semivit.progress import progress_bar
 from semivit.trainer.infer import autocast
-from semivit.utils import atomic_path, atomic_write_text, info, seed_everything
+from semivit.trainer.optim import OptimizerStep
+from semivit.utils import atomic_path, atomic_write_csv, info, seed_everything
 
 ENCODER_FORMAT = "semivit-encoder/1"
 
@@ -210,6 +210,7 @@ def run_mae(run) -> Path:
     if frozen:
         _freeze_stem(mae)
     opt = _optimizer(mae, pcfg.lr, pcfg.weight_decay)
+    optimizer_step = OptimizerStep(opt, device, cfg.train.precision)  # the schedule is lr_at(), set per step
     bs = min(pcfg.batch_size, len(images))
     steps = len(images) // bs
     total = steps * pcfg.epochs
@@ -219,6 +220,7 @@ def run_mae(run) -> Path:
         ck = torch.load(last, map_location="cpu", weights_only=False)
         mae.load_state_dict(ck["mae"])
         opt.load_state_dict(ck["optimizer"])
+        optimizer_step.load_state_dict(ck.get("step"))
         history, start = ck["history"], ck["epoch"]
         info(f"pretrain: resuming MAE after epoch {start}/{pcfg.epochs}")
     info(f"pretrain: MAE on {len(images)} images ({len(run.images)} labeled + {len(images) - len(run.images)} "
@@ -244,17 +246,15 @@ def run_mae(run) -> Path:
                 x = pre(x.to(device, non_blocking=True))
                 with autocast(device, cfg.train.precision):
                     loss, _, _ = mae(x, pcfg.mask_ratio, generator=g)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                optimizer_step(loss, mae)
                 total_loss += float(loss.detach())
                 bar.update(task, advance=1, status=f"loss {total_loss / (i + 1):.4f}")
             history.append({"epoch": epoch + 1, "loss": round(total_loss / max(steps, 1), 6), "lr": lr,
                             "seconds": round(time.time() - t0, 2)})
-            _write_csv(out / "loss.csv", history)
+            atomic_write_csv(out / "loss.csv", history)
             with atomic_path(last) as tmp:
                 torch.save({"mae": mae.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-                            "history": history}, tmp)
+                            "history": history, "step": optimizer_step.state_dict()}, tmp)
     enc = out / "encoder.pt"
     with atomic_path(enc) as tmp:
         torch.save({"state_dict": {k: v.detach().cpu() for k, v in mae.encoder.state_dict().items()},
@@ -264,16 +264,6 @@ def run_mae(run) -> Path:
     info(f"pretrain: encoder saved to {enc} (final reconstruction loss {history[-1]['loss']:.4f}); "
          f"reuse it with --set model.weights={enc}")
     return enc
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    import io
-
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
 
 
 def _plot(history: list[dict], path: Path) -> None:

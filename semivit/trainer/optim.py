@@ -103,6 +103,45 @@ def build_optimizer(model: nn.Module, train_cfg, lr=None) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=lr or train_cfg.lr, fused=True)
 
 
+class OptimizerStep:
+    """One optimiser step, the same in the supervised loop (:func:`semivit.trainer.engine.fit`)
+    and MAE pre-training: zero the gradients; backward - through a GradScaler when CUDA trains
+    in fp16 AMP (``precision`` auto or amp on a CUDA device, where autocast runs fp16); clip the
+    gradient norm (unscaled first) when ``grad_clip``; the optimiser's step; the scheduler's.
+    ``optimizer`` and ``scheduler`` may be replaced between steps (unfreezing builds new ones);
+    the scaler carries over."""
+
+    def __init__(self, optimizer, device, precision: str, grad_clip: float = 0.0, scheduler=None):
+        self.optimizer, self.scheduler, self.grad_clip = optimizer, scheduler, grad_clip
+        use_scaler = torch.device(device).type == "cuda" and precision in ("auto", "amp")
+        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+
+    def __call__(self, loss: torch.Tensor, model: nn.Module) -> None:
+        opt = self.optimizer
+        opt.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            if self.grad_clip:
+                self.scaler.unscale_(opt)
+                nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
+            self.scaler.step(opt)
+            self.scaler.update()
+        else:
+            loss.backward()
+            if self.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
+            opt.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+
+    def state_dict(self) -> dict:
+        return {"scaler": self.scaler.state_dict() if self.scaler is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.scaler is not None and (state or {}).get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+
 def build_scheduler(optimizer, train_cfg, steps_per_epoch: int, epochs: Optional[int] = None):
     """Cosine from each group's LR down to ``min_lr``, stepped per batch: with
     ``restart_epochs`` CosineAnnealingWarmRestarts whose first cycle lasts that many epochs;
