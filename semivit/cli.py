@@ -97,39 +97,25 @@ def cli_errors(fn):
 _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
-class Preset(str, Enum):
-    tiny = "tiny"
-    quick = "quick"
-    seed = "seed"
+def _choices(name: str, names) -> type[Enum]:
+    """An Enum (typer's choice type) of the names a registry holds, in its order."""
+    return Enum(name, {n: n for n in names}, type=str)
 
 
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
+def _registered_choices():
+    # The names live where the things are registered; adding one there adds it here.
+    from semivit.config import DEVICES, PRESETS
+    from semivit.serve.backends import backend_names
+    from semivit.serve.predict import ENGINES
+    from semivit.serve.writers import FORMATS
+    from semivit.trainer.stages import stage_names
+
+    backends = ["auto"] + [b for b in backend_names() if b != "auto"]
+    return (_choices("Preset", PRESETS), _choices("Device", DEVICES), _choices("Backend", backends),
+            _choices("Engine", ENGINES), _choices("Format", FORMATS), stage_names())
 
 
-class Backend(str, Enum):
-    auto = "auto"
-    onnxruntime = "onnxruntime"
-    tensorrt = "tensorrt"
-    torch = "torch"
-    onnxruntime_int8 = "onnxruntime-int8"
-    onnxruntime_int8_qdq = "onnxruntime-int8-qdq"
-    openvino = "openvino"
-    openvino_bf16 = "openvino-bf16"
-    openvino_int8 = "openvino-int8"
-
-
-class Engine(str, Enum):
-    local = "local"
-    ray = "ray"
-
-
-class Format(str, Enum):
-    csv = "csv"
-    json = "json"
-    kaggle = "kaggle"
+Preset, Device, Backend, Engine, Format, STAGE_NAMES = _registered_choices()
 
 
 @app.command("demo-data")
@@ -154,10 +140,10 @@ def train(
     data: Optional[Path] = typer.Argument(None, help="DATA directory; default: the embedded ELPV demo data."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/<timestamp>)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config file applied over the preset."),
-    preset: Optional[Preset] = typer.Option(None, "--preset", help="tiny (tests), quick (default), seed (GPU)."),
+    preset: Optional[Preset] = typer.Option(None, "--preset", help=f"{', '.join(Preset.__members__)}: tiny (tests), quick (default), seed (GPU)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override one key, e.g. --set train.epochs=5."),
-    stages: Optional[str] = typer.Option(None, help="Comma list from pretrain,supervised,pseudo,retrain."),
-    device: Optional[Device] = typer.Option(None, help="auto, cpu or cuda."),
+    stages: Optional[str] = typer.Option(None, help=f"Comma list from {','.join(STAGE_NAMES)}."),
+    device: Optional[Device] = typer.Option(None, help=f"{', '.join(Device.__members__)}."),
     seed: Optional[int] = typer.Option(None, help="Seed for python, numpy and torch."),
     registry: Optional[Path] = typer.Option(None, help="Also register the result as the registry's first version."),
 ):

@@ -32,6 +32,9 @@ def _threshold_rules() -> list[str]:
     return rule_names()
 
 
+DEVICES = ("auto", "cpu", "cuda")
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
@@ -257,7 +260,7 @@ class EnsembleConfig(_Section):
 class Config(_Section):
     preset: str = "seed"
     seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal[DEVICES] = "auto"
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)

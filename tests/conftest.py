@@ -8,6 +8,9 @@ milliseconds.  Reuse from any test file:
 - ``make_data``          factory: ``make_data(root, **options)`` for other sizes or a labels.csv layout
 - ``write_image``        factory: ``write_image(path, array_or_rgb, size=..., mode=...)``
 - ``TINY_CLASSES``       the class names of the tiny dataset, in sorted order
+- ``invoke``             ``ssl ARGS`` in-process (typer's CliRunner): the result has exit_code, output
+- ``SSL_MODULE``, ``ssl_script``  argv prefixes that run ``ssl`` as a real process
+- ``one_line_error``     the project's rule for bad input: exit code 2, no traceback, one ``error:`` line
 
 The classes are separable by colour (each has its own dominant channel), with per-image noise,
 random size and a class-dependent stripe pattern, so a tiny model can learn them in a few epochs.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import os
+import sys
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -36,6 +40,48 @@ os.environ.setdefault("SEMIVIT_EXPORT_CANDIDATES", "none")
 import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+# ---------------------------------------------------------------------------- running `ssl`
+SSL_MODULE = [sys.executable, "-c", "from semivit.cli import main; main()"]  # `ssl` as a process
+
+
+def ssl_script() -> list[str]:
+    """The installed ``ssl`` console script when this venv has it, else :data:`SSL_MODULE`."""
+    script = Path(sys.executable).parent / "ssl"
+    return [str(script)] if script.exists() else list(SSL_MODULE)
+
+
+def invoke(*args, env: Optional[dict] = None):
+    """``ssl ARGS`` in this process (typer's CliRunner); arguments may be paths."""
+    from typer.testing import CliRunner
+
+    from semivit.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], env=env)
+
+
+def one_line_error(result, output: Optional[str] = None, *, expected: int = 2, after_progress: bool = False) -> str:
+    """Bad input: exit code ``expected`` (2), no traceback, and the error as ONE line starting
+    ``error:`` - the only line, or with ``after_progress`` the last one after progress lines.
+
+    ``result``: a CliRunner result, a finished process (its stderr is the error stream; stdout
+    must hold no traceback either) or an exit code with its ``output``.  Returns the error line.
+    """
+    if output is not None:
+        code = result
+    elif hasattr(result, "returncode"):
+        code, output = result.returncode, result.stderr
+        assert "Traceback" not in result.stdout, result.stdout
+    else:
+        code, output = result.exit_code, result.output
+    assert code == expected, (code, output)
+    assert "Traceback" not in output, output
+    lines = [ln for ln in output.strip().splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], output
+    assert after_progress or len(lines) == 1, output
+    return errors[0]
+
 
 TINY_CLASSES = ["blue", "green", "red"]  # sorted: the order every layout loader yields
 _CHANNEL = {"red": 0, "green": 1, "blue": 2}
@@ -158,12 +204,8 @@ def tiny_run(tiny_data_shared: Path, tmp_path_factory) -> Path:
     32 px, RUN/ensemble.json, RUN/folds.json, the checkpoints.  Treat it as read-only: copy it
     (``shutil.copytree``, it is under 1 MB) before writing into it, e.g. before an ``ssl export``
     with the default RUN/export or a registry promotion."""
-    from typer.testing import CliRunner
-
-    from semivit.cli import app
-
     run = tmp_path_factory.mktemp("tiny_run") / "RUN"
-    res = CliRunner().invoke(app, ["train", str(tiny_data_shared), "--preset", "tiny", "--out", str(run)])
+    res = invoke("train", tiny_data_shared, "--preset", "tiny", "--out", run)
     assert res.exit_code == 0, f"tiny training failed ({res.exit_code}):\n{res.output}\n{res.exception!r}"
     assert (run / "ensemble.json").is_file()
     return run

@@ -11,6 +11,8 @@ import pytest
 
 from semivit.data.demo import CLASS_NAMES
 
+from conftest import SSL_MODULE, one_line_error
+
 ELPV_COUNTS = {"defect_000": 1508, "defect_033": 295, "defect_067": 106, "defect_100": 715}
 COMMANDS = ["demo-data", "train", "eval", "export", "predict", "refresh", "models"]
 
@@ -18,17 +20,8 @@ COMMANDS = ["demo-data", "train", "eval", "export", "predict", "refresh", "model
 def ssl(*args: str, cwd=None, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
     env.pop("SEMIVIT_DEBUG", None)
-    return subprocess.run([sys.executable, "-c", "from semivit.cli import main; main()", *args],
+    return subprocess.run([*SSL_MODULE, *args],
                           capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
-
-
-def _one_line_error(r: subprocess.CompletedProcess, code: int = 2) -> str:
-    assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
-    err = r.stderr.strip()
-    assert "Traceback" not in r.stderr + r.stdout
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("error: ")
-    return err
 
 
 def test_help_lists_the_commands():
@@ -68,22 +61,22 @@ def test_train_help_has_the_contract_options():
 
 
 def test_unknown_config_key_is_one_line_exit_2():
-    err = _one_line_error(ssl("train", "--preset", "tiny", "--set", "train.epocs=3"))
+    err = one_line_error(ssl("train", "--preset", "tiny", "--set", "train.epocs=3"))
     assert "train.epocs" in err and "unknown" in err
 
 
 def test_wrong_type_is_one_line_exit_2():
-    err = _one_line_error(ssl("train", "--set", "train.epochs=many"))
+    err = one_line_error(ssl("train", "--set", "train.epochs=many"))
     assert "train.epochs" in err and "many" in err
 
 
 def test_missing_weights_path_is_one_line_exit_2(tmp_path):
-    err = _one_line_error(ssl("train", "--set", f"model.weights={tmp_path / 'none.pt'}"))
+    err = one_line_error(ssl("train", "--set", f"model.weights={tmp_path / 'none.pt'}"))
     assert "model.weights" in err and "none.pt" in err
 
 
 def test_missing_config_file_is_one_line_exit_2(tmp_path):
-    err = _one_line_error(ssl("train", "--config", str(tmp_path / "c.yaml")))
+    err = one_line_error(ssl("train", "--config", str(tmp_path / "c.yaml")))
     assert "c.yaml" in err
 
 
@@ -94,13 +87,13 @@ def test_bad_preset_is_a_usage_error():
 
 def test_demo_data_refuses_foreign_dir(tmp_path):
     (tmp_path / "x.txt").write_text("mine")
-    err = _one_line_error(ssl("demo-data", str(tmp_path)))
+    err = one_line_error(ssl("demo-data", str(tmp_path)))
     assert "not empty" in err
     assert [p.name for p in tmp_path.iterdir()] == ["x.txt"]
 
 
 def test_demo_data_bad_fraction(tmp_path):
-    err = _one_line_error(ssl("demo-data", str(tmp_path / "d"), "--labeled-fraction", "0"))
+    err = one_line_error(ssl("demo-data", str(tmp_path / "d"), "--labeled-fraction", "0"))
     assert "labeled-fraction" in err
     assert not (tmp_path / "d").exists()
 

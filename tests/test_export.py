@@ -26,22 +26,13 @@ from semivit.export.meta import check_files, read_meta
 from semivit.models.ensemble import load_ensemble, read_ensemble
 from semivit.models.checkpoint import load_checkpoint
 
+from conftest import invoke, one_line_error
+
 FAST = {"SEMIVIT_ONNX_EXPORTER": "torchscript"}
 
 
 def cli(*args, env=None):
-    return CliRunner().invoke(app, [str(a) for a in args], env={**FAST, **(env or {})})
-
-
-def one_line_error(res, after_progress: bool = False) -> str:
-    """The error: exit code 2 and one line.  ``after_progress``: progress lines may come first
-    (the INT8 refusal follows a completed FP32 export), the error is still one line, the last."""
-    lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
-    assert res.exit_code == 2, res.output
-    errors = [ln for ln in lines if ln.startswith("error:")]
-    assert len(errors) == 1 and lines[-1] == errors[0], res.output
-    assert after_progress or len(lines) == 1, res.output
-    return errors[0]
+    return invoke(*args, env={**FAST, **(env or {})})
 
 
 @pytest.fixture(scope="module")

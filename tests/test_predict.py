@@ -35,7 +35,7 @@ from semivit.serve.resolve import resolve_model_dir
 from semivit.serve.scheduler import Plan, Scheduler
 from semivit.serve.shard import parse_shard, select_shard
 
-from conftest import TINY_CLASSES, class_image, write_image
+from conftest import TINY_CLASSES, class_image, invoke, one_line_error, ssl_script, write_image  # noqa: F401
 
 # --------------------------------------------------------------------------------------------- helpers
 
@@ -132,21 +132,8 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def cli(*args: str):
-    r = CliRunner().invoke(app, ["predict", *args])
+    r = invoke("predict", *args)
     return r.exit_code, r.output
-
-
-def one_line_error(code: int, output: str) -> str:
-    lines = [ln for ln in output.strip().splitlines() if ln.strip()]
-    assert code == 2, output
-    assert len(lines) == 1 and lines[0].startswith("error: "), output
-    assert "Traceback" not in output
-    return lines[0]
-
-
-def ssl_script() -> list[str]:
-    script = Path(sys.executable).parent / "ssl"
-    return [str(script)] if script.exists() else [sys.executable, "-c", "from semivit.cli import main; main()"]
 
 
 # --------------------------------------------------------------------------------------------- fixtures

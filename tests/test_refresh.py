@@ -37,7 +37,7 @@ from semivit.refresh.inbox import Inbox
 from semivit.refresh.job import parse_duration, refresh_cli, refresh_once
 from semivit.refresh.lock import EXIT_LOCKED, EXIT_LOW_DISK, FileLock, RegistryBusy
 
-from conftest import TINY_CLASSES, class_image, write_image
+from conftest import SSL_MODULE, TINY_CLASSES, class_image, invoke, write_image
 
 FAST_TRAIN = ["train.epochs=1", "pseudo.cluster=false"]
 
@@ -85,8 +85,7 @@ def db_dump(registry: Path) -> list:
                [tuple(r) for r in db.conn.execute("SELECT path, sha256 FROM paths ORDER BY path")]
 
 
-def cli(*args: str):
-    return CliRunner().invoke(app, list(args))
+cli = invoke
 
 
 def holdout_f1_by_hand(export: Path, holdout: Path) -> float:
@@ -385,7 +384,7 @@ def ssl_refresh(registry: Path, inbox: Path, kill: str | None = None, wait: bool
     env.pop("SEMIVIT_TEST_KILL_AT", None)
     if kill:
         env["SEMIVIT_TEST_KILL_AT"] = kill
-    args = [sys.executable, "-c", "from semivit.cli import main; main()", "refresh", "--registry", str(registry),
+    args = [*SSL_MODULE, "refresh", "--registry", str(registry),
             "--inbox", str(inbox), "--min-new", "3", "--tolerance", "1.0",
             *[a for s in FAST_TRAIN for a in ("--set", s)], *extra]
     if not wait:

@@ -25,7 +25,7 @@ from semivit.serve.loader import DecodePool, default_workers
 from semivit.serve.resolve import resolve_model_dir
 from semivit.serve.scheduler import Scheduler, reserve_seconds
 from semivit.serve.shard import parse_shard, select_shard
-from semivit.serve.writers import FORMATS, check_output, open_writer
+from semivit.serve.writers import check_format, check_output, open_writer
 from semivit.utils import console
 
 ENGINES = ("local", "ray")
@@ -122,8 +122,7 @@ def run_predict(dir: Path, model: Optional[Path], out: Path = Path("predictions.
     if not dir.is_dir():
         raise UserError(f"{dir} is not a directory")
     shard_t = parse_shard(shard)
-    if fmt not in FORMATS:
-        raise UserError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    check_format(fmt)
     if batch_size < 1:
         raise UserError("--batch-size must be at least 1")
     if time_limit is not None and not (math.isfinite(time_limit) and time_limit > 0):

@@ -181,6 +181,11 @@ class JsonWriter(Writer):
 WRITERS = {"csv": CsvWriter, "json": JsonWriter, "kaggle": KaggleWriter}
 
 
+def check_format(fmt: str) -> str:
+    check_format(fmt)
+    return fmt
+
+
 def open_writer(fmt: str, out: Path, classes: Sequence[str]) -> Writer:
     if fmt not in WRITERS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
