@@ -36,7 +36,7 @@ import onnx
 
 from semivit.errors import UserError
 from semivit.export import int8 as int8mod
-from semivit.export.verify import RunImages, ort_session
+from semivit.export.verify import RunImages, interleaved_subset, ort_session
 from semivit.utils import cpu_flags, cpu_has_bf16, cpu_has_vnni, cpu_name, info, warn
 
 TOLERANCE = int8mod.TOLERANCE  # the same gate as --int8: macro F1 may drop by at most 0.01
@@ -118,17 +118,6 @@ def _quiet():
     root.setLevel(logging.ERROR)
     stack.callback(root.setLevel, level)
     return stack
-
-
-def _calibration_images(data: RunImages) -> np.ndarray:
-    """Up to CALIBRATION_IMAGES of the run's training images, classes interleaved."""
-    order: list[int] = []
-    queues = [list(np.flatnonzero(data.labels == c)) for c in np.unique(data.labels)]
-    while len(order) < CALIBRATION_IMAGES and any(queues):
-        for q in queues:
-            if q and len(order) < CALIBRATION_IMAGES:
-                order.append(q.pop(0))
-    return data.images[np.sort(order)]
 
 
 def _build_ov_int8(members_graph: Path, dst: Path, calib: np.ndarray) -> None:
@@ -291,7 +280,7 @@ def build(export_dir: Path, meta: dict, model, members: list[dict], data: RunIma
     cands = [c for c in all_candidates() if selection is None or c.name == REFERENCE or c.name in selection]
     fp32 = export_dir / "model.onnx"
     ref, with_outputs = _reference(fp32, model, members, data)
-    calib = _calibration_images(data)
+    calib = interleaved_subset(data, CALIBRATION_IMAGES)
     try:
         for c in cands:
             why = _why_not(c)

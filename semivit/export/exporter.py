@@ -45,17 +45,6 @@ def _versions() -> dict:
             "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
-def _verify_subset(data: verify.RunImages, n: int) -> np.ndarray:
-    """Up to ``n`` images, classes interleaved (the first of each class, then the second...)."""
-    order: list[int] = []
-    queues = [list(np.flatnonzero(data.labels == c)) for c in np.unique(data.labels)]
-    while len(order) < n and any(queues):
-        for q in queues:
-            if q and len(order) < n:
-                order.append(q.pop(0))
-    return data.images[np.sort(order)]
-
-
 def _member_entry(m: dict) -> dict:
     keys = ("name", "path", "stage", "fold", "val_macro_f1", "weight")
     return {k: m.get(k) for k in keys}
@@ -97,7 +86,7 @@ def export_run(run: Path, out: Optional[Path] = None, trt: bool = False, int8: b
     size, classes = int(doc["img_size"]), list(doc["classes"])
     gate_all = int8 or selection != []  # the accuracy gates score every labeled image
     data = verify.load_run_images(run, classes, size, limit=None if gate_all else verify.MAX_VERIFY_IMAGES)
-    check_images = _verify_subset(data, verify.MAX_VERIFY_IMAGES)
+    check_images = verify.interleaved_subset(data, verify.MAX_VERIFY_IMAGES)
     plan = levelmod.plan_levels(entries, tta)
 
     out.parent.mkdir(parents=True, exist_ok=True)

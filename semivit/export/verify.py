@@ -65,6 +65,18 @@ def load_run_images(run_dir: Path, classes: Sequence[str], img_size: int,
                      [it["image"] for it in kept], f"{data} (RUN/folds.json)")
 
 
+def interleaved_subset(data: RunImages, n: int) -> np.ndarray:
+    """Up to ``n`` of the images, classes interleaved (the first of each class, then the
+    second...), in their original order: export verification and INT8 calibration use it."""
+    order: list[int] = []
+    queues = [list(np.flatnonzero(data.labels == c)) for c in np.unique(data.labels)]
+    while len(order) < n and any(queues):
+        for q in queues:
+            if q and len(order) < n:
+                order.append(q.pop(0))
+    return data.images[np.sort(order)]
+
+
 def _interleave(items: list[dict], limit: int) -> list[dict]:
     by_class: dict[str, list[dict]] = {}
     for it in items:

@@ -85,6 +85,13 @@ class Backend:
         self.load_seconds: dict[int, float] = {}  # level -> seconds its activation took
         self.why: Optional[str] = None  # why ``auto`` picked this backend, when the export chose it
 
+    def level_file(self, i: int) -> Path:
+        """The graph file of level ``i`` in the export directory; BackendUnavailable if it is gone."""
+        path = self.ref.export_dir / self.levels[i].file
+        if not path.is_file():
+            raise BackendUnavailable(f"cannot load the model: {path} does not exist")
+        return path
+
     # -- interface ---------------------------------------------------------------------------
     def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         images = np.ascontiguousarray(images, dtype=np.uint8)

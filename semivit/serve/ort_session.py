@@ -10,6 +10,7 @@ One session per degradation level, created when the level is first used.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from pathlib import Path
@@ -99,9 +100,7 @@ class OrtBackend(Backend):
     def _activate(self, i: int) -> None:
         if i in self._sessions:
             return
-        path = self.ref.export_dir / self.levels[i].file
-        if not path.is_file():
-            raise BackendUnavailable(f"cannot load the model: {path} does not exist")
+        path = self.level_file(i)
         t = time.perf_counter()
         try:
             sess = self.ort.InferenceSession(str(path), sess_options=self._options(), providers=self._providers())
@@ -167,26 +166,8 @@ def _check_shapes(path, in_shape, out_shape, size: int, n_classes: int) -> None:
                                  f"{n_classes} classes")
 
 
-@register_backend("onnxruntime-cpu")
-def _cpu(ref: ModelRef, **kw) -> OrtBackend:
-    return OrtBackend(ref, "cpu", **kw)
-
-
-@register_backend("onnxruntime-cuda")
-def _cuda(ref: ModelRef, **kw) -> OrtBackend:
-    return OrtBackend(ref, "cuda", **kw)
-
-
-@register_backend("onnxruntime-tensorrt")
-def _trt(ref: ModelRef, **kw) -> OrtBackend:
-    return OrtBackend(ref, "tensorrt", **kw)
-
-
-@register_backend("onnxruntime-int8")
-def _cpu_int8(ref: ModelRef, **kw) -> OrtBackend:
-    return OrtBackend(ref, "cpu", variant="int8", **kw)
-
-
-@register_backend("onnxruntime-int8-qdq")
-def _cpu_int8_qdq(ref: ModelRef, **kw) -> OrtBackend:
-    return OrtBackend(ref, "cpu", variant="int8-qdq", **kw)
+# The ONNX Runtime backends by name: (device / execution provider, graph variant).
+for _name, _device, _variant in (("onnxruntime-cpu", "cpu", None), ("onnxruntime-cuda", "cuda", None),
+                                 ("onnxruntime-tensorrt", "tensorrt", None), ("onnxruntime-int8", "cpu", "int8"),
+                                 ("onnxruntime-int8-qdq", "cpu", "int8-qdq")):
+    register_backend(_name)(functools.partial(OrtBackend, device=_device, variant=_variant))

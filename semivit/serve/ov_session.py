@@ -22,6 +22,7 @@ compiled model's matmuls execute in, the number of threads and streams.
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 from typing import Optional
@@ -110,9 +111,7 @@ class OpenVinoBackend(Backend):
     def _activate(self, i: int) -> None:
         if i in self._compiled:
             return
-        path = self.ref.export_dir / self.levels[i].file
-        if not path.is_file():
-            raise BackendUnavailable(f"cannot load the model: {path} does not exist")
+        path = self.level_file(i)
         t = time.perf_counter()
         try:
             compiled = compile_model(path, self._hint(i), self.threads)
@@ -163,16 +162,6 @@ class OpenVinoBackend(Backend):
         self._compiled.clear()
 
 
-@register_backend("openvino")
-def _fp32(ref: ModelRef, **kw) -> OpenVinoBackend:
-    return OpenVinoBackend(ref, "fp32", **kw)
-
-
-@register_backend("openvino-bf16")
-def _bf16(ref: ModelRef, **kw) -> OpenVinoBackend:
-    return OpenVinoBackend(ref, "bf16", **kw)
-
-
-@register_backend("openvino-int8")
-def _int8(ref: ModelRef, **kw) -> OpenVinoBackend:
-    return OpenVinoBackend(ref, "int8", **kw)
+# The OpenVINO backends by name: the precision each compiles for.
+for _name, _precision in (("openvino", "fp32"), ("openvino-bf16", "bf16"), ("openvino-int8", "int8")):
+    register_backend(_name)(functools.partial(OpenVinoBackend, precision=_precision))
