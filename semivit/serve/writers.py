@@ -182,11 +182,11 @@ WRITERS = {"csv": CsvWriter, "json": JsonWriter, "kaggle": KaggleWriter}
 
 
 def check_format(fmt: str) -> str:
-    check_format(fmt)
+    """The one check of an output format name (``ssl predict`` asks it before anything runs)."""
+    if fmt not in WRITERS:
+        raise UserError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     return fmt
 
 
 def open_writer(fmt: str, out: Path, classes: Sequence[str]) -> Writer:
-    if fmt not in WRITERS:
-        raise UserError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
-    return WRITERS[fmt](out, classes)
+    return WRITERS[check_format(fmt)](out, classes)
