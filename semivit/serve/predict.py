@@ -254,7 +254,7 @@ def _loop(be, pool, sched, rels, writer, quiet):
 
 def print_summary(s: Summary) -> None:
     say(f"predicted {s.ok} of {s.images} images in {s.seconds:.2f} s ({s.images_per_s:.1f} images/s, "
-         f"model load {s.load_seconds:.2f} s) -> {s.out}")
+         f"{'Ray start' if s.backend == 'ray' else 'model load'} {s.load_seconds:.2f} s) -> {s.out}")
     say(f"  backend: {s.backend} - {s.provider}")
     for lv in s.levels:
         if lv["images"] or lv is s.levels[0]:
