@@ -23,9 +23,13 @@ pytestmark = pytest.mark.slow
 def ray_local():
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'semivit[ray]')")
     pytest.importorskip("ray.data", reason="Ray Data is not installed (pip install 'ray[data]')")
+    import signal
+
+    sigterm = signal.getsignal(signal.SIGTERM)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+    signal.signal(signal.SIGTERM, sigterm)  # Ray's handler (sys.exit) must not outlive it in pytest
 
 
 def test_ray_engine_rows_equal_the_local_engine(ray_local, mixed_dir, fake_export, tmp_path):
@@ -91,7 +95,7 @@ def test_ray_engine_time_limit_turns_rows_not_reached_into_timeouts(ray_local, s
     assert {r["status"] for r in rows} <= {"ok", "timeout"}
     assert s.timeouts > 0 and s.ok > 0 and s.ok + s.timeouts == N_SLOW, (s.ok, s.timeouts)
     assert sum(r["status"] == "timeout" for r in rows) == s.timeouts
-    assert in_place <= limit + 0.5, in_place
+    assert in_place <= limit + 1.0, in_place
 
 
 def test_ray_engine_without_ray_is_one_line_error(mixed_dir, fake_export, tmp_path, monkeypatch):

@@ -144,6 +144,9 @@ def ray_cluster(address: Optional[str], clock=time.monotonic):
             from semivit.utils import cpu_count
 
             kw["num_cpus"] = cpu_count()
+        import signal
+
+        sigterm = signal.getsignal(signal.SIGTERM)  # ray.init installs its own, which outlives ray.shutdown
         try:
             ray.init(address=addr, **kw)
         except Exception as e:  # noqa: BLE001 - ConnectionError, RuntimeError, ...: one line
@@ -156,6 +159,7 @@ def ray_cluster(address: Optional[str], clock=time.monotonic):
     finally:
         if started_here:
             ray.shutdown()
+            signal.signal(signal.SIGTERM, sigterm)
 
 
 def predict_rows_ray(ray, paths: list[str], export_dir: Path, img_size: int, batch_size: int, backend: str,
