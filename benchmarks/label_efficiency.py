@@ -448,11 +448,13 @@ def arm_keys(rows: list[dict], split: str) -> list[str]:
     return sorted(keys, key=lambda k: (order.index(k) if k in order else len(order), k))
 
 
-def choose_b(results: list[dict]) -> str | None:
+def choose_b(results: list[dict], among: list[str] | None = None) -> str | None:
     """The semi-supervised method with the best mean DEV macro F1 over every (fraction, seed)
     where all candidates ran: it becomes (b), the default ``ssl train`` (the test split plays no
     part in the choice)."""
     cands = sorted({k for r in results for k in r["dev"] if k.startswith("cand_")})
+    if among:
+        cands = [c for c in cands if c.removeprefix("cand_") in among]
     rows = [r for r in results if all(c in r["dev"] for c in cands)]
     if not cands or not rows:
         return None
@@ -612,6 +614,22 @@ def _plot(doc: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def merge_results(rows: list[dict]) -> list[dict]:
+    """One row per (dataset, fraction, seed, test split): arms measured in different --work
+    directories (on the same data draw and the same stage 1) are joined."""
+    out: dict = {}
+    for r in rows:
+        key = (r["dataset"], r["fraction"], r["seed"], r.get("test_seed", TEST_SEED))
+        if key not in out:
+            out[key] = r
+            continue
+        m = out[key]
+        for part in ("dev", "test", "runs"):
+            m[part] = {**m.get(part, {}), **r.get(part, {})}
+        m["wall_seconds"] = round(m.get("wall_seconds", 0) + r.get("wall_seconds", 0), 1)
+    return list(out.values())
+
+
 def parse_candidate(text: str) -> tuple[str, list[str]]:
     name, sep, rest = text.partition(":")
     if not name or not sep:
@@ -639,30 +657,37 @@ def main() -> None:
     ap.add_argument("--set", dest="sets", action="append", default=[], help="extra config override for every arm")
     ap.add_argument("--upper", action="store_true", help="also (e), the all-labels upper bound (ELPV)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/semivit-bench"))
+    ap.add_argument("--merge", type=Path, nargs="*", default=[],
+                    help="more --work directories whose results join this summary (runs made in parallel)")
+    ap.add_argument("--choose-from", nargs="*", default=None,
+                    help="candidate names (b) is chosen among, on dev (default: every candidate measured)")
+    ap.add_argument("--summarise-only", action="store_true", help="train nothing: summarise the results in --work (and --merge)")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args()
     args.arms = set(args.arms.replace(",", ""))
     args.work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    for frac in args.fractions:
+    for frac in ([] if args.summarise_only else args.fractions):
         for seed in args.seeds:
             print(f"=== {args.dataset} fraction {frac:g}, seed {seed}", flush=True)
             r = bench_one(args, frac, seed)
             print(json.dumps({s: {k: v.get("macro_f1") for k, v in r[s].items()} for s in ("dev", "test")}), flush=True)
-    upper = [bench_upper(args, s) for s in args.seeds[:1]] if args.upper else []
+    upper = [bench_upper(args, s) for s in args.seeds[:1]] if args.upper and not args.summarise_only else []
     upper += [json.loads(p.read_text()) for p in sorted(args.work.glob("result-upper-elpv-s*.json"))
               if json.loads(p.read_text()).get("seed") not in args.seeds[:1]]
     suffix = "" if args.test_seed == TEST_SEED else f"-t{args.test_seed}"
-    results = [json.loads(p.read_text()) for p in sorted(args.work.glob(f"result-{args.dataset}-f*-s*{suffix}.json"))]
+    results = merge_results([json.loads(p.read_text()) for d in [args.work] + args.merge
+                             for p in sorted(d.glob(f"result-{args.dataset}-f*-s*{suffix}.json"))])
     results = [r for r in results if r.get("test_seed", TEST_SEED) == args.test_seed and r["fraction"] in args.fractions]
-    b = choose_b(results)
+    b = choose_b(results, args.choose_from)
     summary, paired, extra = summarise(results, [u for u in upper if u], "test", b)
     dev_summary, dev_paired, _ = summarise(results, [], "dev", b)
     from importlib.metadata import version
 
     import torch
 
-    lr_docs = {p.stem.removeprefix("lite0-lr-"): json.loads(p.read_text()) for p in sorted(args.work.glob("lite0-lr-*.json"))}
+    lr_docs = {p.stem.removeprefix("lite0-lr-"): json.loads(p.read_text())
+               for d in [args.work] + args.merge for p in sorted(d.glob("lite0-lr-*.json"))}
     doc = {
         "benchmark": "label_efficiency", "dataset": args.dataset, "test_seed": args.test_seed,
         "preset": args.preset, "overrides": args.sets, "fractions": sorted({r["fraction"] for r in results}),
