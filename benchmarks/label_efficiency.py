@@ -563,6 +563,11 @@ def write_outputs(doc: dict, stem: Path) -> None:
         lines += [f"## {head}: test split (reported only)", ""]
         for p in [p for p in doc["paired"] if p["fraction"] == frac]:
             lines.append(f"- {verdict(p)}")
+        have = {s["arm"] for s in doc["summary"] if s["fraction"] == frac}
+        for arm, what in (("g", "(b) - (g), the compute-matched control"), ("f_best", "(b) - (f), the competent Lite0 baseline"),
+                          ("e", "the (a) -> (e) gap")):
+            if arm not in have:
+                lines.append(f"- {what}: NOT MEASURED in these results, so nothing is claimed about it.")
         ex = doc["extra"].get(f"{frac:g}", {})
         if ex.get("f_best"):
             lines.append(f"- (f_best), chosen on dev: {ARM_LABELS.get(ex['f_best'], ex['f_best'])}")
