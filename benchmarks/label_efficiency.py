@@ -74,7 +74,7 @@ LITE0_EPOCHS = 20  # the epoch itself is chosen by the best validation macro F1 
 
 ARM_LABELS = {
     "a": "(a) stage-1 ensemble (5 ViT)",
-    "b": "(b) default `ssl train` (10 models, semi-supervised)",
+    "b": "(b) the semi-supervised method chosen on dev (10 models)",
     "g": "(g) compute-matched control: 10 supervised ViT, >= (b)'s steps",
     "f128_single": "(f) EfficientNet-Lite0 fine-tuned, 128 px, single model",
     "f128_ens": "(f) EfficientNet-Lite0 fine-tuned, 128 px, 5-fold ensemble",
