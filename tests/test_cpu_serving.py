@@ -133,6 +133,8 @@ def test_export_builds_gates_and_times_the_candidates(exported):
     for r in rows.values():  # refused or skipped candidates leave no file behind
         if r["status"] != "accepted" and r["name"] != "onnxruntime-cpu":
             f = next(c.file for c in candmod.all_candidates() if c.name == r["name"])
+            if f == rows["onnxruntime-cpu"]["file"]:
+                continue  # the OpenVINO FP32/bf16 candidates read the FP32 graph itself: it stays
             assert not (exported / f).exists()
 
 
