@@ -285,10 +285,9 @@ def lite0_lr(work: Path, tag: str, data: Path, preset: str, size: int, sets: lis
     for lr in LITE0_LRS:
         out = work / f"lite0-grid-{tag}-r{size}-lr{lr:g}"
         cfg = cfg_for(preset, 0, lite0_sets(size, lr, sets))
-        run = open_run(out, cfg, data)
+        run = open_run(out, cfg, data)  # creates the run; its folds are read lazily, after the copy
         if not (out / "folds.json").exists():
             shutil.copy2(folds_from, out / "folds.json")
-        run = open_run(out, cfg, data)
         vals = []
         for k in (0, 1):
             done = out / "stage1" / f"fold{k}" / "done.json"
