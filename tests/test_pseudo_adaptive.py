@@ -94,7 +94,7 @@ def test_soft_target_loss_equals_cross_entropy_on_one_hot_targets():
     ("freematch", ["pseudo.cluster=false"]),
     ("all", ["pseudo.soft=true", "pseudo.weight=one", "pseudo.cluster=false"]),
 ])
-def test_rule_end_to_end_on_a_tiny_run(rule, sets, tiny_run, tiny_data_shared, tmp_path):
+def test_rule_end_to_end_on_a_tiny_run(rule, sets, tiny_run, tiny_data_shared, tmp_path, capsys):
     """Stage 2-3 with the rule on the shared tiny run's stage 1 (cluster cores off, so the rule alone
     selects): the thresholds stage 2 recorded are the ones it applied, and stage 3 trained on
     exactly the selected images."""
@@ -123,6 +123,12 @@ def test_rule_end_to_end_on_a_tiny_run(rule, sets, tiny_run, tiny_data_shared, t
     assert stats["selected"] == len(chosen) == sum(int(p["selected"]) for p in preds)
     if rule == "all":
         assert stats["selected"] == stats["unlabeled"] and stats["by_source"] == {"threshold": stats["unlabeled"]}
+        log = capsys.readouterr().err  # the log says distillation in words, not "threshold 24" / "0.0"
+        n, agree = stats["unlabeled"], 100 * stats["truth"]["precision"]
+        assert (f"soft targets: the stage-1 ensemble's probabilities on all {n} unlabeled images (distillation, "
+                f"no threshold); its argmax agrees with held-back truth on {agree:.1f}%") in log, log
+        assert "per-class thresholds" not in log and f"(threshold {n})" not in log, log
+        assert f"+ {n} soft-target (distillation) images per fold pool" in log, log
     if rule == "quota":  # balanced labels (12 per class), 0.5 of the pool: k = 0.5 x 24 / 3 = 4 per class
         _, labels = run_calibration(out)
         assert np.bincount(labels).tolist() == [12, 12, 12] and stats["unlabeled"] == 24
@@ -162,3 +168,29 @@ def test_distillation_optimum_is_the_teacher_and_focal_is_not():
         logits = teacher.log().clone().requires_grad_(True)
         crit(logits, teacher).backward()
         assert (logits.grad.abs().max() < 1e-6) == vanishes
+
+
+def test_stage2_summary_line_says_what_each_rule_does():
+    """Under ``all`` the line names soft targets (distillation) or hard labels on every image and the
+    argmax agreement with truth; the other rules keep their count per source and precision."""
+    from semivit.trainer.pseudo import summary_line
+
+    stats = {"unlabeled": 1575, "selected": 1575, "by_source": {"threshold": 1575},
+             "truth": {"scored": 1575, "precision": 0.6013}}
+    soft = config.resolve(preset="tiny", overrides=["pseudo.threshold_mode=all", "pseudo.soft=true"]).pseudo
+    assert summary_line(stats, soft) == ("soft targets: the stage-1 ensemble's probabilities on all 1575 unlabeled "
+                                         "images (distillation, no threshold); its argmax agrees with held-back "
+                                         "truth on 60.1%")
+    hard = config.resolve(preset="tiny", overrides=["pseudo.threshold_mode=all", "pseudo.soft=false"]).pseudo
+    assert summary_line(stats, hard).startswith("pseudo-labels: the stage-1 ensemble's predicted class on all 1575 "
+                                                "unlabeled images (all rule: no threshold, hard labels)")
+    capped = config.resolve(preset="tiny", overrides=["pseudo.threshold_mode=all", "pseudo.soft=true",
+                                                      "pseudo.max_per_class=400"]).pseudo
+    line = summary_line({**stats, "selected": 1200, "truth": {}}, capped)
+    assert "probabilities on 1200 of 1575 unlabeled images (at most 400 per predicted class)" in line
+    assert "truth" not in line  # no held-back truth: nothing claimed
+    oof = config.resolve(preset="tiny", overrides=["pseudo.threshold_mode=oof"]).pseudo
+    few = {"unlabeled": 1575, "selected": 300, "by_source": {"threshold": 250, "cluster": 50},
+           "truth": {"scored": 300, "precision": 0.9}}
+    assert summary_line(few, oof) == ("pseudo-labels: 300 of 1575 (threshold 250, cluster 50); "
+                                      "precision vs held-back truth 0.900")

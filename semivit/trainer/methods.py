@@ -92,7 +92,8 @@ def pseudo_label_retrain(run):
     extra = pseudo_extra(run)
     if run.extra_pseudo is not None:
         extra = concat(extra, run.extra_pseudo)
-    info(f"stage 3: {len(run.labeled)} labeled + {len(extra.labels)} pseudo-labeled images per fold pool")
+    kind = "soft-target (distillation)" if extra.labels.ndim == 2 else "pseudo-labeled"
+    info(f"stage 3: {len(run.labeled)} labeled + {len(extra.labels)} {kind} images per fold pool")
     return FoldPlan(extra=extra)
 
 

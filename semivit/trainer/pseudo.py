@@ -92,9 +92,10 @@ def run_pseudo(run) -> dict:
         warn(f"only {len(paths)} unlabeled images: too few for UMAP + KMeans, using the confidence rule only")
     if pcfg.threshold_mode != "global":
         stats["thresholds"] = describe(pool.thresholds, classes)
-        info(f"per-class thresholds ({pcfg.threshold_mode} rule" + (f", out-of-fold precision >= {pcfg.target_precision}"
-                                                                    if pcfg.threshold_mode == "oof" else "") + "): "
-             + ", ".join(f"{c} {t if t is not None else 'none'}" for c, t in stats["thresholds"].items()))
+        if pcfg.threshold_mode != "all":  # "all" has no threshold to report (0 for every class)
+            info(f"per-class thresholds ({pcfg.threshold_mode} rule" + (f", out-of-fold precision >= {pcfg.target_precision}"
+                                                                        if pcfg.threshold_mode == "oof" else "") + "): "
+                 + ", ".join(f"{c} {t if t is not None else 'none'}" for c, t in stats["thresholds"].items()))
     rel = [run.rel(p) for p in paths]
     rows = [(rel[i], classes[l], c, s, probs[i]) for i, l, c, s in zip(pl.index, pl.label, pl.confidence, pl.source)]
     _write_rows(out / "pseudo_labels.csv", rows, classes)
@@ -119,11 +120,29 @@ def run_pseudo(run) -> dict:
         plot_umap(out / "umap.png", points, clusters, pred, classes, pl.index)
         np.save(out / "umap.npy", points)
     atomic_write_json(out / "stats.json", stats)
-    msg = f"pseudo-labels: {stats['selected']} of {len(paths)} ({', '.join(f'{k} {v}' for k, v in stats['by_source'].items()) or 'none'})"
-    if "truth" in stats and stats["truth"].get("scored"):
-        msg += f"; precision vs held-back truth {stats['truth']['precision']:.3f}"
-    info(msg)
+    info(summary_line(stats, pcfg))
     return stats
+
+
+def summary_line(stats: dict, pcfg) -> str:
+    """Stage 2's one-line result.  Under the ``all`` rule nothing is selected by confidence: every
+    unlabeled image gets the ensemble's prediction, so say that (and, for soft targets, that
+    stage 3 distils the probabilities) instead of a threshold count that only repeats the total."""
+    n, selected = stats["unlabeled"], stats["selected"]
+    truth = stats["truth"]["precision"] if stats.get("truth", {}).get("scored") else None
+    if pcfg.threshold_mode == "all":
+        which = f"all {n} unlabeled images" if selected == n else f"{selected} of {n} unlabeled images"
+        if selected != n and pcfg.max_per_class is not None:
+            which += f" (at most {pcfg.max_per_class} per predicted class)"
+        if pcfg.soft:
+            msg = f"soft targets: the stage-1 ensemble's probabilities on {which} (distillation, no threshold)"
+            return msg + (f"; its argmax agrees with held-back truth on {100 * truth:.1f}%" if truth is not None else "")
+        msg = f"pseudo-labels: the stage-1 ensemble's predicted class on {which} (all rule: no threshold, hard labels)"
+        return msg + (f"; correct vs held-back truth on {100 * truth:.1f}%" if truth is not None else "")
+    msg = f"pseudo-labels: {selected} of {n} ({', '.join(f'{k} {v}' for k, v in stats['by_source'].items()) or 'none'})"
+    if truth is not None:
+        msg += f"; precision vs held-back truth {truth:.3f}"
+    return msg
 
 
 def _write_rows(path: Path, rows, classes: list[str]) -> None:
