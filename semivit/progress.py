@@ -55,11 +55,14 @@ class PlainProgress:
 
     # -- rich's API (the part used here)
     def add_task(self, description: str, total: Optional[float] = None, completed: float = 0,
-                 status: str = "", **_fields) -> int:
+                 status: str = "", unit: str = "", **_fields) -> int:
+        """``unit`` (a field rich ignores): what is counted, printed after the count
+        (``3200/15744 views (20%)``)."""
         tid = len(self._tasks)
         now = self.clock()
         self._tasks[tid] = {"desc": description, "total": total, "completed": completed, "start": now,
-                            "start_completed": completed, "last": now, "status": status, "ended": False}
+                            "start_completed": completed, "last": now, "status": status, "ended": False,
+                            "unit": unit}
         return tid
 
     def update(self, task_id: int, advance: Optional[float] = None, completed: Optional[float] = None,
@@ -99,10 +102,11 @@ class PlainProgress:
         done, total = t["completed"], t["total"]
         elapsed = now - t["start"]
         parts = [f"{t['desc']}:"]
+        unit = f" {t['unit']}" if t["unit"] else ""
         if total:
-            parts.append(f"{int(done)}/{int(total)} ({100.0 * done / total:.0f}%)")
+            parts.append(f"{int(done)}/{int(total)}{unit} ({100.0 * done / total:.0f}%)")
         else:
-            parts.append(f"{int(done)}")
+            parts.append(f"{int(done)}{unit}")
         parts.append(f"elapsed {_hms(elapsed)}")
         rate_done = done - t["start_completed"]
         if total and not final and rate_done > 0 and done < total:

@@ -77,3 +77,32 @@ def test_train_with_output_redirected_to_a_file_writes_one_line_per_epoch(tiny_d
     assert "…" not in text and "━" not in text, text
     run_line = [line for line in lines if line.startswith("run ")]
     assert len(run_line) == 1 and "preset tiny" in run_line[0], text  # one line, however long
+
+
+def test_train_log_shows_the_stem_feature_cache_progress(tiny_data, tmp_path):
+    """The quick preset's frozen-stem cache in small (hybrid model, ``train.cache_views=2``): each
+    computation of stem features - the labeled images' views before stage 1, the unlabeled pool
+    (plain + mirror) before stage 2's predictions, stage 3's unlabeled images' views - writes a
+    line saying what it computes at once and a done line with the count of views."""
+    env = {k: v for k, v in os.environ.items() if k not in ("SEMIVIT_QUIET", "SEMIVIT_PROGRESS", "COLUMNS")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    log = tmp_path / "log.txt"
+    with open(log, "w") as f:
+        proc = subprocess.run([sys.executable, "-m", "semivit.cli", "train", str(tiny_data), "--preset", "tiny",
+                               "--set", "model.name=vit_hybrid_lite0", "--set", "model.kwargs={embed_dim: 32, depth: 1, num_heads: 2}",
+                               "--set", "train.cache_views=2", "--set", "pseudo.cluster=false",
+                               "--out", str(tmp_path / "RUN")],
+                              stdout=f, stderr=subprocess.STDOUT, env=env, timeout=600)
+    text = log.read_text()
+    assert proc.returncode == 0, text
+    lines = text.splitlines()
+    # 36 labeled images x (plain + 2 augmented), 24 unlabeled x (plain + mirror), the 24 again x 3 for stage 3
+    for what, n, views, how in (("labeled images", 36, 3, "plain + 2 augmented"), ("unlabeled pool", 24, 2, "plain + mirror"),
+                                ("stage3 unlabeled images", 24, 3, "plain + 2 augmented")):
+        status = re.escape(f" | {n} images x {views} views ({how})")
+        head = rf"^\d\d:\d\d:\d\d stem features \({what}\): 0/{n * views} views \(0%\) elapsed \S+{status}$"
+        done = rf"^\d\d:\d\d:\d\d stem features \({what}\): {n * views}/{n * views} views \(100%\) elapsed \S+ done{status}$"
+        assert sum(bool(re.match(head, ln)) for ln in lines) == 1, (what, text)
+        assert sum(bool(re.match(done, ln)) for ln in lines) == 1, (what, text)
+    first = next(i for i, ln in enumerate(lines) if "stem features (labeled images)" in ln)
+    assert first < next(i for i, ln in enumerate(lines) if " stage1 fold 1/2: " in ln)  # before stage 1 trains

@@ -3,6 +3,8 @@ computation for all members, in PyTorch and in the exported ONNX graph)."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -95,3 +97,35 @@ def test_augmented_views_and_dataset():
     ds = CachedViewsDataset(views, np.array([0, 1, 2, 0]), generator=torch.Generator().manual_seed(0))
     picked = {int(np.argmin([np.abs(ds[0][0].numpy() - views[0, v]).sum() for v in range(4)])) for _ in range(40)}
     assert len(picked) > 1  # different epochs see different views
+
+
+def test_stem_cache_shows_its_progress_in_views_and_keeps_the_views(monkeypatch, capsys):
+    """In a log file (plain lines, here one per batch): what is computed at once, then the count of
+    stem passes ("views") as they go, then done; and the views are the ones the cache computed
+    view by view before it had progress (each image's augmentation drawn in the same order)."""
+    from semivit.data import transforms
+
+    monkeypatch.delenv("SEMIVIT_QUIET", raising=False)
+    monkeypatch.setenv("SEMIVIT_PROGRESS", "plain")
+    monkeypatch.setenv("SEMIVIT_LOG_EVERY", "0")  # a line at every batch
+    members, _ = hybrids(1)
+    stem, cpu = frozen_stem(members[0]), torch.device("cpu")
+    imgs = np.random.default_rng(4).integers(0, 255, (5, 32, 32, 3), dtype=np.uint8)
+    views = augmented_views(stem, imgs, transforms.build("light", 32, seed=0), 2, cpu, batch_size=2,
+                            desc="stem features (stage3 unlabeled images)")
+    lines = capsys.readouterr().err.splitlines()
+    status = " | 5 images x 3 views (plain + 2 augmented)"
+    assert re.fullmatch(r"\d\d:\d\d:\d\d stem features \(stage3 unlabeled images\): 0/15 views \(0%\) "
+                        r"elapsed 0:00:00" + re.escape(status), lines[0]), lines
+    assert [int(re.search(r": (\d+)/15 views \(", ln).group(1)) for ln in lines] == [0, 2, 4, 5, 7, 9, 10, 12, 14, 15, 15]
+    assert all(ln.endswith(status) for ln in lines), lines
+    assert re.search(r": 15/15 views \(100%\) elapsed \S+ done" + re.escape(status) + "$", lines[-1]), lines
+    t = transforms.build("light", 32, seed=0)
+    before = [features(stem, imgs, cpu).orig] + [features(stem, np.stack([t(image=i)["image"] for i in imgs]), cpu).orig
+                                                 for _ in range(2)]
+    np.testing.assert_allclose(views, np.stack(before, axis=1), atol=1e-6)
+    capsys.readouterr()
+    features(stem, imgs[:4], cpu, tta=True, desc="stem features (unlabeled pool)")
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].endswith("stem features (unlabeled pool): 0/8 views (0%) elapsed 0:00:00 | 4 images x 2 views (plain + mirror)")
+    assert "8/8 views (100%)" in lines[-1] and "done" in lines[-1], lines

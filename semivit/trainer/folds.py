@@ -89,7 +89,7 @@ def train_fold(run: Run, stage: str, k: int, extra: Optional[Extra] = None,
             if extra.views is None:  # under torchrun: computed by rank 0, read by the others
                 extra.views = distributed.compute_once(
                     run.dir / ".dist" / f"{stage}_extra_views.npy",
-                    lambda: run.augmented_views(extra.images, seed=seed + 50))
+                    lambda: run.augmented_views(extra.images, seed=seed + 50, what=f"{stage} unlabeled images"))
             views = np.concatenate([views, extra.views])
         ds = CachedViewsDataset(views, labels, weights, generator=torch.Generator().manual_seed(seed))
         val_inputs = StemFeatures(run.labeled_views[va, 0])

@@ -77,9 +77,9 @@ def run_pseudo(run) -> dict:
         _write_rows(out / "pseudo_labels.csv", [], classes)
         atomic_write_json(out / "stats.json", stats | {"selected": 0})
         return stats
-    probs, embs = ensemble_predict(run.dir, run.stem_features(images, tta=pcfg.tta), stages=["stage1"],
-                                   tta=pcfg.tta, device=run.device, with_embeddings=True,
-                                   weighting=cfg.ensemble.weighting)
+    inputs = run.stem_features(images, tta=pcfg.tta, what="unlabeled pool")
+    probs, embs = ensemble_predict(run.dir, inputs, stages=["stage1"], tta=pcfg.tta, device=run.device,
+                                   with_embeddings=True, weighting=cfg.ensemble.weighting)
     pred = probs.argmax(1)
     oof = run.dir / "stage1" / "oof_probs.npy"
     pool = label_pool(probs, embs, pcfg, cfg.seed, calibration=lambda: (np.load(oof), run.labeled.labels))

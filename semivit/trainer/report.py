@@ -89,7 +89,7 @@ def heldout_scores(run) -> dict:
     dec = decode_many(ls.paths, run.cfg.model.img_size)
     y = ls.labels[dec.ok]
     members = members_from_stages(run.dir, ["stage1", "stage3"])
-    inputs = run.stem_features(dec.images, tta=True)  # the frozen stem runs once, not per member
+    inputs = run.stem_features(dec.images, tta=True, what="test images")  # the stem runs once, not per member
     probs = {}
     for m in members:
         model, _ = load_checkpoint(run.dir / m["path"])
