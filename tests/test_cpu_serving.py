@@ -165,9 +165,9 @@ def test_predict_auto_runs_the_backend_chosen_at_export(exported, tiny_data_shar
     assert summary["backend"] == others[0] and "chosen at export: recorded by the test" in output, output
 
 
-def test_a_candidate_that_fails_the_gate_is_never_chosen(exported, run_dir, tmp_path, monkeypatch):
-    """The static-QDQ candidate is made to predict class 0 for every image (its macro F1 falls)
-    and to time as by far the fastest: it must be refused, its file deleted, and never chosen."""
+def _gate_setup(exported, run_dir, tmp_path, monkeypatch, bad):
+    """(model, members, data, work): the run's ensemble and labeled images, a copy of the export
+    without ``bad``'s file, and candidate ``bad`` made to predict class 0 for every image."""
     from semivit.models.ensemble import EnsembleModel, load_members, read_ensemble
 
     doc = read_ensemble(run_dir)
@@ -177,10 +177,8 @@ def test_a_candidate_that_fails_the_gate_is_never_chosen(exported, run_dir, tmp_
     data = verify.load_run_images(run_dir, doc["classes"], int(doc["img_size"]))
     work = tmp_path / "export"
     shutil.copytree(exported, work)
-    for f in ("model.int8-qdq.onnx",):
-        (work / f).unlink(missing_ok=True)
-    bad = "onnxruntime-int8-qdq"
-    real_run, real_time = candmod._run_candidate, candmod._time
+    (work / next(c.file for c in candmod.all_candidates() if c.name == bad)).unlink(missing_ok=True)
+    real_run = candmod._run_candidate
 
     def run(c, *a, **k):
         p, t = real_run(c, *a, **k)
@@ -190,12 +188,22 @@ def test_a_candidate_that_fails_the_gate_is_never_chosen(exported, run_dir, tmp_
             p = t.sum(0)
         return p, t
 
+    monkeypatch.setattr(candmod, "_run_candidate", run)
+    return model, members, data, work
+
+
+def test_a_candidate_that_fails_the_gate_is_never_chosen(exported, run_dir, tmp_path, monkeypatch):
+    """The static-QDQ candidate is made to predict class 0 for every image (its macro F1 falls)
+    and to time as by far the fastest: it must be refused, its file deleted, and never chosen."""
+    bad = "onnxruntime-int8-qdq"
+    model, members, data, work = _gate_setup(exported, run_dir, tmp_path, monkeypatch, bad)
+    real_time = candmod._time
+
     def timing(export_dir, meta, accepted, images, threads):
         real_time(export_dir, meta, accepted, images[:4], threads)
         for c in accepted:
             c.report["images_per_s"] = 1e6 if c.name == bad else 1.0
 
-    monkeypatch.setattr(candmod, "_run_candidate", run)
     monkeypatch.setattr(candmod, "_time", timing)
     meta = read_meta(work)
     serving = candmod.build(work, meta, model, members, data, selection=[bad])
@@ -207,6 +215,48 @@ def test_a_candidate_that_fails_the_gate_is_never_chosen(exported, run_dir, tmp_
     c1.status, c1.report = "accepted", {"images_per_s": 10.0, "macro_f1": 0.5, "macro_f1_fp32": 0.5}
     c2.status, c2.report = "refused", {"images_per_s": 99.0, "macro_f1": 0.1, "macro_f1_fp32": 0.5}
     assert candmod.choose([c1, c2], 0.01)["auto"] == c1.name
+
+
+def test_export_log_says_what_each_candidate_does_as_it_goes(exported, run_dir, tmp_path, monkeypatch, capsys):
+    """While the candidates are built, gated and timed, one line per step: the plan, the FP32
+    reference's macro F1, each candidate's gate result (macro F1 vs FP32, passes or refused and
+    why) as soon as it is scored - before the timing starts -, the timing step, then one summary
+    line per candidate (images/s) and the choice."""
+    bad, other = "onnxruntime-int8-qdq", "onnxruntime-int8"
+    model, members, data, work = _gate_setup(exported, run_dir, tmp_path, monkeypatch, bad)
+    real_time, before_timing = candmod._time, []
+
+    def timing(*a, **k):
+        before_timing.append(capsys.readouterr().err)
+        return real_time(*a, **k)
+
+    monkeypatch.setattr(candmod, "_time", timing)
+    capsys.readouterr()
+    serving = candmod.build(work, read_meta(work), model, members, data, selection=[other, bad])
+    rows = {r["name"]: r for r in serving["candidates"]}
+    early = before_timing[0].splitlines()
+    late = capsys.readouterr().err.splitlines()
+    ref = rows["onnxruntime-cpu"]
+    f1 = "out-of-fold macro F1"
+    assert early[0] == ("serving candidates: onnxruntime-cpu, onnxruntime-int8, onnxruntime-int8-qdq - build each, "
+                        f"gate it (macro F1 within {candmod.TOLERANCE} of FP32), time those that pass ..."), early
+    assert early[1] == (f"candidate onnxruntime-cpu: the FP32 reference - {f1} {ref['macro_f1']:.4f} on {len(data.labels)} "
+                        "labeled images (each by the members that never trained on it)"), early
+    for line, name in zip(early[2:], (other, bad)):
+        r = rows[name]
+        verdict = (f"<= {candmod.TOLERANCE}): passes the gate" if r["status"] == "accepted"
+                   else f"> {candmod.TOLERANCE}): refused, its file is deleted")
+        assert line == (f"candidate {name}: built in {r['build_seconds']:.1f} s; {f1} {r['macro_f1']:.4f} vs FP32 "
+                        f"{ref['macro_f1']:.4f} (drop {r['drop']:+.4f} {verdict}"), early
+    assert rows[bad]["status"] == "refused" and len(early) == 5, early
+    accepted = [n for n, r in rows.items() if r["status"] == "accepted"]
+    assert early[4].startswith(f"timing {len(accepted)} candidate{'s' if len(accepted) > 1 else ''} that passed the "
+                               f"gate: {len(data.labels)} images in batches of {candmod.TIME_BATCH}, "), early
+    assert late[0:3] == [f"candidate {n}: {r['status']} - {f1} {r['macro_f1']:.4f} vs FP32 {ref['macro_f1']:.4f} "
+                         f"(drop {r['drop']:+.4f})" + (f", {r['images_per_s']:.1f} images/s" if r.get("images_per_s") else "")
+                         + (f" ({r['reason']})" if r["reason"] else "") for n, r in rows.items()], late
+    assert "images/s" in late[0] and "images/s" not in late[2] and f"macro F1 drops {rows[bad]['drop']:.4f}" in late[2]
+    assert late[3] == f"backend auto: {serving['auto']} - {serving['why']}" and len(late) == 4, late
 
 
 def test_candidates_option_errors_and_none(run_dir, tmp_path):

@@ -17,7 +17,12 @@ records the fastest in meta.json (``serving``), with the whole table and the rea
 
 A candidate that cannot be built here is recorded as ``skipped`` with the reason (package
 missing, no native bf16); one that fails the gate as ``refused`` and its file is deleted; neither
-can be chosen.  Quantised candidates replace only the ``full`` level; the lower degradation levels
+can be chosen.
+
+The log says what happens as it happens, one line per step: which candidates will be built, the
+FP32 reference's macro F1, each candidate's build time and gate result (macro F1 vs FP32, passes
+or refused and why) as soon as it is scored, the timing step, then one summary line per candidate
+(status, macro F1 vs FP32, images/s, why) and the choice.  Quantised candidates replace only the ``full`` level; the lower degradation levels
 of ``--time-limit`` run the FP32 level graphs with the same engine.
 """
 
@@ -248,6 +253,7 @@ def _time(export_dir: Path, meta: dict, accepted: list[Candidate], images: np.nd
             c.report["runs"] = be.describe()
         except UserError as e:
             c.status, c.reason = "failed", f"cannot be opened for serving: {e}"
+            warn(f"candidate {c.name}: failed - {c.reason}")
     best = {n: 0.0 for n in opened}
     for _ in range(TIME_ROUNDS):
         for c in accepted:
@@ -278,8 +284,13 @@ def build(export_dir: Path, meta: dict, model, members: list[dict], data: RunIma
     threads = threads or default_threads()
     export_dir = Path(export_dir)
     cands = [c for c in all_candidates() if selection is None or c.name == REFERENCE or c.name in selection]
+    info(f"serving candidates: {', '.join(c.name for c in cands)} - build each, gate it (macro F1 within "
+         f"{tolerance} of FP32), time those that pass ...")
     fp32 = export_dir / "model.onnx"
     ref, with_outputs = _reference(fp32, model, members, data)
+    how = "each by the members that never trained on it" if ref.oof else "whole ensemble, training images: optimistic"
+    info(f"candidate {REFERENCE}: the FP32 reference - {_f1_name(ref)} {ref.f1:.4f} on {int(ref.mask.sum())} "
+         f"labeled images ({how})")
     calib = interleaved_subset(data, CALIBRATION_IMAGES)
     try:
         for c in cands:
@@ -294,6 +305,8 @@ def build(export_dir: Path, meta: dict, model, members: list[dict], data: RunIma
                     if not int8_report.get("accepted"):  # --int8 already scored and refused it
                         c.status, c.reason = "refused", "refused by the --int8 check"
                         c.report = {"macro_f1": int8_report["macro_f1_int8"], "drop": int8_report["drop"]}
+                        info(f"candidate {c.name}: refused by the --int8 check - macro F1 "
+                             f"{c.report['macro_f1']:.4f}, drop {c.report['drop']:+.4f} > {tolerance}")
                         continue
                 elif c.name == "onnxruntime-int8":
                     with _quiet():
@@ -314,16 +327,21 @@ def build(export_dir: Path, meta: dict, model, members: list[dict], data: RunIma
             c.status = "accepted" if c.report["accepted"] else "refused"
             if c.status == "refused":
                 c.reason = f"macro F1 drops {c.report['drop']:.4f} > {tolerance}"
+            if c.name != REFERENCE:
+                info(_gate_line(c, ref, tolerance))
     finally:
         with_outputs.unlink(missing_ok=True)
     accepted = [c for c in cands if c.status == "accepted"]
     timed = data.images[:TIME_IMAGES]
+    info(f"timing {len(accepted)} candidate{'s' if len(accepted) != 1 else ''} that passed the gate: "
+         f"{len(timed)} images in batches of {TIME_BATCH}, {threads} thread{'s' if threads != 1 else ''}, "
+         f"best of {TIME_ROUNDS} interleaved rounds ...")
     _time(export_dir, meta, accepted, timed, threads)
     doc = choose(cands, tolerance)
     for c in cands:  # only accepted candidates' files stay (model.onnx always does)
         if c.status != "accepted" and c.file != "model.onnx":
             _remove(export_dir / c.file)
-        info(_line(c))
+        info(_line(c, _f1_name(ref)))
     doc.update({
         "gate": {"metric": "macro F1", "tolerance": tolerance, "reference": f"{REFERENCE} (FP32)",
                  "validation": ref.how, "images": int(ref.mask.sum())},
@@ -375,11 +393,30 @@ def _remove(path: Path) -> None:
             p.unlink(missing_ok=True)
 
 
-def _line(c: Candidate) -> str:
+def _f1_name(ref: _Reference) -> str:
+    return "out-of-fold macro F1" if ref.oof else "macro F1"
+
+
+def _gate_line(c: Candidate, ref: _Reference, tolerance: float) -> str:
+    """The accuracy gate's result for one candidate, as soon as it is scored."""
+    r = c.report
+    built = "runs model.onnx" if c.file == "model.onnx" else f"built in {r.get('build_seconds', 0):.1f} s"
+    s = f"candidate {c.name}: {built}; {_f1_name(ref)} {r['macro_f1']:.4f} vs FP32 "
+    s += f"{r['macro_f1_fp32']:.4f} (drop {r['drop']:+.4f} "
+    if c.status == "accepted":
+        return s + f"<= {tolerance}): passes the gate"
+    return s + f"> {tolerance}): refused, its file is deleted"
+
+
+def _line(c: Candidate, f1_name: str = "macro F1") -> str:
+    """The summary line of one candidate (after timing): status, macro F1 vs FP32, images/s, why."""
     r = c.report
     if c.status in ("skipped", "failed"):
         return f"candidate {c.name}: {c.status} - {c.reason}"
-    s = f"candidate {c.name}: {c.status} - macro F1 {r.get('macro_f1', float('nan')):.4f} (drop {r.get('drop', 0):+.4f})"
+    s = f"candidate {c.name}: {c.status} - {f1_name} {r.get('macro_f1', float('nan')):.4f}"
+    if r.get("macro_f1_fp32") is not None:
+        s += f" vs FP32 {r['macro_f1_fp32']:.4f}"
+    s += f" (drop {r.get('drop', 0):+.4f})"
     if r.get("images_per_s"):
         s += f", {r['images_per_s']:.1f} images/s"
     return s + (f" ({c.reason})" if c.reason else "")

@@ -134,8 +134,6 @@ def export_run(run: Path, out: Optional[Path] = None, trt: bool = False, int8: b
                 refused, int8_report = e, e.report
         serving = None
         if selection != []:
-            info("serving candidates: build, gate (macro F1 within "
-                 f"{candmod.TOLERANCE} of FP32), time ...")
             try:
                 serving = candmod.build(tmp, {"classes": classes, "img_size": size,
                                               "levels": [lv.contract() for lv in plan],
