@@ -277,9 +277,10 @@ def models_rollback(registry: Path = typer.Option(..., "--registry")):
 
 
 def main() -> None:
-    from semivit.utils import cpu_runtime_defaults
+    from semivit.utils import cpu_runtime_defaults, keep_freed_memory
 
     cpu_runtime_defaults()  # before any command imports torch (OpenMP reads these once)
+    keep_freed_memory()  # glibc keeps freed blocks: no page faults on every training step
     app()
 
 

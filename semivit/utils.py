@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import sys
 import random
 import tempfile
 from contextlib import contextmanager
@@ -226,6 +227,34 @@ def physical_core_count() -> int:
     except (OSError, ValueError):
         pass
     return max(1, n)
+
+
+def keep_freed_memory(environ=None) -> bool:
+    """Tell glibc's malloc to keep freed memory for reuse instead of handing it back to the OS.
+
+    PyTorch's CPU allocator has no cache: every tensor is a ``posix_memalign`` and a ``free``.
+    glibc serves blocks above its mmap threshold with a fresh ``mmap`` and unmaps (or trims) them
+    on free, so each training step faults its activations' pages in again and the kernel zeroes
+    them: measured on the quick preset (one stage-1 fold, 1 thread, 2-core AMD EPYC), 10.8 M minor
+    page faults and 23.6 s of system time in a 53.5 s fold; with these two settings 0.29 M faults,
+    1.1 s and 28.5 s.  The usual advice (PyTorch's CPU performance guide) is to preload jemalloc or
+    tcmalloc; ``mallopt`` gets the same effect for this workload with no extra library or
+    ``LD_PRELOAD``.  Freed memory stays with the process (its RSS stays at its peak, as with a
+    caching allocator).  ``SEMIVIT_MALLOC=system`` leaves glibc's defaults; a non-glibc libc is
+    left alone.  Returns whether the settings were applied."""
+    env = os.environ if environ is None else environ
+    if env.get("SEMIVIT_MALLOC", "").lower() == "system" or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
+    # blocks up to 1 GiB from the heap (not mmap); never trim the heap's top below 2 GiB free
+    return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1))
 
 
 def cpu_runtime_defaults(environ=None) -> dict:
