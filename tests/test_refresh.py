@@ -393,22 +393,19 @@ def ssl_refresh(registry: Path, inbox: Path, kill: str | None = None, wait: bool
 
 
 def test_refresh_labels_the_inbox_by_the_runs_configured_rule_per_class_oof_thresholds(registry, tmp_path):
-    """A registry whose run has the quick preset's pseudo-label rule (threshold_mode oof,
+    """A registry whose run has the per-class oof pseudo-label rule (threshold_mode oof,
     target_precision 0.9, max_per_class 200): ``ssl refresh`` selects inbox pseudo-labels by
     per-class thresholds calibrated on that run's stage-1 out-of-fold predictions - not by the
     global pseudo.threshold (the tiny run's 0.3), which would accept nearly every image."""
     import yaml
 
-    from semivit.config import PRESETS
     from semivit.data.dataset import decode_many
     from semivit.pseudo.rules import oof_thresholds
     from semivit.trainer.infer import ensemble_predict
 
     run = registry / "v0001" / "run"
     doc = yaml.safe_load((run / "config.yaml").read_text())
-    quick = PRESETS["quick"]["pseudo"]
-    assert quick["threshold_mode"] == "oof"
-    doc["config"]["pseudo"].update(quick)
+    doc["config"]["pseudo"].update({"threshold_mode": "oof", "target_precision": 0.9, "max_per_class": 200})
     (run / "config.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
     inbox = tmp_path / "INBOX"
     files = write_inbox(inbox, 3, seed=21)  # 9 images: below UMAP + KMeans's minimum, rule only
@@ -442,6 +439,49 @@ def test_refresh_labels_the_inbox_by_the_runs_configured_rule_per_class_oof_thre
     for a in accepted:
         t = got[a.label]
         assert t is not None and a.confidence >= t - 1e-4 and a.source == "threshold"
+
+
+def test_refresh_under_the_quick_presets_distillation_keeps_every_image_as_a_soft_target(registry, tmp_path):
+    """The quick preset's default is ensemble distillation (rule ``all``, ``pseudo.soft``,
+    ``pseudo.weight: one``): ``ssl refresh`` then accepts every decodable inbox image, stores the
+    ensemble's probabilities with it, and its retrain learns them as soft targets of weight one -
+    the same conversion stage 3 of ``ssl train`` uses."""
+    import yaml
+
+    from semivit.config import PRESETS
+    from semivit.data.dataset import decode_many
+    from semivit.refresh.build import candidate_config, inbox_extra
+    from semivit.trainer.infer import ensemble_predict
+
+    run = registry / "v0001" / "run"
+    doc = yaml.safe_load((run / "config.yaml").read_text())
+    doc["config"]["pseudo"].update(PRESETS["quick"]["pseudo"])
+    (run / "config.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    inbox = tmp_path / "INBOX"
+    files = write_inbox(inbox, 3, seed=23)  # 9 images: below UMAP + KMeans's minimum, rule only
+    (inbox / "broken.png").write_bytes(b"not an image")
+
+    rec = refresh_once(registry, inbox, min_new=10 ** 6)
+    lab = rec["labeled"]
+    assert rec["decision"] == "waiting" and (lab["accepted"], lab["unconfident"], lab["undecodable"]) == (9, 0, 1), lab
+    with Inbox(registry) as db:
+        accepted = db.accepted()
+    assert len(accepted) == 9  # every decodable image, whatever its confidence; the broken file is not
+    dec = decode_many(files, int(json.loads((run / "ensemble.json").read_text())["img_size"]))
+    probs = ensemble_predict(run, dec.images, tta=True)
+    by_sha = {hashlib.sha256(f.read_bytes()).hexdigest(): probs[i] for i, f in enumerate(files)}
+    for a in accepted:
+        assert np.allclose(a.probs, by_sha[a.sha256], atol=1e-5)
+        assert a.label == folds_classes(run)[int(np.argmax(by_sha[a.sha256]))]
+
+    cfg = candidate_config(run, [])
+    extra, used = inbox_extra(accepted, folds_classes(run), cfg)
+    assert extra.labels.shape == (9, len(folds_classes(run)))  # soft targets, not class indices
+    assert np.allclose(extra.labels.sum(1), 1, atol=1e-4) and np.all(extra.weights == 1)
+
+
+def folds_classes(run: Path) -> list[str]:
+    return json.loads((run / "folds.json").read_text())["classes"]
 
 
 def test_refresh_killed_at_every_step_leaves_a_serving_registry_and_the_next_one_finishes(registry, tmp_path):
