@@ -57,3 +57,22 @@ def test_b_and_f_best_are_chosen_on_dev_never_on_test(le):
     assert by_arm["b"]["macro_f1_mean"] == pytest.approx(0.4) and by_arm["f_best"]["macro_f1_mean"] == pytest.approx(0.1)
     bg = next(p for p in paired if (p["a"], p["b"]) == ("b", "g"))
     assert bg["n"] == 5 and bg["diff_mean"] == pytest.approx(0.05) and bg["ci_low"] == pytest.approx(0.05)
+
+
+def test_lite0_learning_rate_search_extends_the_grid_past_a_winning_edge(le):
+    """(f)'s learning rate: a best value on the grid's edge is extended x3 (or /3) until the best
+    is interior or the limits stop it."""
+    calls = []
+
+    def peaked_at(top):
+        def score(lr):
+            calls.append(lr)
+            return -abs(math.log(lr / top))
+        return score
+
+    assert le.search_lr(peaked_at(3e-4), [1e-4, 3e-4, 1e-3], (3e-5, 1e-2)) == 3e-4  # interior: no extension
+    calls.clear()
+    assert le.search_lr(peaked_at(3e-3), [1e-4, 3e-4, 1e-3], (3e-5, 1e-2)) == 3e-3  # upper edge: 3e-3, then 9e-3
+    assert max(calls) == 9e-3
+    assert le.search_lr(peaked_at(1e-6), [1e-4, 3e-4, 1e-3], (3e-5, 1e-2)) == 3e-5  # stops at the lower limit
+    assert le.search_lr(peaked_at(1.0), [1e-4, 3e-4, 1e-3], (3e-5, 1e-2)) == 9e-3  # and at the upper one
