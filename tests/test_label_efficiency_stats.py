@@ -76,3 +76,34 @@ def test_lite0_learning_rate_search_extends_the_grid_past_a_winning_edge(le):
     assert max(calls) == 9e-3
     assert le.search_lr(peaked_at(1e-6), [1e-4, 3e-4, 1e-3], (3e-5, 1e-2)) == 3e-5  # stops at the lower limit
     assert le.search_lr(peaked_at(1.0), [1e-4, 3e-4, 1e-3], (3e-5, 1e-2)) == 9e-3  # and at the upper one
+
+
+def test_model_study_ranks_variants_on_dev_by_paired_seeds(tmp_path):
+    """benchmarks/model_study.py: a variant is compared with the preset seed by seed on DEV
+    (test only reported), with the sample SD; a variant ahead on test but not on dev is not chosen."""
+    import argparse
+    import json
+
+    spec = importlib.util.spec_from_file_location("model_study", ROOT / "benchmarks" / "model_study.py")
+    ms = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ms)
+
+    def write(work, seed, dev, test):
+        work.mkdir(parents=True, exist_ok=True)
+        arm = lambda f: {"macro_f1": f, "accuracy": 0.5, "seconds": 10}  # noqa: E731
+        (work / f"result-elpv-f0.1-s{seed}.json").write_text(json.dumps({"dev": {"a": arm(dev)}, "test": {"a": arm(test)}}))
+
+    for seed, (dev, test) in enumerate([(0.40, 0.40), (0.42, 0.41), (0.44, 0.42)]):
+        write(tmp_path / "base", seed, dev, test)
+        write(tmp_path / "study" / "d2", seed, dev + 0.02 + 0.001 * seed, test - 0.01)  # better on dev
+        write(tmp_path / "study" / "d6", seed, dev - 0.01 * (seed - 1), test + 0.05)  # test only
+    args = argparse.Namespace(seeds=[0, 1, 2], fraction=0.1, variants=["preset", "d2", "d6"],
+                              preset_work=tmp_path / "base", work=tmp_path / "study")
+    doc = ms.summarise(args)
+    pre = next(r for r in doc["variants"] if r["variant"] == "preset")
+    assert pre["dev_macro_f1_sd"] == pytest.approx(0.02)  # ddof=1 of 0.40, 0.42, 0.44
+    d2 = next(p for p in doc["paired"] if p["a"] == "d2" and p["split"] == "dev")
+    assert d2["n"] == 3 and d2["diff_mean"] == pytest.approx(0.021) and d2["ci_low"] > 0
+    d6 = next(p for p in doc["paired"] if p["a"] == "d6" and p["split"] == "dev")
+    assert d6["ci_low"] < 0 < d6["ci_high"]
+    assert "d2" in doc["decision"] and "d6" not in doc["decision"]
