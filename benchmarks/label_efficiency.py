@@ -404,8 +404,7 @@ def bench_one(args, fraction: float, seed: int) -> dict:
     if "g" in args.arms and stage3_steps:
         # as many models, and per fold at least as many optimiser steps (and epochs) as (b)'s
         # stage-3 folds (--control-matches; default: the most expensive candidate's)
-        n_train = int(min((np.asarray(read_json(A / "folds.json")["folds"]) != k).sum() for k in range(base.cv.folds)))
-        per_epoch = max(1, n_train // base.train.batch_size)
+        per_epoch = labeled_steps_per_epoch(A, base.cv.folds)
         matched = args.control_matches or max(stage3_steps, key=lambda n: max(stage3_steps[n]))
         need = max(stage3_steps[matched])
         g_epochs = max(base.train.epochs, math.ceil(need / per_epoch))
@@ -422,6 +421,13 @@ def bench_one(args, fraction: float, seed: int) -> dict:
     res["wall_seconds"] = round(old.get("wall_seconds", 0) + time.time() - t0, 1)
     res_path.write_text(json.dumps(res, indent=2) + "\n")
     return res
+
+
+def labeled_steps_per_epoch(run_dir: Path, folds: int) -> int:
+    """Optimiser steps per epoch on the labels alone: what the run's stage-1 folds took (the
+    control G has the same folds, batch size and sampler), the fewest of them."""
+    done = [read_json(run_dir / "stage1" / f"fold{k}" / "done.json") for k in range(folds)]
+    return max(1, min(d["steps"] // max(1, d["epochs_run"]) for d in done))
 
 
 def bench_upper(args, seed: int) -> dict:

@@ -107,3 +107,16 @@ def test_model_study_ranks_variants_on_dev_by_paired_seeds(tmp_path):
     d6 = next(p for p in doc["paired"] if p["a"] == "d6" and p["split"] == "dev")
     assert d6["ci_low"] < 0 < d6["ci_high"]
     assert "d2" in doc["decision"] and "d6" not in doc["decision"]
+
+
+def test_control_epochs_come_from_the_steps_stage1_really_took(le, tmp_path):
+    """(g)'s epochs = the matched candidate's stage-3 steps / the labeled loader's steps per epoch,
+    read from run A's stage-1 folds (it once read folds.json's fold count and trained 4x too long)."""
+    import json
+
+    for k, (steps, epochs) in enumerate([(60, 15), (60, 15), (48, 12), (75, 15), (60, 15)]):
+        d = tmp_path / "stage1" / f"fold{k}"
+        d.mkdir(parents=True)
+        (d / "done.json").write_text(json.dumps({"steps": steps, "epochs_run": epochs}))
+    assert le.labeled_steps_per_epoch(tmp_path, 5) == 4
+    assert math.ceil(663 / le.labeled_steps_per_epoch(tmp_path, 5)) == 166
