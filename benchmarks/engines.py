@@ -167,8 +167,10 @@ def _quantised_export(engine: str, export: Path, run: Path, work: Path) -> Path:
     from semivit.export import verify
 
     meta = json.loads((export / "meta.json").read_text())
-    data = verify.load_run_images(run, meta["classes"], int(meta["img_size"]), limit=cm.CALIBRATION_IMAGES)
-    calib = cm._calibration_images(data)
+    # the export's calibration set exactly: all the run's labeled images (as the export's gate
+    # loads them), then the same class-interleaved subset candidates.build() takes
+    data = verify.load_run_images(run, meta["classes"], int(meta["img_size"]))
+    calib = verify.interleaved_subset(data, cm.CALIBRATION_IMAGES)
     with cm._quiet():
         if engine == "ort-int8":
             int8mod.quantize(d / "model.onnx", d / file)
