@@ -24,6 +24,9 @@ Every engine takes the same uint8 NHWC batch and returns the ensemble's probabil
 Usage (one engine, JSON result on stdout's last line):
     python benchmarks/engines.py ENGINE --export EXPORT --run RUN --images X.npy --batch 32
            --threads 2 [--reps 2] [--probs OUT.npy] [--seconds S]
+
+Timing runs full batches only (the images past the last one are left out of images/s); --probs
+holds every image's probabilities, in the order of X.npy.
 """
 
 from __future__ import annotations
@@ -314,7 +317,8 @@ def main(argv=None) -> None:
     if a.engine == "peak":
         print(json.dumps(gemm_peak(a.threads, a.n, max(1.0, a.seconds))))
         return
-    x = np.load(a.images)
+    x_all = np.load(a.images)
+    x = x_all
     if len(x) >= a.batch:  # full batches only: a partial last batch would recompile torch.compile
         x = x[:len(x) // a.batch * a.batch]
     if a.engine == "train":
@@ -332,7 +336,11 @@ def main(argv=None) -> None:
         runs.append(round(len(x) / (time.perf_counter() - t), 2))
         if probs is None:
             probs = np.concatenate(out)
-    if a.probs:
+    if a.probs:  # of every image, in order: the images past the last full batch in one padded batch
+        rest = x_all[len(x):]
+        if len(rest):
+            pad = np.concatenate([rest, np.repeat(rest[-1:], a.batch - len(rest), axis=0)])
+            probs = np.concatenate([probs, fn(np.ascontiguousarray(pad))[:len(rest)]])
         np.save(a.probs, probs.astype(np.float32))
     print(json.dumps({"engine": a.engine, "precision": PRECISION[a.engine], "describe": desc,
                       "images_per_s": max(runs), "runs": runs, "images": int(len(x)), "batch": a.batch,

@@ -70,20 +70,34 @@ def find_quick_run() -> Path | None:
     return None
 
 
-def demo_images(work: Path, n: int) -> Path:
-    """The demo data's test split (first n files, sorted) under work/images."""
+def stratified(files: list, n: int) -> list:
+    """``n`` of ``files`` evenly spaced over the sorted list: the demo's test split is sorted by
+    class folder, so this keeps every class in its share of the split (the first ``n`` files were
+    all of the first class, and the macro F1 of any engine on them was at most 1/classes).
+    Deterministic; all of ``files`` when ``n`` covers them."""
+    if n >= len(files):
+        return list(files)
+    return [files[i] for i in np.linspace(0, len(files) - 1, n).round().astype(int)]
+
+
+def demo_images(work: Path, n: int, source: Path | None = None) -> Path:
+    """``n`` images of the demo data's held-out test split (``source``: another DIR/<class>/
+    tree), classes in proportion (:func:`stratified`), as symlinks under work/ in that order."""
     from semivit.data.demo import write_demo
     from semivit.data.discover import discover_images
 
-    demo = work / "demo"
-    if not (demo / "test").is_dir():
-        write_demo(demo, labeled_fraction=0.2, seed=0)
-    imgs = work / f"images_{n}"
+    if source is None:
+        demo = work / "demo"
+        if not (demo / "test").is_dir():
+            write_demo(demo, labeled_fraction=0.2, seed=0)
+        source = demo / "test"
+    # a new name: a directory of the old first-n selection (one class) must not be reused
+    imgs = work / f"test_{n}_stratified"
     if not imgs.is_dir():
-        files = discover_images(demo / "test").files[:n]
+        files = stratified(discover_images(source).files, n)
         imgs.mkdir(parents=True)
         for i, f in enumerate(files):
-            os.symlink(f, imgs / f"{i:05d}_{f.name}")
+            os.symlink(Path(f).resolve(), imgs / f"{i:05d}_{f.name}")
     return imgs
 
 
@@ -177,9 +191,12 @@ def export_of(run: Path, work: Path, untrained: bool) -> Path:
 # ------------------------------------------------------------------------------------------ measurements
 
 def decode_arrays(paths: list[str], size: int, batch: int) -> np.ndarray:
+    """Every one of ``paths`` decoded, in order (row i is paths[i]: the labels follow the paths)."""
     pool = DecodePool(paths, size, batch, workers=0)
     chunks = []
     while (c := pool.next()) is not None:
+        if c.errors:
+            raise SystemExit(f"benchmark image {paths[c.errors[0][0]]} does not decode: {c.errors[0][1]}")
         chunks.append(c.images)
     return np.concatenate(chunks)
 

@@ -650,7 +650,7 @@ SERVE_TO_PEER = {"onnxruntime-cpu": "ort-fp32", "onnxruntime-int8": "ort-int8", 
 
 
 def arrays_npy(c: Ctx) -> Path:
-    p = c.work / f"arrays_{len(c.arrays)}_{c.size}.npy"
+    p = c.work / f"arrays_{c.images_dir.name}_{c.size}.npy"  # of these very images (not only as many)
     if not p.is_file():
         np.save(p, c.arrays)
     return p
@@ -662,10 +662,6 @@ def _peak_for(c: Ctx, precision: str) -> Optional[float]:
 
 
 def sec_peers(c: Ctx) -> dict:
-    from sklearn.metrics import f1_score  # noqa: F401 - the metric below is semivit's own
-
-    from semivit.metrics import macro_f1
-
     import importlib.util
 
     has_ov = importlib.util.find_spec("openvino") is not None
@@ -689,6 +685,9 @@ def sec_peers(c: Ctx) -> dict:
         if "error" not in r and probs.is_file():
             r["_probs"] = np.load(probs)
         res["engines"][e] = r
+    if c.labels is not None:
+        res["test_images_per_class"] = dict(zip(c.meta["classes"], np.bincount(
+            c.labels, minlength=len(c.meta["classes"])).tolist()))
     ref = res["engines"].get("ort-fp32", {}).get("_probs")
     flops = (c.results.get("flops") or {}).get("flops_per_image")
     for e, r in res["engines"].items():
@@ -698,8 +697,8 @@ def sec_peers(c: Ctx) -> dict:
         if ref is not None and len(ref) == len(p):
             r["max_abs_prob_diff_vs_ort_fp32"] = float(np.abs(p - ref).max())
             r["argmax_agreement_vs_ort_fp32"] = float((p.argmax(1) == ref.argmax(1)).mean())
-        if c.labels is not None:  # the child ran full batches only: the first len(p) images
-            r["macro_f1_test"] = macro_f1(c.labels[:len(p)], p.argmax(1), p.shape[1])
+        if c.labels is not None:
+            r.update(score_test(c.labels, p))
         if flops:
             r["gflops_per_s"] = round(r["images_per_s"] * flops / 1e9, 1)
             pk = _peak_for(c, "int8" if r["precision"] == "int8" else r["precision"])
@@ -1028,6 +1027,10 @@ def md_peers(r: dict) -> list[str]:
     lines += ["", f"Each engine in its own process ({_th(r['threads'])}, batch {r['batch']}, {r['images']} test images, "
                   f"best of {r['reps']} full passes; {r['input']}).  Share of peak: achieved GFLOP/s (images/s x the "
                   "ensemble's FLOPs per image) over the measured matmul peak of the precision the engine runs in."]
+    if r.get("test_images_per_class"):
+        lines[-1] += (" Test macro F1: the engine's labels of those images against their true classes ("
+                      + ", ".join(f"{k} {v}" for k, v in r["test_images_per_class"].items())
+                      + "; evenly spaced over the class-sorted test split, so every class keeps its share).")
     if d.get("images_per_s"):
         lines += ["", f"Default `ssl predict --backend auto` path on this export: **{d['backend']}** "
                       f"({_ips(d['images_per_s'])} images/s): {d['vs_torch_eager']}x PyTorch eager fp32, "
@@ -1182,11 +1185,33 @@ def write_plot(doc: dict, path: Path) -> bool:
 
 # ------------------------------------------------------------------------------------------ main
 
-def test_labels(images_dir: Path, classes: list[str]) -> Optional[np.ndarray]:
-    """The class of each test image (its folder in the demo data), when the model knows it."""
+def image_paths(images_dir: Path) -> list[str]:
+    """The test images in the one order every section decodes, labels and scores them."""
+    return sorted(str(p) for p in images_dir.iterdir())
+
+
+def test_labels(paths: list[str], classes: list[str]) -> Optional[np.ndarray]:
+    """The class of each of ``paths`` (its folder in the demo data: the symlink's target's
+    parent), when the model knows it."""
     idx = {c: i for i, c in enumerate(classes)}
-    names = [Path(p).resolve().parent.name for p in sorted(images_dir.iterdir())]
+    names = [Path(p).resolve().parent.name for p in paths]
     return np.array([idx[n] for n in names]) if all(n in idx for n in names) else None
+
+
+def load_test_set(images_dir: Path, meta: dict, batch: int) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """(decoded images, their true classes or None): row i of both is the i-th of image_paths."""
+    paths = image_paths(images_dir)
+    return ps.decode_arrays(paths, int(meta["img_size"]), batch), test_labels(paths, list(meta["classes"]))
+
+
+def score_test(labels: np.ndarray, probs: np.ndarray) -> dict:
+    """Macro F1 of ``probs``' arg-max (one row per test image, in order) against the test labels,
+    over the model's classes (``ssl eval``'s metric)."""
+    from semivit.metrics import macro_f1
+
+    if len(probs) != len(labels):
+        return {"macro_f1_test_error": f"{len(probs)} predictions for {len(labels)} test images"}
+    return {"macro_f1_test": macro_f1(labels, probs.argmax(1), probs.shape[1])}
 
 
 def model_source(args, work: Path) -> tuple[Path, bool, str]:
@@ -1254,10 +1279,9 @@ def main(argv=None) -> None:
     print(f"== model: {description}", flush=True)
     export = ps.export_of(run, args.work / "quick_smoke" if untrained and args.quick else args.work, untrained)
     meta = read_json(export / "meta.json")
-    paths = sorted(str(p) for p in images_dir.iterdir())
+    arrays, labels = load_test_set(images_dir, meta, args.batch)
     c = Ctx(args=args, work=args.work, run=run, export=export, untrained=untrained, meta=meta, images_dir=images_dir,
-            arrays=ps.decode_arrays(paths, int(meta["img_size"]), args.batch),
-            labels=test_labels(images_dir, list(meta["classes"])), threads=args.threads, batch=args.batch,
+            arrays=arrays, labels=labels, threads=args.threads, batch=args.batch,
             reps=args.reps, min_seconds=args.min_seconds)
     c.ort = open_backend(export, "onnxruntime-cpu", threads=args.threads)
     doc["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}

@@ -1,8 +1,10 @@
-"""benchmarks/engines.py (the peers of benchmarks/speed.py) on the tiny run: the quantised peers
-build their models with the export's own calibration set."""
+"""benchmarks/speed.py's peers section and benchmarks/engines.py on the tiny run: the test images
+it scores keep every class, each engine's test macro F1 is ``ssl eval``'s on the same images, and
+the quantised peers build their models with the export's own calibration set."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import sys
@@ -11,11 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import invoke
+from conftest import TINY_CLASSES, invoke
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 import engines  # noqa: E402
+import predict_speed as ps  # noqa: E402
+import speed as sp  # noqa: E402
 
 FAST = {"SEMIVIT_ONNX_EXPORTER": "torchscript"}
 
@@ -28,6 +32,42 @@ def export(tiny_run, tmp_path_factory) -> Path:
     res = invoke("export", run, "--candidates", "none", env=FAST)
     assert res.exit_code == 0, res.output
     return run / "export"
+
+
+def test_benchmark_test_images_keep_every_class(tiny_data_shared, tmp_path):
+    """Fewer test images than the split (speed.py --images 64 of 656): every class keeps its share.
+    The first n of the class-sorted split were all of one class, capping macro F1 at 1/classes."""
+    src = tiny_data_shared / "test"  # 3 classes x 6 images, sorted by class folder
+    d = ps.demo_images(tmp_path, 6, source=src)
+    labels = sp.test_labels(sp.image_paths(d), TINY_CLASSES)
+    assert np.bincount(labels, minlength=3).tolist() == [2, 2, 2]
+    every = sp.test_labels(sp.image_paths(ps.demo_images(tmp_path, 100, source=src)), TINY_CLASSES)
+    assert np.bincount(every).tolist() == [6, 6, 6]
+
+
+def test_peers_test_macro_f1_is_ssl_evals_on_the_same_images(export, tiny_data_shared, tmp_path):
+    """The peers section end to end on every test image (18, batch 4: a partial last batch) with
+    the served ONNX Runtime FP32 engine in its own process: its test macro F1 must be exactly what
+    ``ssl eval`` reports for the export on those images."""
+    src = tiny_data_shared / "test"
+    meta = json.loads((export / "meta.json").read_text())
+    images_dir = ps.demo_images(tmp_path, 18, source=src)
+    arrays, labels = sp.load_test_set(images_dir, meta, 4)
+    assert len(arrays) == len(labels) == 18
+    args = argparse.Namespace(peers=["ort-fp32"], peer_timeout=300.0)
+    c = sp.Ctx(args=args, work=tmp_path, run=export.parent, export=export, untrained=False, meta=meta,
+               images_dir=images_dir, arrays=arrays, labels=labels, threads=1, batch=4, reps=1, min_seconds=0.0)
+    res = sp.sec_peers(c)
+    r = res["engines"]["ort-fp32"]
+    assert "error" not in r, r
+    assert res["test_images_per_class"] == {k: 6 for k in TINY_CLASSES}
+
+    report = tmp_path / "eval.json"
+    ev = invoke("eval", export, src, "--out", report)
+    assert ev.exit_code == 0, ev.output
+    doc = json.loads(report.read_text())
+    assert doc["n_images"] == 18
+    assert r["macro_f1_test"] == pytest.approx(doc["macro_f1"], abs=1e-12), (r, doc["macro_f1"])
 
 
 def test_quantised_peer_is_built_with_the_exports_calibration_images(export, tmp_path, monkeypatch):
