@@ -5,6 +5,7 @@ and the serving candidates `ssl export` builds, gates and times for `ssl predict
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -27,11 +28,21 @@ def cli(*args, env=None):
     return CliRunner().invoke(app, [str(a) for a in args], env={**FAST, **(env or {})})
 
 
+QUICK_ROUNDS = 0.05  # seconds per timing round for the tiny model (the export's default: 2 s)
+
+
+@pytest.fixture(autouse=True)
+def _quick_timing(monkeypatch):
+    monkeypatch.setattr(candmod, "TIME_SECONDS", QUICK_ROUNDS)
+
+
 @pytest.fixture(scope="module")
 def exported(tiny_run, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("ov") / "RUN"
     shutil.copytree(tiny_run, run)
-    res = cli("export", run, "--candidates", "auto")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(candmod, "TIME_SECONDS", QUICK_ROUNDS)
+        res = cli("export", run, "--candidates", "auto")
     assert res.exit_code == 0, res.output
     return run / "export"
 
@@ -130,6 +141,12 @@ def test_export_builds_gates_and_times_the_candidates(exported):
     assert serving["auto"] == max(accepted, key=lambda r: r["images_per_s"])["name"]
     assert f"{rows[serving['auto']]['images_per_s']:.1f} images/s" in serving["why"]
     assert serving["gate"]["tolerance"] == candmod.TOLERANCE and serving["machine"]["cpu"]
+    # each accepted candidate was timed in a process of its own: not this one, not another's
+    pids = [r["timing_pid"] for r in accepted]
+    assert all(r["timing"] == "one process per candidate" for r in accepted), accepted
+    assert len(set(pids)) == len(pids) and os.getpid() not in pids and all(isinstance(p, int) for p in pids), pids
+    assert serving["timing"]["method"].startswith("one process per candidate"), serving["timing"]
+    assert not (exported / ".timing").exists()
     for r in rows.values():  # refused or skipped candidates leave no file behind
         if r["status"] != "accepted" and r["name"] != "onnxruntime-cpu":
             f = next(c.file for c in candmod.all_candidates() if c.name == r["name"])
@@ -257,6 +274,48 @@ def test_export_log_says_what_each_candidate_does_as_it_goes(exported, run_dir, 
                          + (f" ({r['reason']})" if r["reason"] else "") for n, r in rows.items()], late
     assert "images/s" in late[0] and "images/s" not in late[2] and f"macro F1 drops {rows[bad]['drop']:.4f}" in late[2]
     assert late[3] == f"backend auto: {serving['auto']} - {serving['why']}" and len(late) == 4, late
+
+
+CRASHES = {  # a timing process that dies: at start-up (a segfault), or answering its first round
+    "start": "import ctypes; ctypes.string_at(0)",
+    "round": ("import json, os, sys; os.write(1, (json.dumps({'ready': True, 'runs': 'fake', 'pid': os.getpid()})"
+              " + chr(10)).encode()); sys.stdin.readline(); sys.stderr.write('boom in round 1' + chr(10)); os.abort()"),
+}
+
+
+@pytest.mark.parametrize("when", sorted(CRASHES))
+def test_a_candidate_whose_timing_process_crashes_fails_and_auto_picks_another(run_dir, tmp_path, monkeypatch, when):
+    """The FP32 reference's timing process crashes; the dynamic-INT8 candidate (made to pass the
+    gate: it returns the reference's predictions) is timed in its own: the export succeeds, the
+    reference is recorded as failed with why (one warning line), and auto is the INT8 candidate."""
+    real_cmd, real_run = candmod._timing_command, candmod._run_candidate
+
+    def command(name, *a, **k):
+        if name == candmod.REFERENCE:
+            return [sys.executable, "-c", CRASHES[when]]
+        return real_cmd(name, *a, **k)
+
+    def run(c, export_dir, ref, *a, **k):
+        if c.name == "onnxruntime-int8":
+            return ref.probs, ref.terms  # the reference's own numbers: it passes the gate
+        return real_run(c, export_dir, ref, *a, **k)
+
+    monkeypatch.setattr(candmod, "_timing_command", command)
+    monkeypatch.setattr(candmod, "_run_candidate", run)
+    out = tmp_path / "E"
+    res = cli("export", run_dir, "--out", out, "--candidates", "onnxruntime-int8")
+    assert res.exit_code == 0, res.output
+    serving = read_meta(out)["serving"]
+    rows = {r["name"]: r for r in serving["candidates"]}
+    ref, q = rows[candmod.REFERENCE], rows["onnxruntime-int8"]
+    how = "was killed by SIGSEGV" if when == "start" else "was killed by SIGABRT (boom in round 1)"
+    assert ref["status"] == "failed" and ref["reason"] == f"its timing process {how}", ref
+    assert "images_per_s" not in ref
+    assert q["status"] == "accepted" and q["images_per_s"] > 0 and q["timing_pid"] != os.getpid(), q
+    assert serving["auto"] == "onnxruntime-int8" and "fastest of 1 candidate " in serving["why"], serving
+    warnings = [ln for ln in res.output.splitlines() if ln.startswith("warning:")]
+    assert warnings == [f"warning: candidate {candmod.REFERENCE}: failed - its timing process {how}"], res.output
+    assert (out / "model.onnx").is_file() and (out / "model.int8.onnx").is_file() and not (out / ".timing").exists()
 
 
 def test_candidates_option_errors_and_none(run_dir, tmp_path):

@@ -3,8 +3,10 @@
 ``ssl export`` builds every candidate that applies here, scores each with the INT8 accuracy gate
 (out-of-fold macro F1 on the run's labeled images within ``TOLERANCE`` of ONNX Runtime FP32; see
 :mod:`semivit.export.int8` for how an image is scored only by members that never trained on it),
-times those that pass on the run's images with the very backend class ``ssl predict`` opens, and
-records the fastest in meta.json (``serving``), with the whole table and the reasons:
+times those that pass on the run's images with the very backend class ``ssl predict`` opens - each
+in a process of its own (:mod:`semivit.serve.timing`: engines sharing one process disturb each
+other's thread pools), rounds interleaved over the candidates - and records the fastest in
+meta.json (``serving``), with the whole table and the reasons:
 
     onnxruntime-cpu       ONNX Runtime FP32 (model.onnx) - the reference, always a candidate
     onnxruntime-int8      ONNX Runtime, dynamic INT8 (MatMul/Gemm, weights per tensor)
@@ -30,7 +32,13 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
+import os
+import select
+import shutil
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -235,39 +243,159 @@ def _run_candidate(c: Candidate, export_dir: Path, ref: _Reference, with_outputs
 
 
 # ----------------------------------------------------------------------------- timing
-def _time(export_dir: Path, meta: dict, accepted: list[Candidate], images: np.ndarray, threads: Optional[int]) -> None:
-    """images/s of each accepted candidate with the backend ``ssl predict`` opens, rounds
-    interleaved over the candidates (a passing load burst hits them all alike), best round."""
-    from semivit.serve.backends import open_backend
-    from semivit.serve.resolve import ModelRef
+TIME_SECONDS = 2.0  # least seconds of timing per round and candidate (whole passes over the images)
+TIME_LOAD_TIMEOUT = 600.0  # seconds a timing process may take to open and warm up its backend
+TIME_ROUND_TIMEOUT = 300.0  # ... and to answer one round
+TIMING = "one process per candidate"
 
-    ref = ModelRef(path=export_dir, export_dir=export_dir, run_dir=None, classes=list(meta["classes"]),
-                   img_size=int(meta["img_size"]), meta=meta)
-    batches = [np.ascontiguousarray(images[s:s + TIME_BATCH]) for s in range(0, len(images), TIME_BATCH)]
-    opened = {}
-    for c in accepted:
+
+class _TimingFailed(Exception):
+    pass
+
+
+def _timing_command(name: str, work: Path, export_dir: Path, batch: int, threads: Optional[int]) -> list[str]:
+    """The process that times candidate ``name``: :mod:`semivit.serve.timing`."""
+    return [sys.executable, "-m", "semivit.serve.timing", "--export", str(export_dir), "--meta", str(work / "meta.json"),
+            "--backend", name, "--images", str(work / "images.npy"), "--batch", str(batch),
+            "--threads", str(threads or 0), "--seconds", str(TIME_SECONDS)]
+
+
+class _Timer:
+    """One candidate's timing process: started, asked for rounds line by line, closed."""
+
+    def __init__(self, name: str, cmd: list[str], work: Path, env: dict):
+        self.name, self.buf = name, b""
+        self.err_path = work / f"{name}.stderr"
+        with open(self.err_path, "wb") as err:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, env=env,
+                                         bufsize=0)
+
+    def read(self, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _TimingFailed(f"its timing process gave no answer within {timeout:.0f} s")
+            ready, _, _ = select.select([self.proc.stdout], [], [], left)
+            if ready:
+                chunk = os.read(self.proc.stdout.fileno(), 65536)
+                if not chunk:
+                    raise _TimingFailed(self._died())
+                self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
         try:
-            be = open_backend(ref, c.name, **({"threads": threads} if threads else {}))
-            be.predict(batches[0])  # warm-up: first-call allocations and kernel selection
-            opened[c.name] = be
-            c.report["runs"] = be.describe()
-        except UserError as e:
-            c.status, c.reason = "failed", f"cannot be opened for serving: {e}"
-            warn(f"candidate {c.name}: failed - {c.reason}")
-    best = {n: 0.0 for n in opened}
-    for _ in range(TIME_ROUNDS):
+            return json.loads(line)
+        except ValueError:
+            raise _TimingFailed(f"its timing process answered {line[:80]!r}") from None
+
+    def round(self, timeout: float) -> float:
+        try:
+            self.proc.stdin.write(b"round\n")
+        except OSError:  # a broken pipe: it has died
+            raise _TimingFailed(self._died()) from None
+        doc = self.read(timeout)
+        if not doc.get("images_per_s"):
+            raise _TimingFailed(f"its timing process answered {doc}")
+        return float(doc["images_per_s"])
+
+    def _died(self) -> str:
+        try:
+            rc = self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            rc = None
+        how = "closed its output" if rc is None else (
+            f"was killed by {_signal_name(-rc)}" if rc < 0 else f"exited with status {rc}")
+        last = [ln.strip() for ln in self.err_path.read_text(errors="replace").splitlines() if ln.strip()][-1:]
+        return f"its timing process {how}" + (f" ({last[0][:200]})" if last else "")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()  # EOF: it closes its backend and exits
+                self.proc.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+        self.proc.stdout.close()
+
+
+def _signal_name(n: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(n).name
+    except ValueError:
+        return f"signal {n}"
+
+
+def _timing_env() -> dict:
+    """The environment ``ssl predict`` runs in (the OpenMP defaults of the ``ssl`` entry point)
+    and this semivit importable."""
+    import semivit
+    from semivit.utils import cpu_runtime_defaults
+
+    env = dict(os.environ)
+    cpu_runtime_defaults(env)
+    root = str(Path(semivit.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return env
+
+
+def _time(export_dir: Path, meta: dict, accepted: list[Candidate], images: np.ndarray, threads: Optional[int]) -> None:
+    """images/s of each accepted candidate, each timed in a process of its own
+    (:mod:`semivit.serve.timing`, opening the backend ``ssl predict`` opens), so no engine's
+    thread pools share a process with another's; rounds interleaved over the candidates, one
+    process computing at a time (a passing load burst hits them all alike), best round.  A
+    candidate whose process fails is ``failed`` (one warning), never the export."""
+    work = Path(export_dir) / ".timing"
+    timers: dict[str, _Timer] = {}
+
+    def fail(c: Candidate, why: str) -> None:
+        c.status, c.reason = "failed", why
+        warn(f"candidate {c.name}: failed - {c.reason}")
+        t = timers.pop(c.name, None)
+        if t is not None:
+            t.close()
+
+    try:
+        work.mkdir(exist_ok=True)
+        np.save(work / "images.npy", np.ascontiguousarray(images))
+        (work / "meta.json").write_text(json.dumps(meta, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+        env = _timing_env()
+        for c in accepted:  # all load at once (loading is not timed); rounds start when all are ready
+            try:
+                timers[c.name] = _Timer(c.name, _timing_command(c.name, work, Path(export_dir), TIME_BATCH, threads),
+                                        work, env)
+            except OSError as e:
+                fail(c, f"its timing process could not start ({e})")
         for c in accepted:
-            be = opened.get(c.name)
-            if be is None:
+            if c.name not in timers:
                 continue
-            t = time.perf_counter()
-            for b in batches:
-                be.predict(b)
-            best[c.name] = max(best[c.name], len(images) / (time.perf_counter() - t))
-    for c in accepted:
-        if c.name in opened:
-            c.report["images_per_s"] = round(best[c.name], 2)
-            opened[c.name].close()
+            try:
+                doc = timers[c.name].read(TIME_LOAD_TIMEOUT)
+            except _TimingFailed as e:
+                fail(c, str(e))
+                continue
+            if "error" in doc:
+                fail(c, f"cannot be opened for serving: {doc['error']}")
+                continue
+            c.report.update({"runs": doc.get("runs"), "timing": TIMING, "timing_pid": doc.get("pid")})
+        best: dict[str, float] = {}
+        for _ in range(TIME_ROUNDS):
+            for c in accepted:
+                if c.name not in timers:
+                    continue
+                try:
+                    best[c.name] = max(best.get(c.name, 0.0), timers[c.name].round(TIME_ROUND_TIMEOUT))
+                except _TimingFailed as e:
+                    fail(c, str(e))
+        for c in accepted:
+            if c.name in timers and c.name in best:
+                c.report["images_per_s"] = round(best[c.name], 2)
+    finally:
+        for t in timers.values():
+            t.close()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- the whole step
@@ -335,7 +463,7 @@ def build(export_dir: Path, meta: dict, model, members: list[dict], data: RunIma
     timed = data.images[:TIME_IMAGES]
     info(f"timing {len(accepted)} candidate{'s' if len(accepted) != 1 else ''} that passed the gate: "
          f"{len(timed)} images in batches of {TIME_BATCH}, {threads} thread{'s' if threads != 1 else ''}, "
-         f"best of {TIME_ROUNDS} interleaved rounds ...")
+         f"best of {TIME_ROUNDS} interleaved rounds of >= {TIME_SECONDS:g} s, each candidate in a process of its own ...")
     _time(export_dir, meta, accepted, timed, threads)
     doc = choose(cands, tolerance)
     for c in cands:  # only accepted candidates' files stay (model.onnx always does)
@@ -346,6 +474,8 @@ def build(export_dir: Path, meta: dict, model, members: list[dict], data: RunIma
         "gate": {"metric": "macro F1", "tolerance": tolerance, "reference": f"{REFERENCE} (FP32)",
                  "validation": ref.how, "images": int(ref.mask.sum())},
         "timing": {"images": int(len(timed)), "batch": TIME_BATCH, "rounds": TIME_ROUNDS, "threads": threads,
+                   "seconds_per_round": TIME_SECONDS, "method": f"{TIMING} (python -m semivit.serve.timing), "
+                   "one computing at a time",
                    "statistic": "best of the interleaved rounds, images/s, with the backend ssl predict opens"},
         "machine": {"cpu": cpu_name(), "threads": threads, "bf16": cpu_has_bf16(), "vnni": cpu_has_vnni(),
                     "flags": sorted(f for f in cpu_flags() if f.startswith(("avx512", "amx", "avx_vnni")))},

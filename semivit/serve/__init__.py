@@ -11,4 +11,5 @@ engine.py        the loop: chunks -> batches -> one row per file
 writers.py       csv / json / kaggle, streamed to a temporary file, renamed into place
 shard.py         --shard I/N by a stable hash of the relative path
 predict.py       predict_cli / run_predict: validation, wiring, summary, exit codes
+timing.py        one backend timed in its own process (`ssl export`'s serving candidates)
 """
