@@ -522,7 +522,9 @@ def summarise(results: list[dict], upper: list[dict], split: str, b: str | None)
                             "macro_f1_sd": round(float(f1.std(ddof=1)), 4) if len(vals) > 1 else None,
                             "accuracy_mean": round(float(acc.mean()), 4),
                             "steps_mean": round(float(np.mean([v.get("steps", 0) for v in vals])), 1),
-                            "seconds_mean": round(float(np.mean([v.get("seconds", 0) for v in vals])), 1),
+                            # None where the arm's runs did not record their training time ((f))
+                            "seconds_mean": (round(float(np.mean([v["seconds"] for v in vals])), 1)
+                                             if all("seconds" in v for v in vals) else None),
                             "per_class_f1_mean": {c: round(float(np.mean([v["per_class_f1"][c] for v in vals])), 4)
                                                   for c in vals[0].get("per_class_f1", {})}})
         cands = [k for k in keys if k.startswith("cand_")]
@@ -575,7 +577,8 @@ def _table(summary: list[dict], frac: float) -> list[str]:
         sd = f" ± {s['macro_f1_sd']:.4f}" if s["macro_f1_sd"] is not None else ""
         pc = ", ".join(f"{c} {v:.2f}" for c, v in s["per_class_f1_mean"].items())
         lines.append(f"| {ARM_LABELS.get(s['arm'], s['arm'])} | {s['macro_f1_mean']:.4f}{sd} | {s['accuracy_mean']:.4f} | "
-                     f"{s['n_seeds']} | {s['steps_mean']:.0f} | {s['seconds_mean']:.0f} | {pc} |")
+                     f"{s['n_seeds']} | {s['steps_mean']:.0f} | "
+                     f"{'-' if s['seconds_mean'] is None else format(s['seconds_mean'], '.0f')} | {pc} |")
     return lines
 
 
@@ -729,8 +732,8 @@ def main() -> None:
 
     import torch
 
-    lr_docs = {p.stem.removeprefix("lite0-lr-"): json.loads(p.read_text())
-               for d in [args.work] + args.merge for p in sorted(d.glob("lite0-lr-*.json"))}
+    lr_docs = {p.stem.removeprefix("lite0-lr-"): json.loads(p.read_text())  # --work's record wins
+               for d in args.merge[::-1] + [args.work] for p in sorted(d.glob("lite0-lr-*.json"))}
     doc = {
         "benchmark": "label_efficiency", "dataset": args.dataset, "test_seed": args.test_seed,
         "preset": args.preset, "overrides": args.sets, "fractions": sorted({r["fraction"] for r in results}),
