@@ -123,7 +123,8 @@ def test_stem_cache_shows_its_progress_in_views_and_keeps_the_views(monkeypatch,
     t = transforms.build("light", 32, seed=0)
     before = [features(stem, imgs, cpu).orig] + [features(stem, np.stack([t(image=i)["image"] for i in imgs]), cpu).orig
                                                  for _ in range(2)]
-    np.testing.assert_allclose(views, np.stack(before, axis=1), atol=1e-6)
+    # same images and augmentations; only the batch split differs (float accumulation order: ~2e-5)
+    np.testing.assert_allclose(views, np.stack(before, axis=1), rtol=1e-4, atol=1e-4)
     capsys.readouterr()
     features(stem, imgs[:4], cpu, tta=True, desc="stem features (unlabeled pool)")
     lines = capsys.readouterr().err.splitlines()
