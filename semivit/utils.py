@@ -235,9 +235,9 @@ def keep_freed_memory(environ=None) -> bool:
     PyTorch's CPU allocator has no cache: every tensor is a ``posix_memalign`` and a ``free``.
     glibc serves blocks above its mmap threshold with a fresh ``mmap`` and unmaps (or trims) them
     on free, so each training step faults its activations' pages in again and the kernel zeroes
-    them: measured on the quick preset (one stage-1 fold, 1 thread, 2-core AMD EPYC), 10.8 M minor
-    page faults and 23.6 s of system time in a 53.5 s fold; with these two settings 0.29 M faults,
-    1.1 s and 28.5 s.  The usual advice (PyTorch's CPU performance guide) is to preload jemalloc or
+    them: measured on the quick preset (one stage-1 fold, 1 thread, 2-core AMD EPYC;
+    benchmarks/results/malloc_fold.json), 10.6 M minor page faults and 26.1 s of system time in a
+    55.8 s fold; with these two settings 0.27 M faults, 1.1 s and 26.6 s.  The usual advice (PyTorch's CPU performance guide) is to preload jemalloc or
     tcmalloc; ``mallopt`` gets the same effect for this workload with no extra library or
     ``LD_PRELOAD``.  Freed memory stays with the process (its RSS stays at its peak, as with a
     caching allocator).  ``SEMIVIT_MALLOC=system`` leaves glibc's defaults; a non-glibc libc is
