@@ -37,15 +37,11 @@ def timed(cmd: list[str], cwd: Path) -> float:
 
 
 def cpu_flags() -> dict:
-    flags = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    return {f: f in flags for f in ("avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")}
+    """The CPU features that decide the fast paths, as semivit reads them (semivit.utils.cpu_flags)."""
+    from semivit.utils import cpu_flags as flags
+
+    have = flags()
+    return {f: f in have for f in ("avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")}
 
 
 def collect(run: Path, train_s: float, export_s: float | None, command: str, code: str | None = None) -> dict:
