@@ -12,17 +12,24 @@
 OpenVINO is an optional extra (``pip install 'semivit[openvino]'``); without it every name here is
 a one-line :class:`BackendUnavailable` (exit code 2 at the command line).
 
-Threads: one per usable physical core (``SEMIVIT_THREADS`` overrides), one stream, CPU pinning
-off: on a box shared with other work, pinned threads wait for their own core while another one
-is idle (see benchmarks/results/speed.md, contention).  One compiled model per degradation
-level, compiled when the level is first used; the lower levels are the export's FP32 graphs with
-the same precision hint.  :meth:`describe` reads back what really runs: the precision the
-compiled model's matmuls execute in, the number of threads and streams.
+Threads and streams: one thread per usable physical core (``SEMIVIT_THREADS`` overrides), as
+that many single-threaded *streams* (OpenVINO's throughput mode): a batch is split into one part
+per stream and the parts run at once, each on its own infer request.  No parallel region then
+spans two cores, so no thread waits at a barrier for a sibling that another process has
+descheduled: measured on the quick preset's ensemble (bf16, batch 32, 2-core Xeon with AMX),
+2 streams x 1 thread gave 227 images/s alone and 107 beside one busy process per core (0.47x),
+1 stream x 2 threads 198 and 63 (0.32x) - see benchmarks/results/speed.md, contention.  CPU
+pinning is off: on a shared box a pinned thread waits for its own core while another one is
+idle.  ``streams=1`` (or ``SEMIVIT_OV_STREAMS=1``) gives the latency configuration.  One
+compiled model per degradation level, compiled when the level is first used; the lower levels
+are the export's FP32 graphs with the same precision hint.  :meth:`describe` reads back what
+really runs: the precision the compiled model's matmuls execute in, the threads and streams.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -31,10 +38,14 @@ import numpy as np
 
 from semivit.serve.backends import (Backend, BackendUnavailable, Level, default_threads, export_levels, first_line,
                                     register_backend)
+from semivit.errors import UserError
 from semivit.serve.resolve import ModelRef
 from semivit.utils import cpu_has_bf16
 
 INT8_IR = "model.ov-int8.xml"
+# One part of each batch per stream.  Measured with 2 streams, batch 32: 2 parts 224 images/s,
+# 4 parts (dynamic: a slowed stream takes fewer) 197 - smaller parts cost more than they balance.
+PARTS_PER_STREAM = 1
 INSTALL = "pip install 'semivit[openvino]'"
 
 
@@ -47,14 +58,31 @@ def import_openvino():
     return ov
 
 
-def compile_config(precision: str, threads: int) -> dict:
-    """The CPU plugin settings every semivit OpenVINO model is compiled with."""
+def default_streams(threads: int) -> int:
+    """``SEMIVIT_OV_STREAMS`` when set, else one stream per thread (each stream single-threaded)."""
+    env = os.environ.get("SEMIVIT_OV_STREAMS", "").strip()
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise UserError(f"SEMIVIT_OV_STREAMS must be a positive whole number, not {env!r}")
+        return min(n, threads)
+    return threads
+
+
+def compile_config(precision: str, threads: int, streams: int = 1) -> dict:
+    """The CPU plugin settings every semivit OpenVINO model is compiled with: ``threads`` in all,
+    shared by ``streams`` streams (1: the latency configuration)."""
+    streams = max(1, min(int(streams), int(threads)))
     return {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
-            "INFERENCE_NUM_THREADS": int(threads), "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
-            "ENABLE_CPU_PINNING": False}
+            "INFERENCE_NUM_THREADS": int(threads), "NUM_STREAMS": streams,
+            "PERFORMANCE_HINT": "LATENCY" if streams == 1 else "THROUGHPUT", "ENABLE_CPU_PINNING": False}
 
 
-def compile_model(path: Path, precision: str = "fp32", threads: Optional[int] = None, extra_outputs=()):
+def compile_model(path: Path, precision: str = "fp32", threads: Optional[int] = None, extra_outputs=(),
+                  streams: int = 1):
     """Read ``path`` (ONNX or IR) and compile it for the CPU; ``extra_outputs``: tensor names
     to expose as outputs too (the export's accuracy gate reads the members' terms)."""
     ov = import_openvino()
@@ -62,7 +90,14 @@ def compile_model(path: Path, precision: str = "fp32", threads: Optional[int] = 
     model = core.read_model(str(path))
     if extra_outputs:
         model.add_outputs(list(extra_outputs))
-    return core.compile_model(model, "CPU", compile_config(precision, threads or default_threads()))
+    return core.compile_model(model, "CPU", compile_config(precision, threads or default_threads(), streams))
+
+
+def split_rows(n: int, parts: int) -> list[slice]:
+    """``n`` rows cut into at most ``parts`` contiguous, non-empty slices of near-equal size."""
+    parts = max(1, min(int(parts), n))
+    bounds = [round(k * n / parts) for k in range(parts + 1)]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
 def runtime_precisions(compiled, op_types=("MatMul", "FullyConnected", "Convolution")) -> dict:
@@ -81,7 +116,8 @@ def runtime_precisions(compiled, op_types=("MatMul", "FullyConnected", "Convolut
 
 
 class OpenVinoBackend(Backend):
-    def __init__(self, ref: ModelRef, precision: str = "fp32", threads: Optional[int] = None, **_ignored):
+    def __init__(self, ref: ModelRef, precision: str = "fp32", threads: Optional[int] = None,
+                 streams: Optional[int] = None, **_ignored):
         super().__init__(ref)
         self.ov = import_openvino()
         if ref.export_dir is None:
@@ -91,6 +127,7 @@ class OpenVinoBackend(Backend):
         self.precision = precision
         self.name = "openvino" if precision == "fp32" else f"openvino-{precision}"
         self.threads = int(threads or default_threads())
+        self.streams = max(1, min(int(streams or default_streams(self.threads)), self.threads))
         self.levels = export_levels(ref)
         if precision == "int8":
             if not (ref.export_dir / INT8_IR).is_file():
@@ -99,7 +136,8 @@ class OpenVinoBackend(Backend):
             full = self.levels[0]
             self.levels[0] = Level(full.name, full.tta, full.members, INT8_IR)
         self._compiled: dict[int, object] = {}
-        self._requests: dict[int, object] = {}
+        self._requests: dict[int, object] = {}  # level -> AsyncInferQueue, one request per stream
+        self._has_label: dict[int, bool] = {}
         self._bytes_per_s: Optional[float] = None
         self.set_level(0)
 
@@ -114,7 +152,7 @@ class OpenVinoBackend(Backend):
         path = self.level_file(i)
         t = time.perf_counter()
         try:
-            compiled = compile_model(path, self._hint(i), self.threads)
+            compiled = compile_model(path, self._hint(i), self.threads, streams=self.streams)
         except BackendUnavailable:
             raise
         except Exception as e:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses of its own
@@ -126,7 +164,12 @@ class OpenVinoBackend(Backend):
         if dt > 0:
             self._bytes_per_s = path.stat().st_size / dt
         self._compiled[i] = compiled
-        self._requests[i] = compiled.create_infer_request()
+        try:
+            n_req = max(1, int(compiled.get_property("NUM_STREAMS")))
+        except Exception:  # noqa: BLE001 - older plugins: one request per stream asked for
+            n_req = self.streams
+        self._requests[i] = self.ov.AsyncInferQueue(compiled, n_req)
+        self._has_label[i] = any("label" in o.get_names() for o in compiled.outputs)
 
     def load_estimate(self, i: int) -> float:
         if i in self._compiled:
@@ -135,27 +178,37 @@ class OpenVinoBackend(Backend):
         return size / self._bytes_per_s if self._bytes_per_s else 1.0
 
     def _run(self, images: np.ndarray):
-        compiled, req = self._compiled[self.level], self._requests[self.level]
-        req.infer({0: images})
-        probs = req.get_tensor(compiled.output("probs")).data.copy()
-        try:
-            labels = req.get_tensor(compiled.output("label")).data.copy()
-        except RuntimeError:
-            labels = probs.argmax(1)
-        return probs, labels
+        """The batch cut into one part per stream, the parts run at once (OpenVINO's
+        AsyncInferQueue, one request per stream), gathered in order."""
+        compiled, queue = self._compiled[self.level], self._requests[self.level]
+        parts = split_rows(len(images), len(queue) * PARTS_PER_STREAM)
+        out_p, out_l = [None] * len(parts), [None] * len(parts)
+        has_label = self._has_label.get(self.level, True)
+
+        def done(req, k):
+            out_p[k] = req.get_tensor(compiled.output("probs")).data.copy()
+            out_l[k] = req.get_tensor(compiled.output("label")).data.copy() if has_label else out_p[k].argmax(1)
+
+        queue.set_callback(done)
+        for k, sl in enumerate(parts):
+            queue.start_async({0: images[sl]}, k)
+        queue.wait_all()
+        return np.concatenate(out_p), np.concatenate(out_l)
 
     def describe(self) -> str:
         compiled = self._compiled[self.level]
         try:
             hint = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
             threads = int(compiled.get_property("INFERENCE_NUM_THREADS"))
+            streams = int(compiled.get_property("NUM_STREAMS"))
         except Exception:  # noqa: BLE001
-            hint, threads = "?", self.threads
+            hint, threads, streams = "?", self.threads, self.streams
         prec = runtime_precisions(compiled)
         ran = ", ".join(f"{n} {p}" for p, n in sorted(prec.items(), key=lambda kv: -kv[1])) or "unknown"
         what = "INT8 IR (NNCF)" if self.levels[self.level].file == INT8_IR else Path(self.levels[self.level].file).name
         return (f"openvino {self.ov.__version__.split('-')[0]} CPU {what}, inference precision {hint} "
-                f"(matmul/conv nodes: {ran}), {threads} thread{'' if threads == 1 else 's'}")
+                f"(matmul/conv nodes: {ran}), {threads} thread{'' if threads == 1 else 's'} in "
+                f"{streams} stream{'' if streams == 1 else 's'}")
 
     def close(self) -> None:
         self._requests.clear()
