@@ -203,14 +203,30 @@ def _reference(fp32: Path, model, members: list[dict], data: RunImages) -> tuple
     return ref, with_outputs
 
 
-def _ordered_terms(ref: _Reference, terms: np.ndarray) -> np.ndarray:
+class _Unmatched(Exception):
+    """A quantised graph's member outputs are so far from FP32's that none is nearest its own
+    FP32 member: it cannot be scored out of fold, and fails the gate."""
+
+    def __init__(self, probs: np.ndarray):
+        super().__init__("its members' outputs are too far from FP32's to tell which is which")
+        self.probs = probs
+
+
+def _ordered_terms(ref: _Reference, terms: np.ndarray, probs: np.ndarray) -> np.ndarray:
     """A quantised graph's terms in the FP32 member order (each nearest to its FP32 term)."""
     if terms.shape[0] != len(ref.names):
         raise UserError("its ensemble sum differs from the FP32 graph's; cannot score it")
     err = np.abs(terms[:, None] - ref.terms[None]).mean(axis=(2, 3))
     if not (err.argmin(1) == np.arange(len(ref.names))).all():
-        raise UserError("cannot match its member outputs to the FP32 graph's")
+        raise _Unmatched(probs)
     return terms
+
+
+def _unmatched_report(ref: _Reference, probs: np.ndarray) -> dict:
+    """The gate's verdict on an :class:`_Unmatched` candidate: refused, with how far it is."""
+    return {"macro_f1": None, "macro_f1_fp32": ref.f1, "drop": None, "accepted": False,
+            "argmax_agreement": float((probs.argmax(1) == ref.probs.argmax(1)).mean()),
+            "max_abs_prob_diff": float(np.abs(probs - ref.probs).max())}
 
 
 def score(ref: _Reference, probs: np.ndarray, terms: Optional[np.ndarray], data: RunImages,
@@ -235,7 +251,7 @@ def _run_candidate(c: Candidate, export_dir: Path, ref: _Reference, with_outputs
             p, _, _ = int8mod.run_members(path, [], data.images)
             return p, None
         p, t, _ = int8mod.run_members(path, names, data.images)
-        return p, _ordered_terms(ref, t)
+        return p, _ordered_terms(ref, t, p)
     precision = "bf16" if c.name == "openvino-bf16" else "fp32"
     src = path if c.file.endswith(".xml") else with_outputs
     p, t = _ov_members(src, ref.names, data.images, precision, threads)
@@ -445,15 +461,20 @@ def build(export_dir: Path, meta: dict, model, members: list[dict], data: RunIma
                 elif c.name == "openvino-int8":
                     _build_ov_int8(with_outputs, export_dir / c.file, calib)
                 built = time.perf_counter() - t
-                probs, terms = _run_candidate(c, export_dir, ref, with_outputs, data, threads)
-                c.report = score(ref, probs, terms, data, tolerance)
+                try:
+                    probs, terms = _run_candidate(c, export_dir, ref, with_outputs, data, threads)
+                    c.report = score(ref, probs, terms, data, tolerance)
+                except _Unmatched as e:
+                    c.report = _unmatched_report(ref, e.probs)
+                    c.reason = (f"{e} (its arg-max agrees with FP32 on {c.report['argmax_agreement']:.1%} of the "
+                                f"labeled images, max |dp| {c.report['max_abs_prob_diff']:.3f})")
                 c.report["build_seconds"] = round(built, 1)
             except Exception as e:  # noqa: BLE001 - one candidate failing must not fail the export
                 c.status, c.reason = "failed", f"{type(e).__name__}: {_message(e)}"
                 warn(f"candidate {c.name}: failed - {c.reason}")
                 continue
             c.status = "accepted" if c.report["accepted"] else "refused"
-            if c.status == "refused":
+            if c.status == "refused" and c.report["drop"] is not None:
                 c.reason = f"macro F1 drops {c.report['drop']:.4f} > {tolerance}"
             if c.name != REFERENCE:
                 info(_gate_line(c, ref, tolerance))
@@ -531,6 +552,8 @@ def _gate_line(c: Candidate, ref: _Reference, tolerance: float) -> str:
     """The accuracy gate's result for one candidate, as soon as it is scored."""
     r = c.report
     built = "runs model.onnx" if c.file == "model.onnx" else f"built in {r.get('build_seconds', 0):.1f} s"
+    if r["macro_f1"] is None:  # could not be scored out of fold (_Unmatched)
+        return f"candidate {c.name}: {built}; refused, its file is deleted - {c.reason}"
     s = f"candidate {c.name}: {built}; {_f1_name(ref)} {r['macro_f1']:.4f} vs FP32 "
     s += f"{r['macro_f1_fp32']:.4f} (drop {r['drop']:+.4f} "
     if c.status == "accepted":
@@ -541,7 +564,7 @@ def _gate_line(c: Candidate, ref: _Reference, tolerance: float) -> str:
 def _line(c: Candidate, f1_name: str = "macro F1") -> str:
     """The summary line of one candidate (after timing): status, macro F1 vs FP32, images/s, why."""
     r = c.report
-    if c.status in ("skipped", "failed"):
+    if c.status in ("skipped", "failed") or r.get("macro_f1") is None:
         return f"candidate {c.name}: {c.status} - {c.reason}"
     s = f"candidate {c.name}: {c.status} - {f1_name} {r.get('macro_f1', float('nan')):.4f}"
     if r.get("macro_f1_fp32") is not None:
