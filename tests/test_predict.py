@@ -742,3 +742,28 @@ def test_trained_tiny_run_predicts_its_test_images(tiny_run, tiny_data_shared, t
     assert held["n_images"] == 18 and right == round(held["accuracy"] * 18), (right, held["accuracy"])
     # and, the colours being separable, clearly better than any one-class answer (6 of 18)
     assert right >= 12, f"only {right}/18 right"
+
+
+def test_decode_workers_run_at_a_lower_cpu_priority(tmp_path, monkeypatch):
+    """The workers yield the cores to the model (nice +10 by default; SEMIVIT_DECODE_NICE sets it)."""
+    import os
+
+    from semivit.errors import UserError
+    from semivit.serve.loader import DecodePool
+
+    img = tmp_path / "a.png"
+    Image.new("L", (8, 8), 7).save(img)
+    base = os.nice(0)
+    for env, want in ((None, min(19, base + 10)), ("3", min(19, base + 3)), ("0", base)):
+        if env is None:
+            monkeypatch.delenv("SEMIVIT_DECODE_NICE", raising=False)
+        else:
+            monkeypatch.setenv("SEMIVIT_DECODE_NICE", env)
+        with DecodePool([str(img)], 8, 1, workers=1) as pool:
+            assert pool.pool.apply(os.nice, (0,)) == want
+            assert pool.next().images.shape == (1, 8, 8, 3)
+    assert os.nice(0) == base  # the parent keeps its priority
+    for bad in ("20", "-1", "low"):
+        monkeypatch.setenv("SEMIVIT_DECODE_NICE", bad)
+        with pytest.raises(UserError, match="SEMIVIT_DECODE_NICE"):
+            DecodePool([str(img)], 8, 1, workers=1)
