@@ -252,9 +252,11 @@ def gemm_peak(threads: int, n: int, seconds: float) -> dict:
     return res
 
 
-def train_loop(run: Path, x, threads: int, batch: int, steps: int, seconds: float) -> dict:
+def train_loop(run: Path, x, threads: int, batch: int, steps: int, seconds: float, governor: bool = False) -> dict:
     """A bare training loop (AdamW, cross-entropy, the run's model and precision) on ``x``:
-    images/s per pass of ``steps`` steps, passes repeated for ``seconds``."""
+    images/s per pass of ``steps`` steps, passes repeated for ``seconds``.  ``governor``: the
+    thread count chosen while it trains by semivit's ThreadGovernor, as ``ssl train`` does
+    (its probe steps are counted in the images/s)."""
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -272,6 +274,11 @@ def train_loop(run: Path, x, threads: int, batch: int, steps: int, seconds: floa
     xs = torch.from_numpy(np.ascontiguousarray(np.resize(x, (batch * steps, *x.shape[1:])))).permute(0, 3, 1, 2)
     ys = torch.from_numpy(np.arange(len(xs)) % len(classes))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    gov = None
+    if governor:
+        from semivit.trainer.threads import ThreadGovernor
+
+        gov = ThreadGovernor(threads)
 
     def one_pass(k):
         for s in range(k):
@@ -282,8 +289,12 @@ def train_loop(run: Path, x, threads: int, batch: int, steps: int, seconds: floa
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if gov is not None:
+                gov.step(batch)
 
     one_pass(1)  # warm-up
+    if gov is not None:
+        gov.start()
     runs, t_all = [], time.perf_counter()
     while len(runs) < 2 or time.perf_counter() - t_all < seconds:
         t = time.perf_counter()
@@ -291,8 +302,10 @@ def train_loop(run: Path, x, threads: int, batch: int, steps: int, seconds: floa
         runs.append(round(steps * batch / (time.perf_counter() - t), 2))
     return {"engine": "train", "precision": "bf16 autocast" if bf16 else "fp32", "model": cfg.model.name,
             "batch": batch, "steps_per_pass": steps, "runs": runs, "images_per_s": max(runs), "threads": threads,
+            "governor": gov.summary() if gov is not None else None,
             "describe": f"bare training loop, {cfg.model.name} at {cfg.model.img_size} px, batch {batch} "
-                        f"({torch.get_num_threads()} threads)"}
+                        + (f"(thread governor over {gov.choices}: ended at {gov.current})" if gov is not None
+                           else f"({torch.get_num_threads()} threads)")}
 
 
 def main(argv=None) -> None:
@@ -303,6 +316,7 @@ def main(argv=None) -> None:
     ap.add_argument("--images", type=Path, help=".npy of uint8 NHWC images")
     ap.add_argument("--n", type=int, default=2048, help="peak: matrix size")
     ap.add_argument("--steps", type=int, default=4, help="train: steps per pass")
+    ap.add_argument("--governor", action="store_true", help="train: threads chosen by semivit's ThreadGovernor")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, required=True)
     ap.add_argument("--reps", type=int, default=2, help="full passes over the images, best kept")
@@ -322,7 +336,7 @@ def main(argv=None) -> None:
     if len(x) >= a.batch:  # full batches only: a partial last batch would recompile torch.compile
         x = x[:len(x) // a.batch * a.batch]
     if a.engine == "train":
-        print(json.dumps(train_loop(a.run, x, a.threads, a.batch, a.steps, a.seconds)))
+        print(json.dumps(train_loop(a.run, x, a.threads, a.batch, a.steps, a.seconds, a.governor)))
         return
     t = time.perf_counter()
     fn, desc, info = build(a.engine, a.export, a.run, a.threads, a.work, a.batch)

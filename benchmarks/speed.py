@@ -756,8 +756,11 @@ def sec_contention(c: Ctx) -> dict:
         "ONNX Runtime FP32, no spinning (as served)": (["ort-fp32", *common], {}),
         "PyTorch eager, OMP wait policy default": (["torch-eager", *common], unset),
         "PyTorch eager, OMP_WAIT_POLICY=PASSIVE": (["torch-eager", *common], {"OMP_WAIT_POLICY": "PASSIVE"}),
-        "training, OMP wait policy default": (["train", *common, "--steps", 2], unset),
-        "training, OMP_WAIT_POLICY=PASSIVE": (["train", *common, "--steps", 2], {"OMP_WAIT_POLICY": "PASSIVE"}),
+        "training as `ssl train` runs it (OpenMP default wait policy, thread governor)":
+            (["train", *common, "--steps", 2, "--governor"], unset),
+        f"training, {c.threads} threads fixed, OMP wait policy default": (["train", *common, "--steps", 2], unset),
+        f"training, {c.threads} threads fixed, OMP_WAIT_POLICY=PASSIVE": (["train", *common, "--steps", 2],
+                                                              {"OMP_WAIT_POLICY": "PASSIVE"}),
     }
     rows = []
     for name, (argv, env) in workloads.items():

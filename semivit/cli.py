@@ -276,10 +276,19 @@ def models_rollback(registry: Path = typer.Option(..., "--registry")):
     rollback_cli(registry)
 
 
+TRAINING_COMMANDS = ("train", "refresh")  # their training loops adapt their threads to the load
+
+
+def _command(argv: list[str]) -> Optional[str]:
+    """The subcommand named on the command line (the first argument that is not an option)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def main() -> None:
     from semivit.utils import cpu_runtime_defaults, keep_freed_memory
 
-    cpu_runtime_defaults()  # before any command imports torch (OpenMP reads these once)
+    # before any command imports torch (OpenMP reads these once)
+    cpu_runtime_defaults(training=_command(sys.argv[1:]) in TRAINING_COMMANDS)
     keep_freed_memory()  # glibc keeps freed blocks: no page faults on every training step
     app()
 

@@ -257,22 +257,30 @@ def keep_freed_memory(environ=None) -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1))
 
 
-def cpu_runtime_defaults(environ=None) -> dict:
+def cpu_runtime_defaults(environ=None, training: bool = False) -> dict:
     """OpenMP defaults for the PyTorch paths (training, ``--backend torch``), set before torch is
     imported (OpenMP reads them once, at start-up); a value the user set is kept.
 
     - ``OMP_NUM_THREADS``: one thread per usable physical core (affinity mask and cgroup quota
       respected; SMT siblings add no matmul throughput).
-    - ``OMP_WAIT_POLICY=PASSIVE``: idle OpenMP workers sleep instead of spinning between parallel
-      regions.  Spinning workers burn the time slices another process on the same cores needs and,
-      worse, are descheduled while the next region waits for them: beside one busy process per
-      core PyTorch fell far below its fair share (benchmarks/results/speed.md, contention).
+    - ``OMP_WAIT_POLICY=PASSIVE`` (not for ``training``): idle OpenMP workers sleep instead of
+      spinning between parallel regions.  Spinning workers burn the time slices another process
+      on the same cores needs and, worse, are descheduled while the next region waits for them:
+      beside one busy process per core PyTorch fell far below its fair share
+      (benchmarks/results/speed.md, contention).  Training keeps OpenMP's default (spin a while,
+      then sleep): quietly it trains 1.3x faster than PASSIVE (2-core Xeon, quick preset), and
+      its loop has a thread governor (:mod:`semivit.trainer.threads`) that drops to one thread -
+      no barrier to wait at - when other processes compete.
 
-    ONNX Runtime (``session.intra_op.allow_spinning=0``) and OpenVINO (CPU pinning off) get the
-    same behaviour through their own session options.  Returns what was set."""
+    ONNX Runtime (``session.intra_op.allow_spinning=0``) and OpenVINO (single-threaded streams,
+    CPU pinning off) get the same robustness through their own session options.  Returns what
+    was set."""
     env = os.environ if environ is None else environ
     done = {}
-    for key, value in (("OMP_NUM_THREADS", str(physical_core_count())), ("OMP_WAIT_POLICY", "PASSIVE")):
+    defaults = [("OMP_NUM_THREADS", str(physical_core_count()))]
+    if not training:
+        defaults.append(("OMP_WAIT_POLICY", "PASSIVE"))
+    for key, value in defaults:
         if not env.get(key):
             env[key] = done[key] = value
     return done

@@ -31,6 +31,7 @@ from semivit.trainer.losses import FocalLoss
 from semivit.trainer.optim import OptimizerStep, build_optimizer, build_scheduler
 from semivit.utils import atomic_write_csv
 from semivit.trainer.stem_cache import CachedViewsDataset
+from semivit.trainer.threads import governor_for_training
 
 
 class EarlyStopping:
@@ -80,6 +81,7 @@ class FitResult:
     best_state: Optional[dict] = None
     seconds: float = 0.0
     steps: int = 0  # optimiser steps taken (compute-matched benchmark arms compare these)
+    threads: Optional[dict] = None  # CPU: the thread governor's choice, probes and switches
 
 
 def _labeled_loader(ds: ArrayDataset, train_cfg, seed: int) -> DataLoader:
@@ -178,6 +180,7 @@ def fit(model: nn.Module, train_ds: ArrayDataset, val_images: np.ndarray, val_la
     optimizer_step = OptimizerStep(optimizer, device, tcfg.precision, tcfg.grad_clip, scheduler)
 
     result = FitResult(best_f1=-1.0, best_epoch=-1, epochs_run=0, stopped_early=False)
+    governor = governor_for_training(device)  # CPU: threads chosen by measurement (contention)
     t_start = time.time()
     step = 0
     with progress_bar() as bar:
@@ -196,6 +199,8 @@ def fit(model: nn.Module, train_ds: ArrayDataset, val_images: np.ndarray, val_la
             _set_epoch(u_loader, epoch)
             lab_iter = _forever(loader) if u_loader is not None else iter(loader)
             u_iter = iter(u_loader) if u_loader is not None else itertools.repeat(None)
+            if governor is not None:
+                governor.start()
             for _ in range(steps):
                 x, y, w, _ = next(lab_iter)
                 ubatch = next(u_iter)
@@ -216,7 +221,12 @@ def fit(model: nn.Module, train_ds: ArrayDataset, val_images: np.ndarray, val_la
                 step += 1
                 total += float(loss.detach()) * len(x)
                 seen += len(x)
-                bar.update(task, advance=1, status=f"loss {total / max(seen, 1):.4f}  best F1 {max(result.best_f1, 0):.3f}")
+                if governor is not None:
+                    governor.step(len(x))
+                busy = "" if governor is None or governor.current == governor.choices[0] else \
+                    f"  {governor.current} thread (CPU contention)"
+                bar.update(task, advance=1,
+                           status=f"loss {total / max(seen, 1):.4f}  best F1 {max(result.best_f1, 0):.3f}{busy}")
 
             eval_model = policy.eval_model(model) if policy is not None else model
             probs = _validate(eval_model, val_images, max(64, tcfg.batch_size), device, tcfg.precision)
@@ -247,4 +257,5 @@ def fit(model: nn.Module, train_ds: ArrayDataset, val_images: np.ndarray, val_la
                 break
     result.seconds = time.time() - t_start
     result.steps = step
+    result.threads = governor.summary() if governor is not None else None
     return result

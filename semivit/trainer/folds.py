@@ -116,7 +116,7 @@ def train_fold(run: Run, stage: str, k: int, extra: Optional[Extra] = None,
                "epochs_run": res.epochs_run, "steps": res.steps, "stopped_early": res.stopped_early,
                "val_acc": res.history[res.best_epoch - 1]["val_acc"], "seconds": round(res.seconds, 1),
                "train_samples": int(len(images)), "extra_samples": int(len(images) - len(tr)),
-               "val_samples": int(len(va))}
+               "val_samples": int(len(va)), "threads": res.threads}
     if distributed.is_main():
         np.save(out / "val_probs.npy", res.val_probs)
         atomic_write_json(out / "done.json", summary)  # written last: marks the fold finished
