@@ -109,6 +109,19 @@ class CVConfig(_Section):
     folds: int = Field(5, ge=2, le=20)
 
 
+def _train_overrides(v: dict[str, Any]) -> dict[str, Any]:
+    """A partial ``train.*`` (one stage's own settings): known keys with valid values."""
+    unknown = sorted(set(v) - set(TrainConfig.model_fields))
+    if unknown:
+        raise ValueError(f"'{unknown[0]}' is not a train.* key")
+    try:
+        TrainConfig.model_validate({**TrainConfig().model_dump(), **v})
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise ValueError(f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+    return v
+
+
 class PseudoConfig(_Section):
     threshold: float = Field(0.96, gt=0, le=1)
     # The selection rule, by name (semivit.pseudo.rules' registry).  "global": one threshold for
@@ -132,6 +145,15 @@ class PseudoConfig(_Section):
     # train.loss); "same" = train.loss (focal, class weights) on them too
     soft_loss: Literal["ce", "same"] = "ce"
     weight: Literal["confidence", "one"] = "confidence"
+    # stage 3 (``ssl.method: pseudo-label``) trains with ``train.*`` overridden by these keys,
+    # e.g. {epochs: 15, restart_epochs: 15, patience: 5} when stage 1 trains longer than the
+    # retraining on labels + pseudo-labels needs (empty: stage 1's ``train.*`` as it is)
+    train: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("train")
+    @classmethod
+    def _train_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return _train_overrides(v)
 
     @field_validator("threshold_mode")
     @classmethod
@@ -185,15 +207,7 @@ class EMAConfig(_Section):
     @field_validator("train")
     @classmethod
     def _train_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
-        unknown = sorted(set(v) - set(TrainConfig.model_fields))
-        if unknown:
-            raise ValueError(f"'{unknown[0]}' is not a train.* key")
-        try:
-            TrainConfig.model_validate({**TrainConfig().model_dump(), **v})
-        except ValidationError as e:
-            first = e.errors()[0]
-            raise ValueError(f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
-        return v
+        return _train_overrides(v)
 
 
 class SSLConfig(_Section):
@@ -430,6 +444,11 @@ def resolve(
 def ssl_train_config(cfg: Config) -> TrainConfig:
     """``train.*`` with the EMA-Teacher stage's ``ssl.ema.train`` overrides on top."""
     return TrainConfig.model_validate({**cfg.train.model_dump(), **cfg.ssl.ema.train})
+
+
+def retrain_train_config(cfg: Config) -> TrainConfig:
+    """``train.*`` with the pseudo-label retraining's ``pseudo.train`` overrides on top."""
+    return TrainConfig.model_validate({**cfg.train.model_dump(), **cfg.pseudo.train})
 
 
 def _validate(d: dict, source: str) -> Config:

@@ -194,3 +194,30 @@ def test_stage2_summary_line_says_what_each_rule_does():
            "truth": {"scored": 300, "precision": 0.9}}
     assert summary_line(few, oof) == ("pseudo-labels: 300 of 1575 (threshold 250, cluster 50); "
                                       "precision vs held-back truth 0.900")
+
+
+def test_pseudo_train_overrides_stage_3s_training_only(tiny_run, tiny_data_shared, tmp_path):
+    """``pseudo.train`` sets stage 3's own train.* keys (here: 1 epoch, no early stopping) while
+    stage 1 keeps train.*; a key that is not a train.* key is a one-line config error."""
+    import json
+    import shutil
+
+    from semivit.errors import UserError
+    from semivit.trainer.pipeline import run_training
+    from semivit.trainer.run import open_run
+
+    cfg = config.resolve(preset="tiny", overrides=["pseudo.threshold_mode=all", "pseudo.soft=true",
+                                                   "pseudo.cluster=false", "train.epochs=2",
+                                                   "pseudo.train={epochs: 1, early_stopping: false}"])
+    assert cfg.train.epochs == 2 and cfg.pseudo.train == {"epochs": 1, "early_stopping": False}
+    out = tmp_path / "RUN"
+    open_run(out, cfg, tiny_data_shared)
+    shutil.copy2(tiny_run / "folds.json", out / "folds.json")
+    shutil.copytree(tiny_run / "stage1", out / "stage1")
+    run_training(tiny_data_shared, out, cfg, stages="pseudo,retrain")
+    done = [json.loads((out / "stage3" / f"fold{k}" / "done.json").read_text()) for k in range(cfg.cv.folds)]
+    assert [d["epochs_run"] for d in done] == [1] * cfg.cv.folds, done
+    with pytest.raises(UserError, match="not a train"):
+        config.resolve(preset="tiny", overrides=["pseudo.train={epoch: 3}"])
+    with pytest.raises(UserError, match="epochs"):
+        config.resolve(preset="tiny", overrides=["pseudo.train={epochs: 0}"])

@@ -94,7 +94,13 @@ def pseudo_label_retrain(run):
         extra = concat(extra, run.extra_pseudo)
     kind = "soft-target (distillation)" if extra.labels.ndim == 2 else "pseudo-labeled"
     info(f"stage 3: {len(run.labeled)} labeled + {len(extra.labels)} {kind} images per fold pool")
-    return FoldPlan(extra=extra)
+    if not run.cfg.pseudo.train:
+        return FoldPlan(extra=extra)
+    from semivit.config import retrain_train_config
+    from semivit.trainer.folds import FoldSetup
+
+    cfg = run.cfg.model_copy(update={"train": retrain_train_config(run.cfg)})  # pseudo.train on top
+    return FoldPlan(extra=extra, per_fold=lambda k: FoldSetup(epochs=cfg.train.epochs, cfg=cfg))
 
 
 @retrain_method("ema-teacher", needs=("supervised",))
