@@ -373,6 +373,8 @@ def test_decoding_in_workers_or_inline_gives_the_same_rows(mixed_dir, fake_expor
     b = run_predict(mixed_dir, fake_export, out=tmp_path / "deeper" / "new" / "i.csv", workers=0, quiet=True)
     assert (a.ok, a.errors) == (b.ok, b.errors) == (len(GOOD), len(BAD))
     assert read_rows(tmp_path / "w.csv") == read_rows(tmp_path / "deeper" / "new" / "i.csv")
+    for s in (a, b):  # the loop's own time (the steady rate's denominator) is inside the command's
+        assert 0 < s.loop_seconds <= s.seconds - s.load_seconds + 1e-3, s
 
 
 class FakeClock:

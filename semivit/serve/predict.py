@@ -51,6 +51,9 @@ class Summary:
     out: str = ""
     format: str = "csv"
     exit_code: int = 0
+    # seconds of the prediction loop alone (model loaded, decoding running ahead): ok images /
+    # loop_seconds is the pipeline's steady rate, without interpreter start, discovery and load
+    loop_seconds: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -167,7 +170,9 @@ def run_predict(dir: Path, model: Optional[Path], out: Path = Path("predictions.
             log(f"input: {len(rel_all)} images, shard {shard}: {n} of them")
         sched = Scheduler([lv.cost for lv in be.levels], deadline, be.load_estimate, clock)
         with open_writer(fmt, out, be.classes) as writer:
+            t_loop = clock()
             counts = _loop(be, pool, sched, rels, writer, quiet)
+            loop_s = clock() - t_loop
             seconds = clock() - t0
             summary = Summary(
                 images=n, ok=counts.ok, errors=counts.error, timeouts=counts.timeout, seconds=round(seconds, 3),
@@ -178,7 +183,7 @@ def run_predict(dir: Path, model: Optional[Path], out: Path = Path("predictions.
                 steps=[{"level": be.levels[lv].name, "images_left": left, "load_seconds": round(sec, 3)}
                        for lv, left, sec in counts.switches],
                 ignored_files=disc.ignored, shard=shard, time_limit=time_limit, out=str(out), format=fmt,
-                exit_code=0 if counts.ok or n == 0 else 1)
+                exit_code=0 if counts.ok or n == 0 else 1, loop_seconds=round(loop_s, 3))
             writer.commit(summary.to_dict())
     finally:
         pool.close(terminate=True)
