@@ -120,3 +120,37 @@ def test_control_epochs_come_from_the_steps_stage1_really_took(le, tmp_path):
         (d / "done.json").write_text(json.dumps({"steps": steps, "epochs_run": epochs}))
     assert le.labeled_steps_per_epoch(tmp_path, 5) == 4
     assert math.ceil(663 / le.labeled_steps_per_epoch(tmp_path, 5)) == 166
+
+
+def test_compare_arms_pairs_seeds_across_result_files(tmp_path):
+    """Arms of two configurations pair by (fraction, seed); only seeds both have count; the
+    verdict follows the interval; a malformed --pair is a one-line error."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("compare_arms", ROOT / "benchmarks" / "compare_arms.py")
+    ca = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ca)
+
+    def doc(vals, arm="b"):
+        return {"runs": [{"fraction": 0.1, "seed": s, "dev": {arm: {"macro_f1": v}}, "test": {}}
+                         for s, v in vals.items()]}
+
+    docs = {"long": doc({0: 0.50, 1: 0.52, 2: 0.55, 3: 0.51, 9: 0.9}), "base": doc({0: 0.45, 1: 0.50, 2: 0.50, 3: 0.47})}
+    (row,) = ca.compare(docs, ["b@long-b@base"], "dev")
+    assert row["n"] == 4 and row["per_seed"] == {"0": 0.05, "1": 0.02, "2": 0.05, "3": 0.04}
+    assert row["diff_mean"] == pytest.approx(0.04) and row["ci_low"] > 0 and "demonstrated" in row["verdict"]
+    docs["base"] = doc({0: 0.55, 1: 0.45, 2: 0.58, 3: 0.45})  # mixed signs: the interval spans zero
+    (row,) = ca.compare(docs, ["b@long-b@base"], "dev")
+    assert row["ci_low"] < 0 < row["ci_high"] and "not demonstrated" in row["verdict"]
+    with pytest.raises(SystemExit, match="ARM@NAME"):
+        ca.compare(docs, ["b-long"], "dev")
+    with pytest.raises(SystemExit, match="no --result named"):
+        ca.compare(docs, ["b@long-b@other"], "dev")
+    (tmp_path / "l.json").write_text(json.dumps(docs["long"]))
+    (tmp_path / "b.json").write_text(json.dumps(docs["base"]))
+    ca.main(["--result", f"long={tmp_path / 'l.json'}", "--result", f"base={tmp_path / 'b.json'}",
+             "--pair", "b@long-b@base", "--out", str(tmp_path / "cmp")])
+    assert json.loads((tmp_path / "cmp.json").read_text())["paired"][0]["n"] == 4
+    assert "| dev | 0.1 | b@long | b@base | 4 |" in (tmp_path / "cmp.md").read_text()
