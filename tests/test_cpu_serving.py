@@ -483,3 +483,22 @@ def test_member_terms_are_located_in_a_shared_stem_ensemble(tmp_path):
     _, terms, _ = int8mod.run_members(path, names, imgs)
     assert int8mod._terms_match_members(terms, ens, imgs)
     assert not int8mod._terms_match_members(terms[::-1], ens, imgs)  # the order matters
+
+
+def test_export_candidates_record_renders_every_candidate(exported, tmp_path):
+    """benchmarks/export_candidates.py writes the export's serving record with every candidate's
+    gate result and images/s, and the auto choice."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("export_candidates", root / "benchmarks" / "export_candidates.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main([str(exported), "--export-seconds", "12.5", "--out", str(tmp_path / "ec")])
+    md = (tmp_path / "ec.md").read_text()
+    serving = read_meta(exported)["serving"]
+    for c in serving["candidates"]:
+        assert f"| {c['name']} |" in md
+    assert f"`--backend auto`: **{serving['auto']}**" in md and "Export wall time 12.5 s" in md
+    assert json.loads((tmp_path / "ec.json").read_text())["serving"] == serving
