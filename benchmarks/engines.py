@@ -19,7 +19,9 @@ Every engine takes the same uint8 NHWC batch and returns the ensemble's probabil
     ort-int8         ONNX Runtime dynamic INT8 (the export's model.int8.onnx, else quantised here)
     ort-int8-qdq     ONNX Runtime static QDQ INT8, Conv stem included, per-channel weights,
                      calibrated on the run's training images (the export's, else built here)
-    ov-fp32 / ov-bf16 / ov-int8   OpenVINO FP32, bf16 hint, NNCF INT8 (the export's IR, else built)
+    ov-fp32 / ov-bf16 / ov-int8   OpenVINO FP32, bf16 hint, NNCF INT8 (the export's IR, else built),
+                     as served: one single-threaded stream per thread
+    ov-bf16-1stream  OpenVINO bf16 in one stream of all the threads (the latency configuration)
 
 Usage (one engine, JSON result on stdout's last line):
     python benchmarks/engines.py ENGINE --export EXPORT --run RUN --images X.npy --batch 32
@@ -39,10 +41,10 @@ import time
 from pathlib import Path
 
 ENGINES = ("torch-eager", "torch-bf16", "torch-compile", "ort-fp32", "ort-fp32-fused", "ort-int8",
-           "ort-int8-qdq", "ov-fp32", "ov-bf16", "ov-int8")
+           "ort-int8-qdq", "ov-fp32", "ov-bf16", "ov-int8", "ov-bf16-1stream")
 PRECISION = {"torch-eager": "fp32", "torch-bf16": "bf16", "torch-compile": "fp32", "ort-fp32": "fp32",
              "ort-fp32-fused": "fp32", "ort-int8": "int8", "ort-int8-qdq": "int8", "ov-fp32": "fp32",
-             "ov-bf16": "bf16", "ov-int8": "int8"}
+             "ov-bf16": "bf16", "ov-int8": "int8", "ov-bf16-1stream": "bf16"}
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -85,9 +87,10 @@ def build(engine: str, export: Path, run: Path, threads: int, work: Path, batch:
         return fn, f"torch {torch.__version__} {engine.split('-')[1]} ({torch.get_num_threads()} threads)", info
     from semivit.serve.backends import open_backend
 
-    if engine in ("ort-fp32", "ov-fp32", "ov-bf16"):
-        name = {"ort-fp32": "onnxruntime-cpu", "ov-fp32": "openvino", "ov-bf16": "openvino-bf16"}[engine]
-        be = open_backend(export, name, threads=threads)
+    if engine in ("ort-fp32", "ov-fp32", "ov-bf16", "ov-bf16-1stream"):
+        name = {"ort-fp32": "onnxruntime-cpu", "ov-fp32": "openvino", "ov-bf16": "openvino-bf16",
+                "ov-bf16-1stream": "openvino-bf16"}[engine]
+        be = open_backend(export, name, threads=threads, **({"streams": 1} if engine == "ov-bf16-1stream" else {}))
         return (lambda x: be.predict(x)[0]), be.describe(), info
     if engine in ("ort-int8", "ort-int8-qdq", "ov-int8"):
         name = {"ort-int8": "onnxruntime-int8", "ort-int8-qdq": "onnxruntime-int8-qdq", "ov-int8": "openvino-int8"}[engine]

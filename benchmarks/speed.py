@@ -649,7 +649,8 @@ PEER_LABELS = {"torch-eager": "PyTorch eager fp32", "torch-bf16": "PyTorch bf16 
                "torch-compile": "torch.compile (inductor)", "ort-fp32": "ONNX Runtime FP32 (as served)",
                "ort-fp32-fused": "ONNX Runtime FP32, transformer-optimizer fusions",
                "ort-int8": "ONNX Runtime INT8 dynamic", "ort-int8-qdq": "ONNX Runtime INT8 static QDQ",
-               "ov-fp32": "OpenVINO FP32", "ov-bf16": "OpenVINO bf16 hint", "ov-int8": "OpenVINO INT8 (NNCF)"}
+               "ov-fp32": "OpenVINO FP32", "ov-bf16": "OpenVINO bf16 hint", "ov-int8": "OpenVINO INT8 (NNCF)",
+               "ov-bf16-1stream": "OpenVINO bf16 hint, one stream of all threads (latency mode)"}
 SERVE_TO_PEER = {"onnxruntime-cpu": "ort-fp32", "onnxruntime-int8": "ort-int8", "onnxruntime-int8-qdq": "ort-int8-qdq",
                  "openvino": "ov-fp32", "openvino-bf16": "ov-bf16", "openvino-int8": "ov-int8", "torch": "torch-eager"}
 
@@ -678,7 +679,7 @@ def sec_peers(c: Ctx) -> dict:
         if e.startswith("ov-") and not has_ov:
             res["engines"][e] = {"error": "openvino is not installed (pip install 'semivit[openvino]')"}
             continue
-        if e == "ov-bf16" and not cpu_has_bf16():
+        if e.startswith("ov-bf16") and not cpu_has_bf16():
             res["engines"][e] = {"error": "this CPU has no native bf16"}
             continue
         print(f"   peer {e}", flush=True)
@@ -725,7 +726,7 @@ def sec_peers(c: Ctx) -> dict:
 
 
 PEERS_DEFAULT = ("torch-eager", "torch-bf16", "torch-compile", "ort-fp32", "ort-fp32-fused", "ort-int8",
-                 "ort-int8-qdq", "ov-fp32", "ov-bf16", "ov-int8")
+                 "ort-int8-qdq", "ov-fp32", "ov-bf16", "ov-int8", "ov-bf16-1stream")
 
 
 # ------------------------------------------------------------------------------------------ contention
@@ -758,6 +759,8 @@ def sec_contention(c: Ctx) -> dict:
     unset = {"OMP_WAIT_POLICY": None}
     workloads = {
         f"predict default path ({auto})": ([peer, *common], {}),
+        **({"OpenVINO bf16, one stream of all threads (latency mode)": (["ov-bf16-1stream", *common], {})}
+           if auto == "openvino-bf16" else {}),
         "ONNX Runtime FP32, no spinning (as served)": (["ort-fp32", *common], {}),
         "PyTorch eager, OMP wait policy default": (["torch-eager", *common], unset),
         "PyTorch eager, OMP_WAIT_POLICY=PASSIVE": (["torch-eager", *common], {"OMP_WAIT_POLICY": "PASSIVE"}),
@@ -1052,7 +1055,7 @@ def md_peers(r: dict) -> list[str]:
 
 PRECISION_OF = {"torch-eager": "fp32", "torch-bf16": "bf16", "torch-compile": "fp32", "ort-fp32": "fp32",
                 "ort-fp32-fused": "fp32", "ort-int8": "int8", "ort-int8-qdq": "int8", "ov-fp32": "fp32",
-                "ov-bf16": "bf16", "ov-int8": "int8"}
+                "ov-bf16": "bf16", "ov-int8": "int8", "ov-bf16-1stream": "bf16"}
 
 
 def md_contention(r: dict) -> list[str]:
