@@ -455,7 +455,8 @@ def test_refresh_under_the_quick_presets_distillation_keeps_every_image_as_a_sof
 
     run = registry / "v0001" / "run"
     doc = yaml.safe_load((run / "config.yaml").read_text())
-    doc["config"]["pseudo"].update(PRESETS["quick"]["pseudo"])
+    # the quick preset's selection rule (not its stage-3 epochs: the tiny run keeps its own)
+    doc["config"]["pseudo"].update({k: v for k, v in PRESETS["quick"]["pseudo"].items() if k != "train"})
     (run / "config.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
     inbox = tmp_path / "INBOX"
     files = write_inbox(inbox, 3, seed=23)  # 9 images: below UMAP + KMeans's minimum, rule only
