@@ -153,6 +153,24 @@ def resolve_device(name: str = "auto"):
     return torch.device(name)
 
 
+def env_int(name: str, low: int, high: int | None = None, what: str = "a whole number",
+            environ=None) -> int | None:
+    """The environment variable ``name`` as an int in [low, high], None when unset or empty; any
+    other value is a one-line UserError that names the variable and what it must be."""
+    raw = (os.environ if environ is None else environ).get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        n = int(raw)
+    except ValueError:
+        n = None
+    if n is None or n < low or (high is not None and n > high):
+        from semivit.errors import UserError
+
+        raise UserError(f"{name} must be {what}, not {raw!r}")
+    return n
+
+
 def cpu_count() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))

@@ -61,18 +61,10 @@ DECODE_NICE = 10
 
 def decode_nice() -> int:
     """How much lower the decode workers' CPU priority is: ``SEMIVIT_DECODE_NICE`` (0-19), else 10."""
-    env = os.environ.get("SEMIVIT_DECODE_NICE", "").strip()
-    if not env:
-        return DECODE_NICE
-    try:
-        n = int(env)
-    except ValueError:
-        n = -1
-    if not 0 <= n <= 19:
-        from semivit.errors import UserError
+    from semivit.utils import env_int
 
-        raise UserError(f"SEMIVIT_DECODE_NICE must be a whole number from 0 to 19, not {env!r}")
-    return n
+    n = env_int("SEMIVIT_DECODE_NICE", 0, 19, what="a whole number from 0 to 19")
+    return DECODE_NICE if n is None else n
 
 
 def _worker_init(nice: int = 0) -> None:

@@ -20,28 +20,18 @@ wait policy stays whatever the environment gives it.
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from typing import Callable, Optional
 
-from semivit.errors import UserError
+from semivit.utils import env_int
 
 ENV = "SEMIVIT_TRAIN_THREADS"
 
 
 def fixed_threads(environ=None) -> Optional[int]:
     """``SEMIVIT_TRAIN_THREADS`` as a positive int, None when unset; a bad value is a UserError."""
-    raw = (os.environ if environ is None else environ).get(ENV, "").strip()
-    if not raw:
-        return None
-    try:
-        n = int(raw)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise UserError(f"{ENV} must be a positive whole number of threads, not {raw!r}")
-    return n
+    return env_int(ENV, 1, what="a positive whole number of threads", environ=environ)
 
 
 class ThreadGovernor:
