@@ -286,7 +286,7 @@ def cpu_runtime_defaults(environ=None, training: bool = False) -> dict:
       on the same cores needs and, worse, are descheduled while the next region waits for them:
       beside one busy process per core PyTorch fell far below its fair share
       (benchmarks/results/speed.md, contention).  Training keeps OpenMP's default (spin a while,
-      then sleep): quietly it trains 1.3x faster than PASSIVE (2-core Xeon, quick preset), and
+      then sleep): quietly it trains 1.36x faster than PASSIVE (speed.md: 210.4 vs 154.4 images/s), and
       its loop has a thread governor (:mod:`semivit.trainer.threads`) that drops to one thread -
       no barrier to wait at - when other processes compete.
 

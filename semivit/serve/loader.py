@@ -10,11 +10,12 @@ loading, and no runtime thread pool exists yet in the parent when it forks.
 
 The workers run at a lower CPU priority (``nice`` +10; ``SEMIVIT_DECODE_NICE`` sets it, 0 keeps
 the parent's).  They only have to stay ahead of the model, and a worker that takes a core from
-an inference thread stalls the whole batch: on the quick preset's export (OpenVINO bf16, 2
-single-threaded streams, 2-core Xeon, 1,575 ELPV PNGs) ``ssl predict``'s steady state went from
-166 to 187-192 images/s with the workers at +10 (raw engine on pre-decoded arrays: 222; decoding
-alone costs ~1.2 ms of CPU per image, which caps it at ~196).  Where the model waits for them
-instead (a GPU, a huge JPEG), the cores are idle and the priority changes nothing.
+an inference thread stalls the whole batch.  With them at +10, ``ssl predict``'s steady state on
+the quick preset's export reached 90% of the raw engine on pre-decoded arrays (179.9 vs 199.9
+images/s, 2-core Xeon; benchmarks/results/speed.md, section 8); the AMD run before this change
+had 67%.  Decoding a 300x300 PNG costs ~1 ms of CPU, which is most of the rest.  Where the model
+waits for the workers instead (a GPU, a huge JPEG), the cores are idle and the priority changes
+nothing.
 """
 
 from __future__ import annotations

@@ -16,9 +16,9 @@ Threads and streams: one thread per usable physical core (``SEMIVIT_THREADS`` ov
 that many single-threaded *streams* (OpenVINO's throughput mode): a batch is split into one part
 per stream and the parts run at once, each on its own infer request.  No parallel region then
 spans two cores, so no thread waits at a barrier for a sibling that another process has
-descheduled: measured on the quick preset's ensemble (bf16, batch 32, 2-core Xeon with AMX),
-2 streams x 1 thread gave 227 images/s alone and 107 beside one busy process per core (0.47x),
-1 stream x 2 threads 198 and 63 (0.32x) - see benchmarks/results/speed.md, contention.  CPU
+descheduled.  benchmarks/results/speed.md (quick preset's ensemble, bf16, batch 32, 2-core Xeon
+with AMX): 2 streams x 1 thread 213.6 images/s against 189.3 for 1 stream x 2 threads, and 92.4
+vs 83.8 beside one busy process per core (its contention section).  CPU
 pinning is off: on a shared box a pinned thread waits for its own core while another one is
 idle.  ``streams=1`` (or ``SEMIVIT_OV_STREAMS=1``) gives the latency configuration.  One
 compiled model per degradation level, compiled when the level is first used; the lower levels

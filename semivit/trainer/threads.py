@@ -1,12 +1,12 @@
 """How many CPU threads the training loop uses, chosen by measurement while it trains.
 
 A small ViT's training step is hundreds of short parallel regions.  On a quiet machine OpenMP's
-spinning workers make them fast (2-core Xeon, quick preset: 217 images/s with two spinning
-threads, 162 with ``OMP_WAIT_POLICY=PASSIVE``); beside other CPU-bound processes every region
-waits at its barrier for a sibling thread that the kernel has descheduled, and two threads
-collapse - 34 to 97 images/s, bimodal from run to run - while one thread, with no barrier to
-wait at, keeps 91 (benchmarks/results/speed.md, contention).  No fixed setting is right for both
-machines, and a training run lasts long enough for the load to change, so
+spinning workers make them fast (benchmarks/results/speed.md, 2-core Xeon, quick preset: 210.4
+images/s with two spinning threads, 154.4 with ``OMP_WAIT_POLICY=PASSIVE``); beside other
+CPU-bound processes every region waits at its barrier for a sibling thread that the kernel has
+descheduled, and two threads fall to 67.4 (0.32x; in runs by hand, 34 to 97 images/s from one
+run to the next), while one thread, with no barrier to wait at, is steadier.  No fixed setting
+is right for both machines, and a training run lasts long enough for the load to change, so
 :class:`ThreadGovernor` measures: after the first few steps, and then every ``probe_every`` steps,
 it runs a few steps at the other thread count (all usable cores, or one) and keeps whichever
 trained more images per second.  Two steps in a row much slower than the best the current
