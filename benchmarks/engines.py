@@ -23,6 +23,10 @@ Every engine takes the same uint8 NHWC batch and returns the ensemble's probabil
                      as served: one single-threaded stream per thread
     ov-bf16-1stream  OpenVINO bf16 in one stream of all the threads (the latency configuration)
 
+and two training loops for the contention section: ``train`` (one process, --threads threads or
+semivit's thread governor) and ``train-ddp`` (--threads single-threaded data-parallel ranks, DDP
+over gloo: what ``torchrun --nproc-per-node N ssl train`` runs).
+
 Usage (one engine, JSON result on stdout's last line):
     python benchmarks/engines.py ENGINE --export EXPORT --run RUN --images X.npy --batch 32
            --threads 2 [--reps 2] [--probs OUT.npy] [--seconds S]
@@ -311,9 +315,87 @@ def train_loop(run: Path, x, threads: int, batch: int, steps: int, seconds: floa
                            else f"({torch.get_num_threads()} threads)")}
 
 
+def _ddp_rank(rank: int, world: int, store: str, run: Path, x, batch: int, steps: int, seconds: float,
+              out: str) -> None:
+    """One rank of :func:`train_loop_ddp`: one thread, 1/world of each batch, gradients averaged
+    by DistributedDataParallel over gloo (as ``torchrun ... ssl train`` trains on a CPU)."""
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from semivit.config import load_run_config
+    from semivit.data.dataset import Preprocess
+    from semivit.models.networks import build_model
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    cfg = load_run_config(run)[0]
+    classes = json.loads((run / "ensemble.json").read_text())["classes"]
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(build_model(cfg.model, len(classes), pretrained=False).train())
+    bf16 = cfg.train.precision in ("auto", "bf16")
+    pre = Preprocess()
+    per = batch // world
+    xs = torch.from_numpy(np.ascontiguousarray(np.resize(x, (batch * steps, *x.shape[1:])))).permute(0, 3, 1, 2)
+    ys = torch.from_numpy(np.arange(len(xs)) % len(classes))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def one_pass(k):
+        for s in range(k):
+            lo = s * batch + rank * per  # this rank's share of global batch s
+            xb = pre(xs[lo:lo + per])
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                logits = model(xb)
+            loss = F.cross_entropy(logits.float(), ys[lo:lo + per])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    one_pass(1)  # warm-up
+    runs, t_all = [], time.perf_counter()
+    while True:
+        dist.barrier()
+        t = time.perf_counter()
+        one_pass(steps)
+        dist.barrier()
+        runs.append(round(steps * per * world / (time.perf_counter() - t), 2))
+        # every rank takes the same decision: rank 0's clock, broadcast
+        go = torch.tensor([1 if (len(runs) < 2 or time.perf_counter() - t_all < seconds) else 0])
+        dist.broadcast(go, 0)
+        if not int(go):
+            break
+    # each rank trained on other images: equal weights afterwards show the gradients were averaged
+    mine = torch.stack([p.detach().double().sum() for p in model.parameters()])
+    every = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(every, mine)
+    if rank == 0:
+        Path(out).write_text(json.dumps({
+            "weights_agree": all(torch.allclose(every[0], e, rtol=1e-6, atol=1e-6) for e in every[1:]),
+            "engine": "train-ddp", "precision": "bf16 autocast" if bf16 else "fp32", "model": cfg.model.name,
+            "batch": batch, "steps_per_pass": steps, "runs": runs, "images_per_s": max(runs), "threads": 1,
+            "ranks": world, "describe": f"bare training loop, {cfg.model.name} at {cfg.model.img_size} px, "
+                                        f"global batch {batch}: {world} data-parallel ranks x 1 thread (DDP, gloo)"}))
+    dist.destroy_process_group()
+
+
+def train_loop_ddp(run: Path, x, ranks: int, batch: int, steps: int, seconds: float, work: Path) -> dict:
+    """:func:`train_loop` as ``ranks`` single-threaded data-parallel processes: no OpenMP barrier
+    inside a step (each rank's ops run on one thread), one gradient all-reduce per step."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory(dir=work) as d:
+        out = os.path.join(d, "result.json")
+        mp.spawn(_ddp_rank, args=(ranks, os.path.join(d, "store"), run, x, batch, steps, seconds, out),
+                 nprocs=ranks, join=True)
+        return json.loads(Path(out).read_text())
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("engine", choices=ENGINES + ("peak", "train"))
+    ap.add_argument("engine", choices=ENGINES + ("peak", "train", "train-ddp"))
     ap.add_argument("--export", type=Path)
     ap.add_argument("--run", type=Path)
     ap.add_argument("--images", type=Path, help=".npy of uint8 NHWC images")
@@ -340,6 +422,9 @@ def main(argv=None) -> None:
         x = x[:len(x) // a.batch * a.batch]
     if a.engine == "train":
         print(json.dumps(train_loop(a.run, x, a.threads, a.batch, a.steps, a.seconds, a.governor)))
+        return
+    if a.engine == "train-ddp":  # --threads ranks of one thread each
+        print(json.dumps(train_loop_ddp(a.run, x, a.threads, a.batch, a.steps, a.seconds, a.work)))
         return
     t = time.perf_counter()
     fn, desc, info = build(a.engine, a.export, a.run, a.threads, a.work, a.batch)

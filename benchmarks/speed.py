@@ -769,6 +769,10 @@ def sec_contention(c: Ctx) -> dict:
         f"training, {c.threads} threads fixed, OMP wait policy default": (["train", *common, "--steps", 2], unset),
         f"training, {c.threads} threads fixed, OMP_WAIT_POLICY=PASSIVE": (["train", *common, "--steps", 2],
                                                               {"OMP_WAIT_POLICY": "PASSIVE"}),
+        "training, 1 thread": (["train", *common, "--steps", 2, "--threads", 1], unset),
+        # `torchrun --nproc-per-node N ssl train`: no OpenMP barrier inside a step
+        f"training, {c.threads} data-parallel ranks x 1 thread (DDP over gloo, as torchrun runs it)":
+            (["train-ddp", *common, "--steps", 2], unset),
     }
     rows = []
     for name, (argv, env) in workloads.items():

@@ -96,3 +96,15 @@ def test_quantised_peer_is_built_with_the_exports_calibration_images(export, tmp
     assert len(seen) == 1 and seen[0] is not None and np.array_equal(seen[0], expected)
     p, y = open_backend(d, "onnxruntime-int8-qdq", threads=1).predict(data.images[:5])
     assert p.shape == (5, len(meta["classes"])) and np.allclose(p.sum(1), 1, atol=1e-4)
+
+
+def test_data_parallel_training_loop_averages_gradients_over_its_ranks(tiny_run, tmp_path):
+    """speed.py's contention row for `torchrun` training: two single-threaded ranks, each on its
+    half of every batch, end with the same weights (DDP averaged the gradients) and report the
+    global batch's images/s."""
+    x = np.random.default_rng(0).integers(0, 255, (8, 32, 32, 3), dtype=np.uint8)
+    r = engines.train_loop_ddp(tiny_run, x, ranks=2, batch=4, steps=1, seconds=0.0, work=tmp_path)
+    assert r["ranks"] == 2 and r["threads"] == 1 and r["batch"] == 4
+    assert r["weights_agree"] is True
+    assert len(r["runs"]) >= 2 and min(r["runs"]) > 0
+    assert not list(tmp_path.iterdir())  # the rendezvous store is cleaned up
