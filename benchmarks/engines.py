@@ -259,11 +259,10 @@ def gemm_peak(threads: int, n: int, seconds: float) -> dict:
     return res
 
 
-def train_loop(run: Path, x, threads: int, batch: int, steps: int, seconds: float, governor: bool = False) -> dict:
-    """A bare training loop (AdamW, cross-entropy, the run's model and precision) on ``x``:
-    images/s per pass of ``steps`` steps, passes repeated for ``seconds``.  ``governor``: the
-    thread count chosen while it trains by semivit's ThreadGovernor, as ``ssl train`` does
-    (its probe steps are counted in the images/s)."""
+def _bare_training(run: Path, x, batch: int, steps: int, wrap=None):
+    """The run's model (``wrap``-ped, e.g. in DDP), AdamW and cross-entropy on ``x`` resized to
+    ``batch * steps`` images: returns (cfg, bf16, step) where ``step(lo, n)`` trains one
+    optimiser step on images lo..lo+n (shared by :func:`train_loop` and :func:`_ddp_rank`)."""
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -272,15 +271,38 @@ def train_loop(run: Path, x, threads: int, batch: int, steps: int, seconds: floa
     from semivit.data.dataset import Preprocess
     from semivit.models.networks import build_model
 
-    torch.set_num_threads(threads)
     cfg = load_run_config(run)[0]
     classes = json.loads((run / "ensemble.json").read_text())["classes"]
     model = build_model(cfg.model, len(classes), pretrained=False).train()
+    model = wrap(model) if wrap else model
     bf16 = cfg.train.precision in ("auto", "bf16")
     pre = Preprocess()
     xs = torch.from_numpy(np.ascontiguousarray(np.resize(x, (batch * steps, *x.shape[1:])))).permute(0, 3, 1, 2)
     ys = torch.from_numpy(np.arange(len(xs)) % len(classes))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step(lo: int, n: int) -> None:
+        xb = pre(xs[lo:lo + n])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(xb)
+        loss = F.cross_entropy(logits.float(), ys[lo:lo + n])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    step.model = model
+    return cfg, bf16, step
+
+
+def train_loop(run: Path, x, threads: int, batch: int, steps: int, seconds: float, governor: bool = False) -> dict:
+    """A bare training loop (AdamW, cross-entropy, the run's model and precision) on ``x``:
+    images/s per pass of ``steps`` steps, passes repeated for ``seconds``.  ``governor``: the
+    thread count chosen while it trains by semivit's ThreadGovernor, as ``ssl train`` does
+    (its probe steps are counted in the images/s)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    cfg, bf16, step = _bare_training(run, x, batch, steps)
     gov = None
     if governor:
         from semivit.trainer.threads import ThreadGovernor
@@ -289,13 +311,7 @@ def train_loop(run: Path, x, threads: int, batch: int, steps: int, seconds: floa
 
     def one_pass(k):
         for s in range(k):
-            xb = pre(xs[s * batch:(s + 1) * batch])
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                logits = model(xb)
-            loss = F.cross_entropy(logits.float(), ys[s * batch:(s + 1) * batch])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            step(s * batch, batch)
             if gov is not None:
                 gov.step(batch)
 
@@ -319,38 +335,19 @@ def _ddp_rank(rank: int, world: int, store: str, run: Path, x, batch: int, steps
               out: str) -> None:
     """One rank of :func:`train_loop_ddp`: one thread, 1/world of each batch, gradients averaged
     by DistributedDataParallel over gloo (as ``torchrun ... ssl train`` trains on a CPU)."""
-    import numpy as np
     import torch
     import torch.distributed as dist
-    import torch.nn.functional as F
-
-    from semivit.config import load_run_config
-    from semivit.data.dataset import Preprocess
-    from semivit.models.networks import build_model
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    cfg = load_run_config(run)[0]
-    classes = json.loads((run / "ensemble.json").read_text())["classes"]
     torch.manual_seed(0)
-    model = torch.nn.parallel.DistributedDataParallel(build_model(cfg.model, len(classes), pretrained=False).train())
-    bf16 = cfg.train.precision in ("auto", "bf16")
-    pre = Preprocess()
+    cfg, bf16, step = _bare_training(run, x, batch, steps, wrap=torch.nn.parallel.DistributedDataParallel)
+    model = step.model
     per = batch // world
-    xs = torch.from_numpy(np.ascontiguousarray(np.resize(x, (batch * steps, *x.shape[1:])))).permute(0, 3, 1, 2)
-    ys = torch.from_numpy(np.arange(len(xs)) % len(classes))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def one_pass(k):
         for s in range(k):
-            lo = s * batch + rank * per  # this rank's share of global batch s
-            xb = pre(xs[lo:lo + per])
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                logits = model(xb)
-            loss = F.cross_entropy(logits.float(), ys[lo:lo + per])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            step(s * batch + rank * per, per)  # this rank's share of global batch s
 
     one_pass(1)  # warm-up
     runs, t_all = [], time.perf_counter()
