@@ -113,7 +113,8 @@ def tiny_run(work: Path) -> Path:
 
 def untrained_quick_run(work: Path, members: int = 10) -> Path:
     """The quick preset's architecture: its pretrained frozen stem (shared by the members, as in a
-    trained quick run, so the ensemble runs it once) and untrained transformers and heads."""
+    trained quick run, so the ensemble runs it once) and untrained transformers and heads, with
+    the preset's config.yaml (a run that speed.py's training rows can train)."""
     from semivit import config as cfgmod
     from semivit.data.demo import CLASS_NAMES
     from semivit.models.checkpoint import save_checkpoint
@@ -121,9 +122,12 @@ def untrained_quick_run(work: Path, members: int = 10) -> Path:
     from semivit.models.networks import build_model
 
     run = work / "quick_arch_untrained"
-    if (run / "ensemble.json").is_file():
+    if (run / "ensemble.json").is_file() and (run / "config.yaml").is_file():
         return run
     cfg = cfgmod.resolve(preset="quick")
+    run.mkdir(parents=True, exist_ok=True)
+    # the run's config, as `ssl train` writes it: speed.py's training rows build the model from it
+    cfgmod.save(cfg, run / "config.yaml")
     entries = []
     for k in range(members):
         stage = "stage1" if k < members // 2 else "stage3"

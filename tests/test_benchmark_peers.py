@@ -108,3 +108,18 @@ def test_data_parallel_training_loop_averages_gradients_over_its_ranks(tiny_run,
     assert r["weights_agree"] is True
     assert len(r["runs"]) >= 2 and min(r["runs"]) > 0
     assert not list(tmp_path.iterdir())  # the rendezvous store is cleaned up
+
+
+def test_untrained_quick_architecture_is_a_run_the_training_rows_can_train(tmp_path):
+    """speed.py without --run measures the quick preset's untrained architecture; its contention
+    rows train that run, so it must carry the preset's config.yaml (it once had none, and every
+    training row failed)."""
+    run = ps.untrained_quick_run(tmp_path, members=2)
+    from semivit.config import load_run_config, resolve
+
+    cfg = load_run_config(run)[0]
+    assert cfg.model == resolve(preset="quick").model
+    size = cfg.model.img_size
+    x = np.random.default_rng(0).integers(0, 255, (2, size, size, 3), dtype=np.uint8)
+    r = engines.train_loop(run, x, threads=1, batch=2, steps=1, seconds=0.0)
+    assert len(r["runs"]) >= 1 and min(r["runs"]) > 0
