@@ -17,8 +17,11 @@ Variants (``--variants``, default all):
 
 Usage (each variant's runs resume; the preset's come from the label-efficiency --work):
 
-    python benchmarks/model_study.py --seeds 0 1 2 --fraction 0.1 --preset-work /tmp/semivit-bench \
-        --work /tmp/semivit-model-study [--summarise-only]
+    python benchmarks/model_study.py --seeds 0 1 2 3 4 --fraction 0.1 --work /tmp/semivit-model-study \
+        [--preset-work /tmp/semivit-bench] [--variants preset r192 ...] [--summarise-only]
+
+(``--preset-work``: reuse a label-efficiency --work's (a) runs of the preset; without it the
+preset trains here too.)
 
 Results: benchmarks/results/model_study.{json,md}.  Not studied: fine-tuning the stem's last stage
 (the stem is frozen or not, as a whole, in semivit today).
@@ -136,16 +139,20 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--fraction", type=float, default=0.1)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    ap.add_argument("--preset-work", type=Path, required=True,
-                    help="the label-efficiency --work holding the preset's (a) runs")
+    ap.add_argument("--preset-work", type=Path, default=None,
+                    help="a label-efficiency --work holding the preset's (a) runs for these seeds "
+                         "(default: train them here, under WORK/preset)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/semivit-model-study"))
     ap.add_argument("--summarise-only", action="store_true")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args()
     t0 = time.time()
+    train_preset = args.preset_work is None
+    if train_preset:
+        args.preset_work = args.work / "preset"
     if not args.summarise_only:
         for name in args.variants:
-            if name != "preset":
+            if name != "preset" or train_preset:
                 run_variant(name, args)
     doc = summarise(args)
     doc["this_invocation_seconds"] = round(time.time() - t0, 1)
