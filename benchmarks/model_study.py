@@ -14,6 +14,8 @@ Variants (``--variants``, default all):
   s32r256   a deeper stem cut at stride 32 (7 stages, 320 channels) at 256 px: 8x8 tokens again
   d2        2 transformer blocks
   d6        6 transformer blocks
+  tune1     the stem's last stage (stage 4: 80 -> 112 channels, 3 MBConv blocks) fine-tuned at the
+            backbone LR, the stages before it frozen and cached (model.kwargs.tune_stem_stages=1)
 
 Usage (each variant's runs resume; the preset's come from the label-efficiency --work):
 
@@ -23,8 +25,7 @@ Usage (each variant's runs resume; the preset's come from the label-efficiency -
 (``--preset-work``: reuse a label-efficiency --work's (a) runs of the preset; without it the
 preset trains here too.)
 
-Results: benchmarks/results/model_study.{json,md}.  Not studied: fine-tuning the stem's last stage
-(the stem is frozen or not, as a whole, in semivit today).
+Results: benchmarks/results/model_study.{json,md}.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ VARIANTS: dict[str, list[str]] = {
     "s32r256": ["model.img_size=256", "model.kwargs.stem_depth=7"],
     "d2": ["model.kwargs.depth=2"],
     "d6": ["model.kwargs.depth=6"],
+    "tune1": ["model.kwargs.tune_stem_stages=1"],
 }
 
 

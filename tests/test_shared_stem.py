@@ -130,3 +130,52 @@ def test_stem_cache_shows_its_progress_in_views_and_keeps_the_views(monkeypatch,
     lines = capsys.readouterr().err.splitlines()
     assert lines[0].endswith("stem features (unlabeled pool): 0/8 views (0%) elapsed 0:00:00 | 4 images x 2 views (plain + mirror)")
     assert "8/8 views (100%)" in lines[-1] and "done" in lines[-1], lines
+
+
+TUNED = ["model.img_size=32", "model.kwargs={embed_dim: 32, depth: 1, num_heads: 2, tune_stem_stages: 1}",
+         "model.head_hidden=16"]
+
+
+def test_tuned_stem_trains_its_last_stage_and_keeps_the_rest_frozen_cached_and_shared():
+    """``tune_stem_stages: 1``: the stem's last stage starts from ImageNet's weights and trains,
+    the stages before it stay frozen - cached features and one shared stem in the ensemble -
+    and the ensemble's probabilities are still each member's on pixels."""
+    from semivit.models.networks import TunedStem
+
+    cfg = config.resolve(preset="quick", overrides=TUNED)
+    torch.manual_seed(0)
+    members = [build_model(cfg.model, 3) for _ in range(2)]
+    plain, _ = hybrids(1)
+    full, tuned = plain[0].backbone.patch_embed.backbone, members[0].backbone.patch_embed.backbone
+    assert isinstance(tuned, TunedStem)
+    # the same ImageNet weights, split: stages 0..3 frozen, stage 4 (the 112-channel one) trains
+    for k, v in full.state_dict().items():
+        i, rest = k.split(".", 1)
+        mine = tuned[0].state_dict()[k] if int(i) < 2 + 4 else tuned[1].state_dict()[f"{int(i) - 6}.{rest}"]
+        assert torch.equal(v, mine), k
+    trainable = {n for n, p in members[0].named_parameters() if p.requires_grad}
+    assert any(n.startswith("backbone.patch_embed.backbone.1.") for n in trainable)
+    assert not any(n.startswith("backbone.patch_embed.backbone.0.") for n in trainable)
+    assert frozen_stem(members[0]) is tuned[0]
+    # one optimiser step moves the tail, not the frozen stages
+    m = members[1].train()
+    before = {k: v.clone() for k, v in m.backbone.patch_embed.backbone.state_dict().items()}
+    x = Preprocess(channels_last_input=True)(torch.from_numpy(
+        np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)))
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
+    torch.nn.functional.cross_entropy(m(x), torch.tensor([0, 1, 2, 0])).backward()
+    opt.step()
+    after = m.backbone.patch_embed.backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("0."))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("1.") and after[k].is_floating_point())
+    members = [mm.eval() for mm in members]
+    ens = EnsembleModel(members, [1, 2]).eval()
+    assert ens.stem is not None  # the frozen stages, run once
+    assert all(isinstance(mm.backbone.patch_embed.backbone[1], torch.nn.Sequential) for mm in ens.members)
+    imgs = np.random.default_rng(1).integers(0, 255, (5, 32, 32, 3), dtype=np.uint8)
+    with torch.no_grad():
+        probs, _ = ens(torch.from_numpy(imgs))
+    np.testing.assert_allclose(probs.numpy(), reference(members, [1, 2], imgs), atol=1e-5)
+    feats = features(frozen_stem(members[1]), imgs, torch.device("cpu"), tta=True)
+    np.testing.assert_allclose(predict_arrays(members[1], feats, tta=True), predict_arrays(members[1], imgs, tta=True),
+                               atol=1e-5)

@@ -20,7 +20,7 @@ from torch import nn
 
 from semivit.data.dataset import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from semivit.models.checkpoint import load_checkpoint
-from semivit.models.networks import frozen_stem
+from semivit.models.networks import drop_frozen_stem, frozen_stem
 from semivit.utils import atomic_write_json, read_format_json, read_json
 
 ENSEMBLE_FORMAT = "semivit-ensemble/1"
@@ -123,7 +123,7 @@ def _shared_frozen_stem(members: Sequence[nn.Module]):
 def _without_stem(member: nn.Module) -> nn.Module:
     """A copy of a hybrid member that takes stem features (its stem replaced by identity)."""
     clone = copy.deepcopy(member)
-    clone.backbone.patch_embed.backbone = nn.Identity()
+    drop_frozen_stem(clone)
     return clone
 
 

@@ -50,11 +50,35 @@ class Lite0Stem(nn.Sequential):
         return super().train(mode and not self.frozen)
 
 
+class TunedStem(nn.Sequential):
+    """A pretrained stem whose last stages train: ``[frozen Lite0Stem, trainable stages]``.
+
+    The frozen part stays a fixed feature extractor (computed once, cached, shared by an
+    ensemble's members: :func:`frozen_stem` returns it); the last ``tune_stem_stages`` stages
+    start from ImageNet's weights and fine-tune with the transformer (BatchNorm in train mode)."""
+
+    def __init__(self, frozen: Lite0Stem, tail: nn.Sequential):
+        super().__init__(frozen, tail)
+
+
 def frozen_stem(model: nn.Module) -> Optional[Lite0Stem]:
-    """The frozen CNN stem of a (Classifier over a) hybrid ViT, or None."""
+    """The frozen CNN stem of a (Classifier over a) hybrid ViT, or None; with a
+    :class:`TunedStem` its frozen part (the stages before the ones that train)."""
     backbone = getattr(model, "backbone", model)
     stem = getattr(getattr(backbone, "patch_embed", None), "backbone", None)
+    if isinstance(stem, TunedStem):
+        stem = stem[0]
     return stem if isinstance(stem, Lite0Stem) and stem.frozen else None
+
+
+def drop_frozen_stem(model: nn.Module) -> None:
+    """Replace the frozen stem of a hybrid (Classifier over a) ViT by identity in place: the
+    model then takes the frozen stem's features; a :class:`TunedStem`'s stages that train stay."""
+    embed = getattr(model, "backbone", model).patch_embed
+    if isinstance(embed.backbone, TunedStem):
+        embed.backbone[0] = nn.Identity()
+    else:
+        embed.backbone = nn.Identity()
 
 
 @contextlib.contextmanager
@@ -75,26 +99,41 @@ def features_input(model: nn.Module, enabled: bool = True):
         stem.passthrough = False
 
 
-def lite0_stem(depth: int = 5, frozen: bool = False) -> Lite0Stem:
+def lite0_stem(depth: int = 5, frozen: bool = False, tune: int = 0):
+    """EfficientNet-Lite0's conv_stem, bn1 and first ``depth`` stages; ``tune`` > 0 (with
+    ``frozen``): a :class:`TunedStem` whose last ``tune`` of those stages train."""
     cnn = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    return Lite0Stem(cnn.conv_stem, cnn.bn1, *cnn.blocks[:depth], frozen=frozen)
+    if not tune:
+        return Lite0Stem(cnn.conv_stem, cnn.bn1, *cnn.blocks[:depth], frozen=frozen)
+    if not frozen or not 0 < tune < depth:
+        raise ValueError(f"tune_stem_stages={tune} needs a frozen stem and 0 < tune_stem_stages < stem_depth={depth}")
+    return TunedStem(Lite0Stem(cnn.conv_stem, cnn.bn1, *cnn.blocks[:depth - tune], frozen=True),
+                     nn.Sequential(*cnn.blocks[depth - tune:depth]))
 
 
 class HybridViT(VisionTransformer):
-    """The ViT paper's hybrid: a pretrained CNN stem makes the patch tokens, a ViT reads them."""
+    """The ViT paper's hybrid: a pretrained CNN stem makes the patch tokens, a ViT reads them.
 
-    def __init__(self, stem_depth: int = 5, freeze_stem: bool = False, **kwargs):
-        stem = lite0_stem(stem_depth, frozen=freeze_stem)
+    ``tune_stem_stages`` (with ``freeze_stem``): the stem's last stages fine-tune, the rest stays
+    frozen (and cached)."""
+
+    def __init__(self, stem_depth: int = 5, freeze_stem: bool = False, tune_stem_stages: int = 0, **kwargs):
+        stem = lite0_stem(stem_depth, frozen=freeze_stem, tune=tune_stem_stages)
         kwargs.setdefault("patch_size", 1)
         super().__init__(embed_layer=partial(HybridEmbed, backbone=stem), **kwargs)
-        self.stem_depth = stem_depth
+        self.stem_depth, self.tune_stem_stages = stem_depth, tune_stem_stages
         if freeze_stem:
-            stem.eval()
-            for p in stem.parameters():
+            fixed = stem[0] if isinstance(stem, TunedStem) else stem
+            fixed.eval()
+            for p in fixed.parameters():
                 p.requires_grad_(False)
 
     def load_pretrained_stem(self) -> None:
         sd = stem_state_from_lite0(self.stem_depth)
+        if self.tune_stem_stages:  # Sequential index 2 + i is stage i: the last stages are the tail's
+            cut = 2 + self.stem_depth - self.tune_stem_stages
+            sd = {(f"0.{k}" if int(k.split(".")[0]) < cut else f"1.{int(k.split('.')[0]) - cut}.{k.split('.', 1)[1]}"): v
+                  for k, v in sd.items()}
         strict_load(self.patch_embed.backbone, sd, "EfficientNet-Lite0 stem")
 
     def stem_parameters(self):
@@ -226,7 +265,7 @@ def build_model(model_cfg, num_classes: int, pretrained: Optional[bool] = None) 
     backbone = create_backbone(model_cfg, use_pretrained)
     model = Classifier(backbone, num_classes, model_cfg.head_hidden, model_cfg.head_dropout)
     model.norm = normalization(model_cfg)  # read by Preprocess.for_model
-    stem = getattr(getattr(backbone, "patch_embed", None), "backbone", None)
+    stem = frozen_stem(model) or getattr(getattr(backbone, "patch_embed", None), "backbone", None)
     if isinstance(stem, Lite0Stem):  # the stem-feature cache preprocesses for the stem alone
         stem.norm = model.norm
     return model
