@@ -25,7 +25,7 @@ Usage (each variant's runs resume; the preset's come from the label-efficiency -
 (``--preset-work``: reuse a label-efficiency --work's (a) runs of the preset; without it the
 preset trains here too.)
 
-Results: benchmarks/results/model_study.{json,md}.
+Results: benchmarks/results/model_study.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -121,7 +121,8 @@ def summarise(args) -> dict:
 def write_md(doc: dict, path: Path) -> None:
     lines = [f"# Model study (dev protocol), ELPV {doc['fraction']:g} labels, seeds {doc['seeds']}", "",
              f"commit {doc['commit']}, {doc['machine']}; `{doc['command']}`", "",
-             "Stage-1 ensemble (5 folds) of each variant.  The DEV split ranks them; test is reported only.", "",
+             "Stage-1 ensemble (5 folds) of each variant.  The DEV split ranks them; test is reported only.  "
+             "'stage-1 s' is wall time with other jobs sharing the cores: a cost indication, not a speed measurement.", "",
              "| variant | overrides | seeds | dev macro F1 | dev acc | test macro F1 | test acc | stage-1 s |",
              "|---|---|---|---|---|---|---|---|"]
     for r in doc["variants"]:
@@ -134,6 +135,33 @@ def write_md(doc: dict, path: Path) -> None:
     lines += [f"- {p['split']}: {p['verdict']}" for p in doc["paired"]]
     lines += ["", f"Decision: {doc['decision']}.", ""]
     path.write_text("\n".join(lines))
+
+
+def write_png(doc: dict, path: Path) -> None:
+    """Dev and test macro F1 (mean, error bar = sample SD) of every variant, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = doc["variants"]
+    if not rows:
+        return
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(1.3 * len(rows) + 2, 3.6))
+    for k, (split, colour) in enumerate((("dev", "tab:blue"), ("test", "tab:grey"))):
+        ax.bar(x + (k - 0.5) * 0.38, [r[f"{split}_macro_f1_mean"] for r in rows], 0.38,
+               yerr=[r[f"{split}_macro_f1_sd"] or 0 for r in rows], capsize=3, color=colour,
+               label=f"{split} (mean, SD ddof=1)" + (" - ranks the variants" if split == "dev" else " - reported only"))
+    ax.set_xticks(x, [r["variant"] for r in rows])
+    ax.set_ylabel("macro F1, stage-1 ensemble")
+    lo = min(r[f"{s}_macro_f1_mean"] for r in rows for s in ("dev", "test"))
+    ax.set_ylim(max(0.0, lo - 0.08), None)
+    ax.set_title(f"Model study, ELPV {doc['fraction']:g} labels, {len(doc['seeds'])} seeds")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -161,6 +189,7 @@ def main() -> None:
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "model_study.json").write_text(json.dumps(doc, indent=2) + "\n")
     write_md(doc, args.results / "model_study.md")
+    write_png(doc, args.results / "model_study.png")
     print(doc["decision"])
 
 
