@@ -107,6 +107,8 @@ def test_model_study_ranks_variants_on_dev_by_paired_seeds(tmp_path):
     d6 = next(p for p in doc["paired"] if p["a"] == "d6" and p["split"] == "dev")
     assert d6["ci_low"] < 0 < d6["ci_high"]
     assert "d2" in doc["decision"] and "d6" not in doc["decision"]
+    ms.write_png(doc, tmp_path / "study.png")
+    assert (tmp_path / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_control_epochs_come_from_the_steps_stage1_really_took(le, tmp_path):
