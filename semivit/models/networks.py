@@ -61,13 +61,16 @@ class TunedStem(nn.Sequential):
         super().__init__(frozen, tail)
 
 
+def _fixed_part(stem):
+    """A :class:`TunedStem`'s frozen part; any other stem as it is."""
+    return stem[0] if isinstance(stem, TunedStem) else stem
+
+
 def frozen_stem(model: nn.Module) -> Optional[Lite0Stem]:
     """The frozen CNN stem of a (Classifier over a) hybrid ViT, or None; with a
     :class:`TunedStem` its frozen part (the stages before the ones that train)."""
     backbone = getattr(model, "backbone", model)
-    stem = getattr(getattr(backbone, "patch_embed", None), "backbone", None)
-    if isinstance(stem, TunedStem):
-        stem = stem[0]
+    stem = _fixed_part(getattr(getattr(backbone, "patch_embed", None), "backbone", None))
     return stem if isinstance(stem, Lite0Stem) and stem.frozen else None
 
 
@@ -123,7 +126,7 @@ class HybridViT(VisionTransformer):
         super().__init__(embed_layer=partial(HybridEmbed, backbone=stem), **kwargs)
         self.stem_depth, self.tune_stem_stages = stem_depth, tune_stem_stages
         if freeze_stem:
-            fixed = stem[0] if isinstance(stem, TunedStem) else stem
+            fixed = _fixed_part(stem)
             fixed.eval()
             for p in fixed.parameters():
                 p.requires_grad_(False)
@@ -132,8 +135,12 @@ class HybridViT(VisionTransformer):
         sd = stem_state_from_lite0(self.stem_depth)
         if self.tune_stem_stages:  # Sequential index 2 + i is stage i: the last stages are the tail's
             cut = 2 + self.stem_depth - self.tune_stem_stages
-            sd = {(f"0.{k}" if int(k.split(".")[0]) < cut else f"1.{int(k.split('.')[0]) - cut}.{k.split('.', 1)[1]}"): v
-                  for k, v in sd.items()}
+
+            def split(key: str) -> str:
+                index, rest = key.split(".", 1)
+                return f"0.{key}" if int(index) < cut else f"1.{int(index) - cut}.{rest}"
+
+            sd = {split(k): v for k, v in sd.items()}
         strict_load(self.patch_embed.backbone, sd, "EfficientNet-Lite0 stem")
 
     def stem_parameters(self):
@@ -265,7 +272,7 @@ def build_model(model_cfg, num_classes: int, pretrained: Optional[bool] = None) 
     backbone = create_backbone(model_cfg, use_pretrained)
     model = Classifier(backbone, num_classes, model_cfg.head_hidden, model_cfg.head_dropout)
     model.norm = normalization(model_cfg)  # read by Preprocess.for_model
-    stem = frozen_stem(model) or getattr(getattr(backbone, "patch_embed", None), "backbone", None)
+    stem = _fixed_part(getattr(getattr(backbone, "patch_embed", None), "backbone", None))
     if isinstance(stem, Lite0Stem):  # the stem-feature cache preprocesses for the stem alone
         stem.norm = model.norm
     return model
