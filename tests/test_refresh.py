@@ -593,6 +593,35 @@ def test_second_refresh_while_one_holds_the_lock_exits_3_and_changes_nothing(reg
     assert_consistent(registry, "after stopping the lock holder")
 
 
+def test_a_stop_signal_a_library_re_raises_as_its_own_error_is_still_a_clean_stop(registry, tmp_path, monkeypatch):
+    """SIGTERM lands while a library runs (in CI: pydantic-core building a validator, which wrapped
+    the handler's StopRequested in a SchemaError): the refresh still stops as a stop - exit 130,
+    history "stopped", the prepared build kept for the next refresh, the lock released - not as a
+    failure that deletes the build and exits 1."""
+    import semivit.trainer.pipeline as pipeline
+
+    def library_that_wraps_exceptions(run, stages, **kw):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler raises StopRequested here
+            time.sleep(5)
+        except BaseException as e:  # what pydantic-core does with an exception from Python code
+            raise ValueError(f"Error building validator: {e!r}") from None
+        raise AssertionError("the SIGTERM handler never ran")
+
+    monkeypatch.setattr(pipeline, "run_stages", library_that_wraps_exceptions)  # build imports it per call
+    inbox = tmp_path / "INBOX"
+    write_inbox(inbox, 2, seed=37)
+    before = signal.getsignal(signal.SIGTERM)
+    assert refresh_cli(registry, inbox, min_new=1, overrides=FAST_TRAIN) == 130
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler was restored
+    assert history.read(registry)[-1]["decision"] == "stopped"
+    kept = list((registry / reg.STAGING).iterdir())
+    assert len(kept) == 1 and (kept[0] / "inputs.json").is_file()
+    assert (registry / "refresh.lock").read_text() == ""
+    assert reg.versions(registry) == ["v0001"]
+    assert_consistent(registry, "after a wrapped stop")
+
+
 def test_low_disk_space_refuses_before_changing_anything(registry, tmp_path, monkeypatch):
     inbox = tmp_path / "INBOX"
     write_inbox(inbox, 2, seed=41)

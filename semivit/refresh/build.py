@@ -236,9 +236,14 @@ def build_candidate(registry: Path, parent: str, db, overrides: list[str], toler
         stop.check()
         kill_point("publish")
         reg.publish(registry, st, name)
-    except (StopRequested, KeyboardInterrupt):
+    except KeyboardInterrupt:
         raise  # a requested stop keeps the prepared build: the next refresh resumes it
-    except BaseException:
+    except BaseException as e:
+        stopped = stop.as_stop(e)
+        if stopped is not None:
+            if stopped is e:
+                raise
+            raise stopped from e  # a stop that a library re-raised as its own error is still a stop
         shutil.rmtree(st, ignore_errors=True)  # a failure leaves nothing (a SIGKILL leaves staging)
         raise
     kill_point("published")

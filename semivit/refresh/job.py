@@ -139,11 +139,17 @@ def refresh_once(registry: Path, inbox: Path, *, min_new: int = 50, tolerance: f
             rec.update(version=name, decision=status, reason=man["status_history"][-1]["why"])
             info(f"refresh: {name} {status}: {rec['reason']}")
             return rec
-        except StopRequested as e:
-            rec.update(decision="stopped", reason=f"{e} before the refresh finished", seconds=round(time.time() - t0, 1))
-            history.append(registry, rec)
-            raise
-        except Exception as e:
+        except BaseException as e:
+            stopped = stop.as_stop(e)  # the stop signal, or a library's own error raised in its place
+            if stopped is not None:
+                rec.update(decision="stopped", reason=f"{stopped} before the refresh finished",
+                           seconds=round(time.time() - t0, 1))
+                history.append(registry, rec)
+                if stopped is e:
+                    raise
+                raise stopped from e
+            if not isinstance(e, Exception):  # KeyboardInterrupt outside a StopFlag, SystemExit
+                raise
             rec.update(action="failed", error=f"{type(e).__name__}: {e}"[:500], seconds=round(time.time() - t0, 1))
             try:
                 history.append(registry, rec)

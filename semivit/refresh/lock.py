@@ -149,6 +149,19 @@ class StopFlag:
         if self.requested:
             raise StopRequested(self.requested)
 
+    def as_stop(self, error: BaseException) -> Optional[StopRequested]:
+        """The StopRequested that ``error`` really is, or None.  A library may catch the handler's
+        exception and raise its own in its place (pydantic-core wraps it in a ``SchemaError`` when
+        the signal lands while it builds a validator): once a stop was requested, whatever unwinds
+        the refresh is that stop, not a failure."""
+        if isinstance(error, StopRequested):
+            return error
+        if self.requested:
+            stop = StopRequested(self.requested)
+            stop.__cause__ = error
+            return stop
+        return None
+
     def sleep(self, seconds: float) -> None:
         """Sleep up to ``seconds``, waking early (with StopRequested) on a stop signal."""
         end = time.monotonic() + seconds
