@@ -145,6 +145,12 @@ class PseudoConfig(_Section):
     # train.loss); "same" = train.loss (focal, class weights) on them too
     soft_loss: Literal["ce", "same"] = "ce"
     weight: Literal["confidence", "one"] = "confidence"
+    # stage 3's batches: the share of each batch drawn from the labeled images (with replacement;
+    # the epoch keeps the length of labels + extra samples, so the optimiser steps do not change).
+    # None: labeled and extra samples in proportion to their numbers, so with 196 labels and 1,506
+    # soft targets a batch holds ~12% labels and the labels are seen ~15 times in 15 epochs, where
+    # a supervised model of as many steps sees them ~180 times (FixMatch's separate labeled batch).
+    labeled_share: Optional[float] = Field(None, gt=0, lt=1)
     # stage 3 (``ssl.method: pseudo-label``) trains with ``train.*`` overridden by these keys,
     # e.g. {epochs: 15, restart_epochs: 15, patience: 5} when stage 1 trains longer than the
     # retraining on labels + pseudo-labels needs (empty: stage 1's ``train.*`` as it is)

@@ -221,3 +221,53 @@ def test_pseudo_train_overrides_stage_3s_training_only(tiny_run, tiny_data_share
         config.resolve(preset="tiny", overrides=["pseudo.train={epoch: 3}"])
     with pytest.raises(UserError, match="epochs"):
         config.resolve(preset="tiny", overrides=["pseudo.train={epochs: 0}"])
+
+
+def test_draw_weights_give_the_labeled_part_its_share():
+    """``pseudo.labeled_share``: labeled rows make the configured share of the draw probability,
+    uniform inside each part, or in the balanced sampler's proportions inside each part."""
+    from semivit.trainer.engine import draw_weights
+
+    w = draw_weights(10, 90, 0.5)
+    assert w.sum() == pytest.approx(1.0)
+    assert w[:10].sum() == pytest.approx(0.5) and w[10:].sum() == pytest.approx(0.5)
+    assert np.allclose(w[:10], 0.05) and np.allclose(w[10:], 0.5 / 90)
+    within = np.r_[np.ones(5), 3 * np.ones(5), np.ones(90)]  # a rare class weighted 3x by 'balanced'
+    wb = draw_weights(10, 90, 0.25, within=within)
+    assert wb[:10].sum() == pytest.approx(0.25) and wb[5] == pytest.approx(3 * wb[0])
+    assert draw_weights(4, 0, 0.5)[:4].sum() == pytest.approx(1.0)  # no extra rows: labels only
+
+
+def test_labeled_share_sets_the_labeled_part_of_stage_3_batches(tiny_run, tiny_data_shared, tmp_path):
+    """Stage 3 with ``pseudo.labeled_share`` draws labeled rows at that share (measured over the
+    fold's draws; without it they come in proportion to their number) and takes the same optimiser
+    steps; stage 1, which has no extra samples, is untouched.  A share outside (0, 1) is a one-line
+    config error."""
+    import json
+    import shutil
+
+    from semivit.errors import UserError
+    from semivit.trainer.pipeline import run_training
+    from semivit.trainer.run import open_run
+
+    def stage3(sets, name):
+        cfg = config.resolve(preset="tiny", overrides=["pseudo.threshold_mode=all", "pseudo.soft=true",
+                                                       "pseudo.weight=one", "pseudo.cluster=false",
+                                                       "pseudo.train={epochs: 4, early_stopping: false}"] + sets)
+        out = tmp_path / name
+        open_run(out, cfg, tiny_data_shared)
+        shutil.copy2(tiny_run / "folds.json", out / "folds.json")
+        shutil.copytree(tiny_run / "stage1", out / "stage1")
+        run_training(tiny_data_shared, out, cfg, stages="pseudo,retrain")
+        return [json.loads((out / "stage3" / f"fold{k}" / "done.json").read_text()) for k in range(cfg.cv.folds)]
+
+    mixed, plain = stage3(["pseudo.labeled_share=0.8"], "mixed"), stage3([], "plain")
+    for m, p in zip(mixed, plain):
+        n_lab = m["train_samples"] - m["extra_samples"]
+        assert m["extra_samples"] > 0 and n_lab / m["train_samples"] < 0.6  # proportional would be < 0.6
+        assert m["labeled_share"] == 0.8 and abs(m["labeled_draws"] - 0.8) < 0.12, m
+        assert p["labeled_share"] is None and p["labeled_draws"] is None
+        assert m["steps"] == p["steps"]
+    for bad in ("1.0", "0", "-0.2"):
+        with pytest.raises(UserError, match="labeled_share"):
+            config.resolve(preset="tiny", overrides=[f"pseudo.labeled_share={bad}"])

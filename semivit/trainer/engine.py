@@ -82,18 +82,39 @@ class FitResult:
     seconds: float = 0.0
     steps: int = 0  # optimiser steps taken (compute-matched benchmark arms compare these)
     threads: Optional[dict] = None  # CPU: the thread governor's choice, probes and switches
+    labeled_draws: Optional[float] = None  # with ``mix``: the share of drawn samples that were labeled
 
 
-def _labeled_loader(ds: ArrayDataset, train_cfg, seed: int) -> DataLoader:
-    """Shuffled (or class-balanced) batches; under torchrun this rank's share of them."""
+def draw_weights(n_labeled: int, n_extra: int, labeled_share: float,
+                 within: Optional[np.ndarray] = None) -> np.ndarray:
+    """Per-sample draw probabilities for a dataset of ``n_labeled`` labeled rows followed by
+    ``n_extra`` extra (pseudo-labeled) rows, so that a draw is labeled with probability
+    ``labeled_share`` (FixMatch's separate labeled batch, as a sampler over one dataset).
+    ``within``: relative weights inside each part (the balanced sampler's), else uniform."""
+    w = np.ones(n_labeled + n_extra) if within is None else np.asarray(within, dtype=np.float64)
+    parts = [(slice(0, n_labeled), labeled_share), (slice(n_labeled, n_labeled + n_extra), 1.0 - labeled_share)]
+    out = np.zeros(len(w))
+    for part, share in parts:
+        total = w[part].sum()
+        if total > 0:
+            out[part] = share * w[part] / total
+    return out / out.sum()
+
+
+def _labeled_loader(ds: ArrayDataset, train_cfg, seed: int, mix: Optional[tuple[int, float]] = None) -> DataLoader:
+    """Shuffled (or class-balanced) batches; under torchrun this rank's share of them.  ``mix``
+    = (labeled rows at the start of ``ds``, their share of every draw): drawn with replacement,
+    an epoch as long as ``ds``."""
     g = torch.Generator().manual_seed(seed)
     world = distributed.current().world_size
     drop_last = len(ds) // world > train_cfg.batch_size  # BatchNorm in the head needs > 1 sample
-    if train_cfg.sampler == "balanced":
+    if train_cfg.sampler == "balanced" or mix is not None:
         from sklearn.utils.class_weight import compute_sample_weight
 
         labels = ds.labels if ds.labels.ndim == 1 else ds.labels.argmax(1)
-        w = compute_sample_weight("balanced", labels)
+        w = compute_sample_weight("balanced", labels) if train_cfg.sampler == "balanced" else None
+        if mix is not None:
+            w = draw_weights(mix[0], len(ds) - mix[0], mix[1], within=w)
         sampler = distributed.sampler(ds, True, seed, weights=w) or WeightedRandomSampler(
             torch.as_tensor(w, dtype=torch.double), len(ds), generator=g)
         return DataLoader(ds, batch_size=train_cfg.batch_size, sampler=sampler, drop_last=drop_last,
@@ -144,7 +165,8 @@ def _forever(loader: Iterable):
 def fit(model: nn.Module, train_ds: ArrayDataset, val_images: np.ndarray, val_labels: np.ndarray,
         cfg, criterion: FocalLoss, device: torch.device, out_dir: Optional[Path] = None,
         policy: Optional[UnlabeledPolicy] = None, desc: str = "train", seed: int = 0,
-        epochs: Optional[int] = None, on_best: Optional[Callable[[nn.Module, dict], None]] = None) -> FitResult:
+        epochs: Optional[int] = None, on_best: Optional[Callable[[nn.Module, dict], None]] = None,
+        mix: Optional[tuple[int, float]] = None) -> FitResult:
     """Train ``model``; validate macro F1 every epoch; keep the best; stop early.
 
     ``train_ds`` yields uint8 images, or cached frozen-stem features (a
@@ -152,6 +174,8 @@ def fit(model: nn.Module, train_ds: ArrayDataset, val_images: np.ndarray, val_la
     :class:`~semivit.trainer.stem_cache.StemFeatures`).
     ``on_best(model, row)`` is called when validation macro F1 improves (checkpointing).
     ``out_dir`` gets metrics.csv, rewritten after every epoch.
+    ``mix`` = (n, share): the first n rows of ``train_ds`` are the labeled ones and make ``share``
+    of every batch on average (``pseudo.labeled_share``; :func:`draw_weights`).
     """
     tcfg = cfg.train
     epochs = epochs or tcfg.epochs
@@ -160,7 +184,7 @@ def fit(model: nn.Module, train_ds: ArrayDataset, val_images: np.ndarray, val_la
     criterion.to(device)
     pre = Preprocess.for_model(model).to(device)
     cached = isinstance(train_ds, CachedViewsDataset)
-    loader = _labeled_loader(train_ds, tcfg, seed)
+    loader = _labeled_loader(train_ds, tcfg, seed, mix)
     u_loader = policy.loader() if policy is not None else None
     steps = len(u_loader) if u_loader is not None else len(loader)
     mixer = _mixer(tcfg, num_classes)
@@ -183,6 +207,7 @@ def fit(model: nn.Module, train_ds: ArrayDataset, val_images: np.ndarray, val_la
     governor = governor_for_training(device)  # CPU: threads chosen by measurement (contention)
     t_start = time.time()
     step = 0
+    n_labeled_drawn, n_drawn = 0, 0
     with progress_bar() as bar:
         task = bar.add_task(desc, total=epochs * steps, status="")
         for epoch in range(epochs):
@@ -202,7 +227,9 @@ def fit(model: nn.Module, train_ds: ArrayDataset, val_images: np.ndarray, val_la
             if governor is not None:
                 governor.start()
             for _ in range(steps):
-                x, y, w, _ = next(lab_iter)
+                x, y, w, idx = next(lab_iter)
+                if mix is not None:
+                    n_labeled_drawn += int((idx < mix[0]).sum())
                 ubatch = next(u_iter)
                 x = x.to(device, non_blocking=True)
                 x, y, w = (pre(x) if x.dtype == torch.uint8 else x), y.to(device), w.to(device)
@@ -221,6 +248,7 @@ def fit(model: nn.Module, train_ds: ArrayDataset, val_images: np.ndarray, val_la
                 step += 1
                 total += float(loss.detach()) * len(x)
                 seen += len(x)
+                n_drawn += len(x)
                 if governor is not None:
                     governor.step(len(x))
                 busy = "" if governor is None or governor.current == governor.choices[0] else \
@@ -258,4 +286,6 @@ def fit(model: nn.Module, train_ds: ArrayDataset, val_images: np.ndarray, val_la
     result.seconds = time.time() - t_start
     result.steps = step
     result.threads = governor.summary() if governor is not None else None
+    if mix is not None:
+        result.labeled_draws = round(n_labeled_drawn / max(n_drawn, 1), 4)
     return result

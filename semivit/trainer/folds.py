@@ -108,15 +108,18 @@ def train_fold(run: Run, stage: str, k: int, extra: Optional[Extra] = None,
         save_checkpoint(out / "best.pt", m, cfg.model, run.classes, stage=stage, fold=k,
                         epoch=row["epoch"], val_macro_f1=row["val_macro_f1"], val_acc=row["val_acc"])
 
+    share = cfg.pseudo.labeled_share if len(images) > len(tr) else None  # only with extra samples
     res = fit(model, ds, val_inputs, y[va], cfg, criterion, run.device, out_dir=out, policy=policy,
-              desc=f"{stage} fold {k + 1}/{cfg.cv.folds}", seed=seed, epochs=epochs, on_best=on_best)
+              desc=f"{stage} fold {k + 1}/{cfg.cv.folds}", seed=seed, epochs=epochs, on_best=on_best,
+              mix=(len(tr), share) if share is not None else None)
     distributed.rank_log(f"{stage} fold {k + 1}/{cfg.cv.folds}: stopped after epoch {res.epochs_run} "
                          f"(best epoch {res.best_epoch}, val macro F1 {res.best_f1:.6f}, {res.steps} steps)")
     summary = {"stage": stage, "fold": k, "val_macro_f1": res.best_f1, "best_epoch": res.best_epoch,
                "epochs_run": res.epochs_run, "steps": res.steps, "stopped_early": res.stopped_early,
                "val_acc": res.history[res.best_epoch - 1]["val_acc"], "seconds": round(res.seconds, 1),
                "train_samples": int(len(images)), "extra_samples": int(len(images) - len(tr)),
-               "val_samples": int(len(va)), "threads": res.threads}
+               "val_samples": int(len(va)), "threads": res.threads, "labeled_share": share,
+               "labeled_draws": res.labeled_draws}
     if distributed.is_main():
         np.save(out / "val_probs.npy", res.val_probs)
         atomic_write_json(out / "done.json", summary)  # written last: marks the fold finished
