@@ -528,7 +528,9 @@ def summarise(results: list[dict], upper: list[dict], split: str, b: str | None)
                             "per_class_f1_mean": {c: round(float(np.mean([v["per_class_f1"][c] for v in vals])), 4)
                                                   for c in vals[0].get("per_class_f1", {})}})
         cands = [k for k in keys if k.startswith("cand_")]
-        pairs = [("b", "g"), ("b", "f_best"), ("b", "a"), ("g", "a")] + [(c, "g") for c in cands]
+        # every candidate against the control, and (b) against each other candidate (the dev choice)
+        pairs = [("b", "g"), ("b", "f_best"), ("b", "a"), ("g", "a")] + [(c, "g") for c in cands] + \
+            [("b", c) for c in cands if c != b]
         for a, bb in pairs:
             both = [r for r in rows if a in r[split] and bb in r[split]]
             if not both:

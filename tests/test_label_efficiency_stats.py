@@ -57,6 +57,12 @@ def test_b_and_f_best_are_chosen_on_dev_never_on_test(le):
     assert by_arm["b"]["macro_f1_mean"] == pytest.approx(0.4) and by_arm["f_best"]["macro_f1_mean"] == pytest.approx(0.1)
     bg = next(p for p in paired if (p["a"], p["b"]) == ("b", "g"))
     assert bg["n"] == 5 and bg["diff_mean"] == pytest.approx(0.05) and bg["ci_low"] == pytest.approx(0.05)
+    # (b) against every other candidate, on each split (on dev: the margin that chose it)
+    by = next(p for p in paired if (p["a"], p["b"]) == ("b", "cand_y"))
+    assert by["n"] == 5 and by["diff_mean"] == pytest.approx(-0.2)
+    assert not any(p["a"] == "b" and p["b"] == "cand_x" for p in paired)  # not against itself
+    _, dev_paired, _ = le.summarise(rows, [], "dev", b)
+    assert next(p for p in dev_paired if (p["a"], p["b"]) == ("b", "cand_y"))["diff_mean"] == pytest.approx(0.1)
 
 
 def test_lite0_learning_rate_search_extends_the_grid_past_a_winning_edge(le):
