@@ -6,7 +6,7 @@ pair by (fraction, seed).  Each ``--pair`` is ``ARM@NAME-ARM@NAME``; the result 
 with ``--result NAME=FILE`` (a label_efficiency JSON: its ``runs`` hold every seed's scores).
 
     python benchmarks/compare_arms.py --result base=benchmarks/results/label_efficiency_e15.json \
-        --result long=benchmarks/results/label_efficiency.json \
+        --result long=benchmarks/results/label_efficiency_xeon_distil.json \
         --pair b@long-b@base --pair a@long-a@base --pair b@long-g@long --split dev \
         --out benchmarks/results/stage1_epochs_dev
 

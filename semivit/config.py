@@ -317,7 +317,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "cache_views": 8,
             "precision": "auto",
         },
-        # Ensemble distillation, chosen on the dev split (benchmarks/results/label_efficiency.md,
+        # Ensemble distillation, chosen on the dev split (benchmarks/results/label_efficiency_xeon_distil.md,
         # "dev study"): the stage-1 ensemble's probabilities on EVERY unlabeled image are soft
         # targets (cross-entropy, weight one) for the noised stage-3 students.  Per-class
         # thresholds (oof) and per-class quotas scored lower on dev; no cluster cores needed.
