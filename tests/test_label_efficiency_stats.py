@@ -162,3 +162,49 @@ def test_compare_arms_pairs_seeds_across_result_files(tmp_path):
              "--pair", "b@long-b@base", "--out", str(tmp_path / "cmp")])
     assert json.loads((tmp_path / "cmp.json").read_text())["paired"][0]["n"] == 4
     assert "| dev | 0.1 | b@long | b@base | 4 |" in (tmp_path / "cmp.md").read_text()
+
+
+def test_ensemble_weighting_measures_the_leak_and_scores_both_weightings(tmp_path, monkeypatch):
+    """benchmarks/ensemble_weighting.py on a scripted seed: two stage-1 members (val F1 0.3) that
+    are right, two stage-3 members (val F1 0.9, the leak) that answer class 0 for everything.
+    F1 weights give the students 75% of the weight and the ensemble answers class 0 (macro F1
+    1/3); equal weights let the stage-1 members carry the class-1 images (macro F1 1.0)."""
+    import json
+
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location("ensemble_weighting", ROOT / "benchmarks" / "ensemble_weighting.py")
+    ew = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ew)
+
+    runs = tmp_path / "runs-elpv-f0.1-s0"
+    (runs / "A").mkdir(parents=True)
+    (runs / "A" / "ensemble.json").write_text(json.dumps({"classes": ["ok", "bad"], "img_size": 32}))
+    for k in (0, 1):
+        (runs / "C-mix" / "stage3" / f"fold{k}").mkdir(parents=True)
+        (runs / "C-mix" / "stage3" / f"fold{k}" / "done.json").write_text("{}")
+    (runs / "C-empty" / "stage3").mkdir(parents=True)  # a candidate that never finished a fold: no arm
+    y = np.array([0, 0, 1, 1])
+    right = np.array([[0.7, 0.3], [0.7, 0.3], [0.3, 0.7], [0.3, 0.7]])
+    all0 = np.array([[0.6, 0.4]] * 4)
+
+    def fake_members(run_dir, stages):
+        if run_dir.name == "A":
+            return [(run_dir, {"fold": k, "stage": "stage1", "val_macro_f1": 0.3, "path": f"s1-{k}"}) for k in (0, 1)]
+        return [(run_dir, {"fold": k, "stage": "stage3", "val_macro_f1": 0.9, "path": f"s3-{k}"}) for k in (0, 1)]
+
+    class FakeScorer:
+        def __init__(self, split_dir, classes, size):
+            self.y, self.classes = y, classes
+
+        def member_probs(self, run_dir, m):
+            return right if m["path"].startswith("s1") else all0
+
+    monkeypatch.setattr(ew, "members", fake_members)
+    monkeypatch.setattr(ew, "Scorer", FakeScorer)
+    res = ew.one_seed(runs, tmp_path / "data")
+    assert set(res["scores"]["test"]) == {"a", "cand_mix"}
+    assert res["scores"]["test"]["cand_mix"] == {"f1": round(1 / 3, 4), "equal": 1.0}
+    assert res["scores"]["dev"]["a"] == {"f1": 1.0, "equal": 1.0}
+    assert res["folds"]["cand_mix"]["stage3_minus_stage1_val_f1"] == [0.6, 0.6]
+    assert res["folds"]["cand_mix"]["stage3_weight_share"] == 0.75
