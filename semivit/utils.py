@@ -22,11 +22,14 @@ console = Console(stderr=True, highlight=False)
 
 
 def warn(msg: str) -> None:
-    console.print(f"[yellow]warning:[/yellow] {msg}", soft_wrap=True)  # no hard wrap in a log file
+    console.print("[yellow]warning:[/yellow] ", end="", soft_wrap=True)
+    info(msg)
 
 
 def info(msg: str) -> None:
-    console.print(msg, soft_wrap=True)
+    """A line on stderr: no hard wrap (log files), no markup - messages hold paths and install hints
+    with brackets (``pip install 'semivit[openvino]'``) that rich would take for style tags."""
+    console.print(msg, soft_wrap=True, markup=False)
 
 
 def seed_everything(seed: int) -> None:

@@ -101,3 +101,15 @@ def test_read_format_json_names_what_is_wrong(tmp_path):
         read_format_json(p, "fmt/1", "no doc here", "not fmt")
     p.write_text('{"format": "fmt/1", "x": 1}')
     assert read_format_json(p, "fmt/1", "no doc here", "not fmt") == {"format": "fmt/1", "x": 1}
+
+
+def test_info_and_warn_print_brackets_as_written(capsys):
+    """Install hints and paths hold brackets; rich markup must not eat them ("[openvino]" once
+    vanished from the export's skip message)."""
+    from semivit.utils import info, warn
+
+    info("candidate skipped: pip install 'semivit[openvino]' for runs/[a]/x")
+    warn("nncf is missing: pip install 'semivit[openvino]'")
+    err = capsys.readouterr().err
+    assert "pip install 'semivit[openvino]' for runs/[a]/x" in err
+    assert "warning: nncf is missing: pip install 'semivit[openvino]'" in err
