@@ -151,6 +151,12 @@ class PseudoConfig(_Section):
     # soft targets a batch holds ~12% labels and the labels are seen ~15 times in 15 epochs, where
     # a supervised model of as many steps sees them ~180 times (FixMatch's separate labeled batch).
     labeled_share: Optional[float] = Field(None, gt=0, lt=1)
+    # whose predictions stage 3's fold-k student learns from.  "ensemble": stage 2's (the stage-1
+    # ensemble, whose members 2..5 trained on fold k's labels, so the student's validation score on
+    # fold k - its epoch choice and its ensemble weight - has seen those labels).  "fold": stage-1
+    # fold k's model alone (trained without fold k): the same images, its probabilities (soft), its
+    # arg-max (hard) and its confidence (weights); fold k's validation stays unseen.
+    teacher: Literal["ensemble", "fold"] = "ensemble"
     # stage 3 (``ssl.method: pseudo-label``) trains with ``train.*`` overridden by these keys,
     # e.g. {epochs: 15, restart_epochs: 15, patience: 5} when stage 1 trains longer than the
     # retraining on labels + pseudo-labels needs (empty: stage 1's ``train.*`` as it is)

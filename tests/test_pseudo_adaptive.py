@@ -271,3 +271,58 @@ def test_labeled_share_sets_the_labeled_part_of_stage_3_batches(tiny_run, tiny_d
     for bad in ("1.0", "0", "-0.2"):
         with pytest.raises(UserError, match="labeled_share"):
             config.resolve(preset="tiny", overrides=[f"pseudo.labeled_share={bad}"])
+
+
+def test_fold_teacher_relabels_each_fold_by_its_own_stage1_model(tiny_run, tiny_data_shared, tmp_path, monkeypatch):
+    """``pseudo.teacher: fold``: fold k's soft targets are stage-1 fold k's probabilities, so the
+    F1-weighted mean of the folds' targets is stage 2's ensemble (written independently to
+    pseudo_labels.csv) while the folds differ; hard labels are each fold's arg-max; stage 3's fold
+    k trains on exactly those.  A teacher that is not a known name is a one-line config error."""
+    import json
+    import shutil
+
+    from semivit.errors import UserError
+    from semivit.models.ensemble import ensemble_weights
+    from semivit.trainer import folds as folds_mod
+    from semivit.trainer.pipeline import FoldTeacher, pseudo_extra, run_training
+    from semivit.trainer.run import open_run
+
+    trained: dict = {}  # (soft, fold) -> the extra labels stage 3 trained fold k on
+    real_train_fold = folds_mod.train_fold
+
+    def spy(run, stage, k, extra=None, **kw):
+        if stage == "stage3":
+            trained[(run.cfg.pseudo.soft, k)] = np.array(extra.labels)
+        return real_train_fold(run, stage, k, extra=extra, **kw)
+
+    monkeypatch.setattr(folds_mod, "train_fold", spy)
+
+    base = ["pseudo.threshold_mode=all", "pseudo.weight=one", "pseudo.cluster=false",
+            "pseudo.train={epochs: 2, early_stopping: false}", "pseudo.teacher=fold"]
+    for soft in ("true", "false"):
+        cfg = config.resolve(preset="tiny", overrides=base + [f"pseudo.soft={soft}"])
+        out = tmp_path / f"soft-{soft}"
+        open_run(out, cfg, tiny_data_shared)
+        shutil.copy2(tiny_run / "folds.json", out / "folds.json")
+        shutil.copytree(tiny_run / "stage1", out / "stage1")
+        run_training(tiny_data_shared, out, cfg, stages="pseudo,retrain")
+        run = open_run(out, cfg, tiny_data_shared, create=False)
+        extra = pseudo_extra(run)
+        teach = FoldTeacher(run, extra)
+        folds = [teach.probs(k) for k in range(cfg.cv.folds)]
+        f1s = [json.loads((out / "stage1" / f"fold{k}" / "done.json").read_text())["val_macro_f1"]
+               for k in range(cfg.cv.folds)]
+        assert max(np.abs(f - folds[0]).max() for f in folds[1:]) > 1e-3  # every fold its own teacher
+        for k in range(cfg.cv.folds):
+            labels = teach(k).labels
+            if soft == "true":
+                np.testing.assert_allclose(labels, folds[k], atol=1e-6)
+            else:
+                assert labels.dtype == np.int64 and (labels == folds[k].argmax(1)).all()
+            assert (out / "stage3" / f"fold{k}" / "done.json").is_file()
+            np.testing.assert_array_equal(trained[(soft == "true", k)], labels)
+        if soft == "true":
+            ens = sum(w * f for w, f in zip(ensemble_weights(f1s), folds))
+            np.testing.assert_allclose(ens, extra.labels, atol=2e-5)
+    with pytest.raises(UserError, match="teacher"):
+        config.resolve(preset="tiny", overrides=["pseudo.teacher=student"])

@@ -89,18 +89,29 @@ def pseudo_label_retrain(run):
     from semivit.trainer.pipeline import pseudo_extra
     from semivit.utils import info
 
+    from semivit.trainer.folds import FoldSetup
+
     extra = pseudo_extra(run)
+    teach = None
+    if run.cfg.pseudo.teacher == "fold" and len(extra.labels):
+        from semivit.trainer.pipeline import FoldTeacher
+
+        teach = FoldTeacher(run, extra, run.extra_pseudo)  # fold k's own labels, built when fold k trains
     if run.extra_pseudo is not None:
         extra = concat(extra, run.extra_pseudo)
     kind = "soft-target (distillation)" if extra.labels.ndim == 2 else "pseudo-labeled"
-    info(f"stage 3: {len(run.labeled)} labeled + {len(extra.labels)} {kind} images per fold pool")
-    if not run.cfg.pseudo.train:
-        return FoldPlan(extra=extra)
-    from semivit.config import retrain_train_config
-    from semivit.trainer.folds import FoldSetup
+    who = "stage-1 fold k's model alone teaches fold k" if teach is not None else "the stage-1 ensemble teaches"
+    info(f"stage 3: {len(run.labeled)} labeled + {len(extra.labels)} {kind} images per fold pool ({who})")
+    cfg = None
+    if run.cfg.pseudo.train:
+        from semivit.config import retrain_train_config
 
-    cfg = run.cfg.model_copy(update={"train": retrain_train_config(run.cfg)})  # pseudo.train on top
-    return FoldPlan(extra=extra, per_fold=lambda k: FoldSetup(epochs=cfg.train.epochs, cfg=cfg))
+        cfg = run.cfg.model_copy(update={"train": retrain_train_config(run.cfg)})  # pseudo.train on top
+    if teach is None and cfg is None:
+        return FoldPlan(extra=extra)
+    return FoldPlan(extra=extra, per_fold=lambda k: FoldSetup(
+        extra=teach(k) if teach is not None else None,
+        epochs=cfg.train.epochs if cfg is not None else None, cfg=cfg))
 
 
 @retrain_method("ema-teacher", needs=("supervised",))

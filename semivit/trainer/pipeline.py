@@ -98,6 +98,44 @@ def pseudo_extra(run: Run) -> Extra:
                           [r["probs"] for r in rows], run.cfg.pseudo)
 
 
+class FoldTeacher:
+    """``pseudo.teacher: fold``: stage 2's pseudo-labeled images relabeled, for fold k, by stage-1
+    fold k's model alone (flip TTA as stage 2), which never trained on fold k - so fold k's
+    student learns nothing from its own validation labels.  Soft targets become that model's
+    probabilities, hard labels its arg-max, confidence weights its maximum.  The images (and the
+    cached stem views of them, computed by the first fold that trains) are shared by every fold;
+    ``also``: samples appended unchanged (a refresh's accepted inbox pseudo-labels)."""
+
+    def __init__(self, run: Run, extra: Extra, also: Optional[Extra] = None):
+        self.run, self.extra, self.also = run, extra, also
+        self.inputs = None  # the images' stem features (or the images), computed once
+        self.last: Optional[Extra] = None  # the previous fold's samples: their cached views are reused
+
+    def probs(self, k: int) -> np.ndarray:
+        from semivit.models.checkpoint import load_checkpoint
+        from semivit.trainer.infer import predict_arrays
+
+        run, tta = self.run, self.run.cfg.pseudo.tta
+        if self.inputs is None:
+            self.inputs = run.stem_features(self.extra.images, tta=tta, what="fold teachers' images")
+        model, _ = load_checkpoint(run.stage_dir("stage1", k) / "best.pt")
+        return predict_arrays(model.to(run.device), self.inputs, device=run.device, tta=tta)
+
+    def __call__(self, k: int) -> Extra:
+        from semivit.pseudo.samples import concat
+
+        p = self.probs(k)
+        pcfg = self.run.cfg.pseudo
+        labels = p.astype(np.float32) if self.extra.labels.ndim == 2 else p.argmax(1).astype(np.int64)
+        weights = p.max(1).astype(np.float32) if pcfg.weight == "confidence" else np.ones(len(p), np.float32)
+        out = Extra(self.extra.images, labels, weights)
+        if self.also is not None and len(self.also.labels):
+            out = concat(out, self.also)
+        out.views = self.last.views if self.last is not None else None  # same images, same order
+        self.last = out
+        return out
+
+
 def run_training(data: Optional[Path], out: Optional[Path], cfg, stages: Optional[str] = None) -> Run:
     """The whole pipeline; under torchrun one DistributedDataParallel run (see
     :mod:`semivit.trainer.distributed`): the trainings are shared out, rank 0 writes."""
