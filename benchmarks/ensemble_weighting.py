@@ -54,12 +54,13 @@ def score(sc: Scorer, pairs: list, weighting: str) -> float:
     return round(float(macro_f1(sc.y, p.argmax(1), len(sc.classes))), 4)
 
 
-def one_seed(runs: Path, data: Path) -> dict:
+def one_seed(runs: Path, data: Path, rescore: bool = True) -> dict:
+    """``rescore=False``: the validation-score comparison alone (read from the runs, no inference)."""
     arms = arms_of(runs)
     classes = read_json(runs / "A" / "ensemble.json")["classes"]
     size = read_json(runs / "A" / "ensemble.json")["img_size"]
-    res: dict = {"runs": str(runs), "scores": {}, "folds": {}}
-    for split in ("dev", "test"):
+    res: dict = {"runs": str(runs), "scores": {"dev": {}, "test": {}}, "folds": {}}
+    for split in ("dev", "test") if rescore else ():
         sc = Scorer(data / split, classes, size)
         res["scores"][split] = {arm: {wt: score(sc, pairs, wt) for wt in ("f1", "equal")} for arm, pairs in arms.items()}
     s1 = {m["fold"]: m["val_macro_f1"] for _, m in arms["a"]}
@@ -77,6 +78,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, nargs="+", required=True, help="label_efficiency.py --work directories")
     ap.add_argument("--out", type=Path, required=True, help="output stem (.json and .md are written)")
+    ap.add_argument("--leak-only", action="store_true",
+                    help="only the stage-3 vs stage-1 validation scores (read from the runs; no inference)")
     args = ap.parse_args()
     t0 = time.time()
     seeds = []
@@ -84,8 +87,8 @@ def main() -> None:
         for runs in sorted(work.glob("runs-*")):
             data = work / runs.name.replace("runs-", "data-", 1)
             if (runs / "A" / "ensemble.json").exists() and (data / "dev").is_dir():
-                print(f"re-scoring {runs}", flush=True)
-                seeds.append(one_seed(runs, data) | {"seed": runs.name.rsplit("-s", 1)[1]})
+                print(f"{'reading' if args.leak_only else 're-scoring'} {runs}", flush=True)
+                seeds.append(one_seed(runs, data, not args.leak_only) | {"seed": runs.name.rsplit("-s", 1)[1]})
     arms = sorted({a for s in seeds for a in s["scores"]["test"]})
     paired, table = [], []
     for split in ("dev", "test"):
@@ -120,10 +123,12 @@ def main() -> None:
              "|---|---|---|---|"]
     lines += [f"| {a} | {v['folds']} | {v['stage3_minus_stage1_val_f1_mean']:+.4f} / {v['stage3_minus_stage1_val_f1_min']:+.4f} | "
               f"{v['stage3_weight_share_mean']:.3f} |" for a, v in leak.items()]
-    lines += ["", "## Macro F1 by weighting (mean over seeds)", "", "| split | arm | seeds | F1 weights | equal weights |",
-              "|---|---|---|---|---|"]
-    lines += [f"| {t['split']} | {t['arm']} | {t['n']} | {t['f1_weights']:.4f} | {t['equal_weights']:.4f} |" for t in table]
-    lines += ["", "## Equal minus F1 weights, paired by seed", ""] + [f"- {p['split']}: {verdict(p)}" for p in paired] + [""]
+    if table:  # not with --leak-only
+        lines += ["", "## Macro F1 by weighting (mean over seeds)", "", "| split | arm | seeds | F1 weights | equal weights |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {t['split']} | {t['arm']} | {t['n']} | {t['f1_weights']:.4f} | {t['equal_weights']:.4f} |" for t in table]
+        lines += ["", "## Equal minus F1 weights, paired by seed", ""] + [f"- {p['split']}: {verdict(p)}" for p in paired]
+    lines += [""]
     args.out.with_suffix(".md").write_text("\n".join(lines))
     print(f"wrote {args.out}.md")
 

@@ -208,3 +208,5 @@ def test_ensemble_weighting_measures_the_leak_and_scores_both_weightings(tmp_pat
     assert res["scores"]["dev"]["a"] == {"f1": 1.0, "equal": 1.0}
     assert res["folds"]["cand_mix"]["stage3_minus_stage1_val_f1"] == [0.6, 0.6]
     assert res["folds"]["cand_mix"]["stage3_weight_share"] == 0.75
+    quick = ew.one_seed(runs, tmp_path / "data", rescore=False)  # --leak-only: no scoring
+    assert quick["scores"] == {"dev": {}, "test": {}} and quick["folds"] == res["folds"]
