@@ -117,7 +117,8 @@ def main() -> None:
     args.out.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")
     lines = ["# Ensemble weights: validation macro F1 vs equal, on the label-efficiency runs", "",
              f"Machine: {doc['machine']}. Commit `{doc['commit']}`. {len(seeds)} seeds. Wall time {doc['wall_seconds']:.0f} s "
-             "(no training: the members' probabilities are recomputed).", "", "Reproduce: `" + doc["command"] + "`", "",
+             + ("(read from the runs' done.json: no inference)." if args.leak_only
+                else "(no training: the members' probabilities are recomputed)."), "", "Reproduce: `" + doc["command"] + "`", "",
              "## Stage-3 validation scores against stage 1's on the same folds", "",
              "| candidate | folds | stage-3 minus stage-1 val macro F1 (mean / min) | stage-3 share of the ensemble weight |",
              "|---|---|---|---|"]
