@@ -26,7 +26,8 @@ from semivit.serve.resolve import resolve_model_dir
 from semivit.serve.scheduler import Scheduler, reserve_seconds
 from semivit.serve.shard import parse_shard, select_shard
 from semivit.serve.writers import check_format, check_output, open_writer
-from semivit.utils import console
+from semivit.utils import info as say  # no wrapping, no markup (paths may hold brackets)
+from semivit.utils import warn
 
 ENGINES = ("local", "ray")
 
@@ -57,16 +58,6 @@ class Summary:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def say(msg: str) -> None:
-    """A line on stderr: no wrapping at the terminal width, no markup (paths may hold brackets)."""
-    console.print(msg, soft_wrap=True, markup=False, highlight=False)
-
-
-def warn(msg: str) -> None:
-    console.print("[yellow]warning:[/yellow] ", end="", soft_wrap=True)
-    say(msg)
 
 
 class NotLoaded(Backend):

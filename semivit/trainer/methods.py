@@ -85,11 +85,9 @@ def pseudo_label_retrain(run):
     """Every fold again from the (pre-trained) backbone on its labeled training folds + all of
     stage 2's pseudo-labels (and a refresh's accepted inbox pseudo-labels), weighted by confidence."""
     from semivit.pseudo.samples import concat
-    from semivit.trainer.folds import FoldPlan
+    from semivit.trainer.folds import FoldPlan, FoldSetup
     from semivit.trainer.pipeline import pseudo_extra
     from semivit.utils import info
-
-    from semivit.trainer.folds import FoldSetup
 
     extra = pseudo_extra(run)
     teach = None

@@ -125,10 +125,7 @@ class FoldTeacher:
         from semivit.pseudo.samples import concat
 
         p = self.probs(k)
-        pcfg = self.run.cfg.pseudo
-        labels = p.astype(np.float32) if self.extra.labels.ndim == 2 else p.argmax(1).astype(np.int64)
-        weights = p.max(1).astype(np.float32) if pcfg.weight == "confidence" else np.ones(len(p), np.float32)
-        out = Extra(self.extra.images, labels, weights)
+        out = pseudo_samples(self.extra.images, p.argmax(1), p.max(1), p, self.run.cfg.pseudo)
         if self.also is not None and len(self.also.labels):
             out = concat(out, self.also)
         out.views = self.last.views if self.last is not None else None  # same images, same order
