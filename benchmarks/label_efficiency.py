@@ -71,7 +71,11 @@ TEST_SEED = 0  # the held-out split is the same for every fraction and seed
 DEV_FRACTION = 0.15  # share of the unlabeled pool moved to dev/ (stratified by its true labels)
 LITE0_LRS = (1e-4, 3e-4, 1e-3)  # (f)'s learning-rate grid (AdamW, one LR for the whole network) ...
 LITE0_LR_LIMITS = (3e-5, 1e-2)  # ... extended x3 past an edge that wins, within these bounds
-LITE0_EPOCHS = 20  # the epoch itself is chosen by the best validation macro F1 (patience 6)
+# (f)'s training length, chosen on validation folds at the chosen learning rate: one cosine decay
+# over E epochs, no early stop, the epoch with the best validation macro F1 kept (stage 1's rule).
+# The first value is the one the learning rate is searched at.  (Earlier runs: 20 epochs with
+# early stopping after 6 flat ones, which stopped (f) after 30-100 optimiser steps at 10% labels.)
+LITE0_EPOCHS = (20, 40)
 
 ARM_LABELS = {
     "a": "(a) stage-1 ensemble (5 ViT)",
@@ -265,30 +269,32 @@ def pseudo_summary(run_dir: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------- (f): Lite0 fine-tune
-def lite0_sets(size: int, lr: float, sets: list[str]) -> list[str]:
+def lite0_sets(size: int, lr: float, sets: list[str], epochs: int = LITE0_EPOCHS[0]) -> list[str]:
     return sets + ["model.name=tf_efficientnet_lite0", "model.kwargs={}", "model.pretrained=true",
                    f"model.img_size={size}", "model.mean=[0.5,0.5,0.5]", "model.std=[0.5,0.5,0.5]",
                    "train.cache_views=0", f"train.lr={lr}", "train.backbone_lr_mult=1.0",
-                   f"train.epochs={LITE0_EPOCHS}", f"train.restart_epochs={LITE0_EPOCHS}",
-                   "train.patience=6", "train.warmup_epochs=1", "train.augment=light", "train.batch_size=32"]
+                   f"train.epochs={epochs}", f"train.restart_epochs={epochs}", "train.early_stopping=false",
+                   "train.warmup_epochs=1", "train.augment=light", "train.batch_size=32"]
 
 
-def lite0_lr(work: Path, tag: str, data: Path, preset: str, size: int, sets: list[str], folds_from: Path) -> float:
-    """(f)'s learning rate: the grid value with the best mean validation macro F1 on folds 0-1 of
-    the labeled pool of the first seed measured (chosen once per dataset, fraction and
-    resolution; recorded in --work).  Validation folds only: never the dev or test split."""
+def lite0_hparams(work: Path, tag: str, data: Path, preset: str, size: int, sets: list[str],
+                  folds_from: Path) -> tuple[float, int]:
+    """(f)'s learning rate and training length: the learning rate with the best mean validation
+    macro F1 on folds 0-1 of the labeled pool of the first seed measured (at LITE0_EPOCHS[0]),
+    then, at that rate, the epoch count (LITE0_EPOCHS) with the best one - chosen once per
+    dataset, fraction and resolution and recorded in --work.  Validation folds only: never the
+    dev or test split."""
     from semivit.trainer.folds import train_fold
 
     rec = work / f"lite0-lr-{tag}-r{size}.json"
-    if rec.exists():
-        doc = json.loads(rec.read_text())
-        if not _grid_edge(doc["lr"], [float(v) for v in doc["val_macro_f1_by_lr"]]):
-            return doc["lr"]
-    scores: dict[str, float] = {}
+    doc = json.loads(rec.read_text()) if rec.exists() else {}
+    if (doc and "epochs" in doc and not _grid_edge(doc["lr"], [float(v) for v in doc["val_macro_f1_by_lr"]])):
+        return doc["lr"], doc["epochs"]
 
-    def val_f1(lr: float) -> float:
-        out = work / f"lite0-grid-{tag}-r{size}-lr{lr:g}"
-        cfg = cfg_for(preset, 0, lite0_sets(size, lr, sets))
+    def val_f1(lr: float, epochs: int) -> float:
+        name = f"lite0-grid-{tag}-r{size}-lr{lr:g}" + ("" if epochs == LITE0_EPOCHS[0] else f"-e{epochs}")
+        out = work / name
+        cfg = cfg_for(preset, 0, lite0_sets(size, lr, sets, epochs))
         run = open_run(out, cfg, data)  # creates the run; its folds are read lazily, after the copy
         if not (out / "folds.json").exists():
             shutil.copy2(folds_from, out / "folds.json")
@@ -296,17 +302,24 @@ def lite0_lr(work: Path, tag: str, data: Path, preset: str, size: int, sets: lis
         for k in (0, 1):
             done = out / "stage1" / f"fold{k}" / "done.json"
             vals.append(read_json(done)["val_macro_f1"] if done.exists() else train_fold(run, "stage1", k)["val_macro_f1"])
-        print(f"  (f) {size} px lr {lr:g}: mean val macro F1 {np.mean(vals):.4f}", flush=True)
+        print(f"  (f) {size} px lr {lr:g}, {epochs} epochs: mean val macro F1 {np.mean(vals):.4f}", flush=True)
         return round(float(np.mean(vals)), 4)
+
+    scores: dict[str, float] = {}
 
     def score(lr: float) -> float:  # each grid value trained once
         if f"{lr:g}" not in scores:
-            scores[f"{lr:g}"] = val_f1(lr)
+            scores[f"{lr:g}"] = val_f1(lr, LITE0_EPOCHS[0])
         return scores[f"{lr:g}"]
 
-    best = search_lr(score, LITE0_LRS)
-    rec.write_text(json.dumps({"lr": best, "val_macro_f1_by_lr": scores}) + "\n")
-    return best
+    lr = search_lr(score, LITE0_LRS)
+    by_epochs = {str(LITE0_EPOCHS[0]): scores[f"{lr:g}"]}
+    for e in LITE0_EPOCHS[1:]:
+        by_epochs[str(e)] = val_f1(lr, e)
+    epochs = int(max(by_epochs, key=lambda e: (by_epochs[e], -int(e))))  # a tie: the shorter
+    rec.write_text(json.dumps({"lr": lr, "val_macro_f1_by_lr": scores, "epochs": epochs,
+                               "val_macro_f1_by_epochs": by_epochs}) + "\n")
+    return lr, epochs
 
 
 def search_lr(score, grid=LITE0_LRS, limits=None) -> float:
@@ -333,9 +346,9 @@ def run_lite0(work: Path, tag: str, runs: Path, data: Path, preset: str, seed: i
               folds_from: Path, sc: Scorer) -> dict:
     from semivit.trainer.folds import run_stage
 
-    lr = lite0_lr(work, tag.rsplit("-s", 1)[0], data, preset, size, sets, folds_from)
+    lr, epochs = lite0_hparams(work, tag.rsplit("-s", 1)[0], data, preset, size, sets, folds_from)
     F = runs / f"F{size}"
-    cfg = cfg_for(preset, seed, lite0_sets(size, lr, sets))
+    cfg = cfg_for(preset, seed, lite0_sets(size, lr, sets, epochs))
     if not (F / "config.yaml").exists():
         open_run(F, cfg, data)
         shutil.copy2(folds_from, F / "folds.json")
@@ -344,8 +357,8 @@ def run_lite0(work: Path, tag: str, runs: Path, data: Path, preset: str, seed: i
     ms = members(F, ["stage1"])
     steps = stage_steps(F, "stage1")
     fold0 = [p for p in ms if p[1].get("fold") == 0] or ms[:1]
-    return {f"f{size}_single": sc.score(fold0, steps[0]) | {"lr": lr},
-            f"f{size}_ens": sc.score(ms, sum(steps)) | {"lr": lr}}
+    return {f"f{size}_single": sc.score(fold0, steps[0]) | {"lr": lr, "epochs": epochs},
+            f"f{size}_ens": sc.score(ms, sum(steps)) | {"lr": lr, "epochs": epochs}}
 
 
 # ----------------------------------------------------------------------------- one (dataset, fraction, seed)
@@ -628,8 +641,10 @@ def write_outputs(doc: dict, stem: Path) -> None:
             lines.append(f"- {verdict(p)}")
         lines += [""] + _table(doc["dev_summary"], frac) + [""]
     if doc.get("lite0_lr"):
-        lines += ["(f)'s learning rate, chosen on validation folds 0-1 of the labeled pool:", ""]
-        lines += [f"- {k}: lr {v['lr']:g} (mean val macro F1 by lr: {v['val_macro_f1_by_lr']})" for k, v in doc["lite0_lr"].items()]
+        lines += ["(f)'s learning rate (and, where recorded, epochs), chosen on validation folds 0-1 of the labeled pool:", ""]
+        lines += [f"- {k}: lr {v['lr']:g} (mean val macro F1 by lr: {v['val_macro_f1_by_lr']})"
+                  + (f"; {v['epochs']} epochs (by epochs: {v['val_macro_f1_by_epochs']})" if "epochs" in v else "")
+                  for k, v in doc["lite0_lr"].items()]
         lines.append("")
     lines += [f"![label efficiency]({stem.name}.png)", ""]
     stem.with_suffix(".md").write_text("\n".join(lines))

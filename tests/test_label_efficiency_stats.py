@@ -4,6 +4,7 @@ follow the interval, (b) chosen on dev only, the best (f) chosen on dev only."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -82,6 +83,34 @@ def test_lite0_learning_rate_search_extends_the_grid_past_a_winning_edge(le):
     assert max(calls) == 9e-3
     assert le.search_lr(peaked_at(1e-6), [1e-4, 3e-4, 1e-3], (3e-5, 1e-2)) == 3e-5  # stops at the lower limit
     assert le.search_lr(peaked_at(1.0), [1e-4, 3e-4, 1e-3], (3e-5, 1e-2)) == 9e-3  # and at the upper one
+
+
+def test_lite0_training_length_is_chosen_on_validation_at_the_chosen_rate(le, tmp_path, monkeypatch):
+    """(f)'s epochs: the learning rate is searched at the first length, then each longer length is
+    trained at that rate on the same validation folds and the best kept (recorded, and reused on
+    the next call without training); every length trains without early stopping."""
+    import semivit.trainer.folds as folds
+
+    trained = []
+
+    def fake_train_fold(run, stage, k):  # scripted: best lr 3e-4; 40 epochs better than 20
+        lr, epochs = run.train.lr, run.train.epochs
+        assert run.train.early_stopping is False and run.train.restart_epochs == epochs
+        trained.append((lr, epochs, k))
+        return {"val_macro_f1": 0.5 - abs(math.log(lr / 3e-4)) / 10 + (0.05 if epochs == 40 else 0.0)}
+
+    monkeypatch.setattr(folds, "train_fold", fake_train_fold)
+    monkeypatch.setattr(le, "open_run", lambda out, cfg, data: (out.mkdir(parents=True, exist_ok=True), cfg)[1])
+    (tmp_path / "folds.json").write_text("{}")
+    lr, epochs = le.lite0_hparams(tmp_path, "t", tmp_path, "quick", 128, [], tmp_path / "folds.json")
+    assert (lr, epochs) == (3e-4, 40)
+    assert {(e, k) for lr_, e, k in trained if lr_ != 3e-4} == {(20, 0), (20, 1)}  # the rate searched at 20
+    assert [(lr_, e) for lr_, e, _ in trained if e == 40] == [(3e-4, 40)] * 2  # 40 only at the chosen rate
+    rec = json.loads((tmp_path / "lite0-lr-t-r128.json").read_text())
+    assert rec["epochs"] == 40 and set(rec["val_macro_f1_by_epochs"]) == {"20", "40"}
+    n = len(trained)
+    assert le.lite0_hparams(tmp_path, "t", tmp_path, "quick", 128, [], tmp_path / "folds.json") == (3e-4, 40)
+    assert len(trained) == n  # read from the record
 
 
 def test_model_study_ranks_variants_on_dev_by_paired_seeds(tmp_path):
