@@ -18,7 +18,9 @@ stays fixed), on ONE fixed held-out test split and ONE dev split carved from the
       5-fold ensemble.  The best (f) on dev is "what one would do instead".
   (e) supervised upper bound: all labels of the pool, stage-1 ensemble
   candidates (dev study): other semi-supervised stage-3 methods built on A's folds and stage 1
-      (``--candidate NAME:key=value,key=value``), compared with (b) on the dev split.
+      (``--candidate NAME:key=value,key=value``), compared with (b) on the dev split; a candidate
+      that sets ``pretrain.*`` (e.g. ``mae:pretrain.method=mae``) trains its own stage 0 and
+      stage 1 on A's folds, and its stage-1 ensemble (cand_NAME_s1) is paired with (a).
 
 Protocol (docs: README "Results").  The dev split (``--split dev``, a stratified share of the
 training pool's unlabeled images, removed from the unlabeled pool) chooses methods, thresholds
@@ -242,6 +244,12 @@ def cfg_for(preset: str, seed: int, sets: list[str]) -> cfgmod.Config:
     return cfgmod.resolve(preset=preset, overrides=sets, seed=seed)
 
 
+def own_stage1(overrides: list[str]) -> bool:
+    """True when a candidate's overrides change stage 0 (``pretrain.*``), so that it cannot share
+    run A's stage 1."""
+    return any(o.split("=", 1)[0].strip().startswith("pretrain.") for o in overrides)
+
+
 def derived_run(out: Path, cfg, data: Path, parent: Path, copy: list[str], stages: str) -> Path:
     """A run that starts from some of another run's finished parts (folds, stage 1, pretrain)."""
     if not (out / "config.yaml").exists():
@@ -400,14 +408,22 @@ def bench_one(args, fraction: float, seed: int) -> dict:
     score("a", members(A, ["stage1"]), sum(s1), seconds=seconds(A, ["supervised"]))
     stage3_steps: dict[str, list[int]] = {}
     for name, overrides in args.candidates:
+        # a candidate that changes stage 0 (pretrain.*) trains its own stage 0 and stage 1 on A's
+        # folds (its stage-1 ensemble is scored too: cand_NAME_s1, against (a)); the others share
+        # A's stage 1 and differ only in stages 2-3
+        own_s1 = own_stage1(overrides)
         C = derived_run(runs / f"C-{name}", cfg_for(preset, seed, sets + overrides), data, A,
-                        ["folds.json", "stage1"], "pseudo,retrain")
+                        ["folds.json"] if own_s1 else ["folds.json", "stage1"],
+                        "pretrain,supervised,pseudo,retrain" if own_s1 else "pseudo,retrain")
         cs = stage_steps(C, "stage3")
         stage3_steps[name] = cs
-        score(f"cand_{name}", members(C, ["stage1", "stage3"]), sum(s1) + sum(cs),
-              seconds=seconds(A, ["supervised"]) + seconds(C))
+        c1 = stage_steps(C, "stage1") if own_s1 else s1
+        if own_s1:
+            score(f"cand_{name}_s1", members(C, ["stage1"]), sum(c1), seconds=seconds(C, ["pretrain", "supervised"]))
+        score(f"cand_{name}", members(C, ["stage1", "stage3"]), sum(c1) + sum(cs),
+              seconds=seconds(C) if own_s1 else seconds(A, ["supervised"]) + seconds(C))
         res["runs"][f"cand_{name}"] = {"overrides": overrides, "pseudo_labels": pseudo_summary(C),
-                                       "stage3_steps": cs}
+                                       "stage3_steps": cs} | ({"stage1_steps": c1, "own_stage1": True} if own_s1 else {})
     if "f" in args.arms:
         for size in args.lite0_sizes:
             if size != args.lite0_sizes[0] and seed not in args.lite0_extra_seeds:
@@ -500,7 +516,7 @@ def choose_b(results: list[dict], among: list[str] | None = None) -> str | None:
     """The semi-supervised method with the best mean DEV macro F1 over every (fraction, seed)
     where all candidates ran: it becomes (b), the default ``ssl train`` (the test split plays no
     part in the choice)."""
-    cands = sorted({k for r in results for k in r["dev"] if k.startswith("cand_")})
+    cands = sorted({k for r in results for k in r["dev"] if k.startswith("cand_") and not k.endswith("_s1")})
     if among:
         cands = [c for c in cands if c.removeprefix("cand_") in among]
     rows = [r for r in results if all(c in r["dev"] for c in cands)]
@@ -540,10 +556,12 @@ def summarise(results: list[dict], upper: list[dict], split: str, b: str | None)
                                              if all("seconds" in v for v in vals) else None),
                             "per_class_f1_mean": {c: round(float(np.mean([v["per_class_f1"][c] for v in vals])), 4)
                                                   for c in vals[0].get("per_class_f1", {})}})
-        cands = [k for k in keys if k.startswith("cand_")]
-        # every candidate against the control, and (b) against each other candidate (the dev choice)
+        cands = [k for k in keys if k.startswith("cand_") and not k.endswith("_s1")]
+        own_s1 = [k for k in keys if k.startswith("cand_") and k.endswith("_s1")]  # own stage 0 + 1
+        # every candidate against the control, and (b) against each other candidate (the dev choice);
+        # a candidate's own stage 1 against (a): what its stage 0 did to stage 1
         pairs = [("b", "g"), ("b", "f_best"), ("b", "a"), ("g", "a")] + [(c, "g") for c in cands] + \
-            [("b", c) for c in cands if c != b]
+            [("b", c) for c in cands if c != b] + [(c, "a") for c in own_s1]
         for a, bb in pairs:
             both = [r for r in rows if a in r[split] and bb in r[split]]
             if not both:

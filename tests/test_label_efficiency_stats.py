@@ -66,6 +66,20 @@ def test_b_and_f_best_are_chosen_on_dev_never_on_test(le):
     assert next(p for p in dev_paired if (p["a"], p["b"]) == ("b", "cand_y"))["diff_mean"] == pytest.approx(0.1)
 
 
+def test_a_stage0_candidate_trains_its_own_stage1_and_is_paired_with_a(le):
+    """A candidate that changes stage 0 (pretrain.*) cannot share run A's stage 1; its own stage-1
+    ensemble (cand_NAME_s1) is paired with (a) and is never a choice for (b)."""
+    assert le.own_stage1(["pretrain.method=mae"]) and le.own_stage1(["x.y=1", " pretrain.epochs = 3"])
+    assert not le.own_stage1(["ssl.method=ema-teacher", "pseudo.labeled_share=0.75"]) and not le.own_stage1([])
+    rows = [_row(s, {"a": 0.3, "cand_mae_s1": 0.9, "cand_mae": 0.4, "cand_x": 0.5},
+                 {"a": 0.3, "cand_mae_s1": 0.35 + s / 100, "cand_mae": 0.4, "cand_x": 0.5}) for s in range(5)]
+    assert le.choose_b(rows) == "cand_x"  # the stage-1 arm's 0.9 on dev is not a method
+    _, paired, _ = le.summarise(rows, [], "test", "cand_x")
+    s1 = next(p for p in paired if (p["a"], p["b"]) == ("cand_mae_s1", "a"))
+    assert s1["n"] == 5 and s1["diff_mean"] == pytest.approx(0.07)
+    assert not any("cand_mae_s1" in (p["a"], p["b"]) and "a" not in (p["a"], p["b"]) for p in paired)
+
+
 def test_lite0_learning_rate_search_extends_the_grid_past_a_winning_edge(le):
     """(f)'s learning rate: a best value on the grid's edge is extended x3 (or /3) until the best
     is interior or the limits stop it."""
