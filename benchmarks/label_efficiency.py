@@ -535,8 +535,10 @@ def summarise(results: list[dict], upper: list[dict], split: str, b: str | None)
         keys = arm_keys(rows, split)
         f_keys = [k for k in keys if k.startswith("f") and k != "f_best"]
         ex = extra.setdefault(f"{frac:g}", {"b": b})
-        if f_keys:  # the best (f) by mean DEV macro F1 over the seeds that have it
-            best = max(f_keys, key=lambda k: np.mean([r["dev"][k]["macro_f1"] for r in rows if k in r["dev"]]))
+        if f_keys:  # the best (f) by mean DEV macro F1 over the seeds that have every (f) arm (paired:
+            # a resolution run on one seed only is compared on that seed, not on a luckier mean)
+            common = [r for r in rows if all(k in r["dev"] for k in f_keys)] or rows
+            best = max(f_keys, key=lambda k: np.mean([r["dev"][k]["macro_f1"] for r in common if k in r["dev"]]))
             for r in rows:
                 if best in r[split]:
                     r[split]["f_best"] = r[split][best] | {"arm": best}

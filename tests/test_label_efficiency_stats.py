@@ -66,6 +66,21 @@ def test_b_and_f_best_are_chosen_on_dev_never_on_test(le):
     assert next(p for p in dev_paired if (p["a"], p["b"]) == ("b", "cand_y"))["diff_mean"] == pytest.approx(0.1)
 
 
+def test_best_f_is_chosen_on_the_seeds_that_ran_every_f_arm(le):
+    """(f) at the second resolution runs on fewer seeds; the best (f) is chosen on the seeds that
+    have both, so a single lucky seed does not win over a mean of five."""
+    rows = [_row(s, {"a": 0.3, "f128_ens": 0.40 + (0.5 if s == 3 else 0.0)}, {"a": 0.3, "f128_ens": 0.4})
+            for s in range(5)]
+    rows[0]["dev"]["f192_ens"] = rows[0]["test"]["f192_ens"] = {"macro_f1": 0.45, "accuracy": 0.45, "steps": 10,
+                                                                 "per_class_f1": {"x": 0.45}}
+    # over its five seeds f128_ens averages 0.50 (> 0.45), but on seed 0, where both ran, f192 is ahead
+    _, _, extra = le.summarise(rows, [], "test", None)
+    assert extra["0.1"]["f_best"] == "f192_ens"
+    rows[0]["dev"]["f192_ens"] = dict(rows[0]["dev"]["f192_ens"], macro_f1=0.39)  # behind on the common seed
+    _, _, extra = le.summarise(rows, [], "test", None)
+    assert extra["0.1"]["f_best"] == "f128_ens"
+
+
 def test_a_stage0_candidate_trains_its_own_stage1_and_is_paired_with_a(le):
     """A candidate that changes stage 0 (pretrain.*) cannot share run A's stage 1; its own stage-1
     ensemble (cand_NAME_s1) is paired with (a) and is never a choice for (b)."""
