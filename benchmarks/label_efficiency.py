@@ -629,8 +629,10 @@ def write_outputs(doc: dict, stem: Path) -> None:
              f"Wall time {doc['wall_seconds'] / 60:.0f} min of training and scoring "
              f"(machine shared with other jobs: times are not speed measurements).", "",
              "Reproduce: `" + doc["command"] + "`", "",
-             f"(b) = the semi-supervised method with the best mean DEV macro F1: **{b}** "
-             f"({', '.join(doc['candidates'].get(b, [])) or 'no overrides'}). The test split played no part in choosing it.", ""]
+             (f"(b) = the semi-supervised method with the best mean DEV macro F1: **{b}** "
+              f"({', '.join(doc['candidates'].get(b, [])) or 'no overrides'}). The test split played no part in choosing it."
+              if b else "(b): none in these results (no candidate to choose from, or --choose-from named none that ran); "
+              "the candidates are listed as measured."), ""]
     for frac in doc["fractions"]:
         head = f"{frac:g} {what}" if doc["dataset"] != "elpv" else f"{float(frac):.0%} {what}"
         lines += [f"## {head}: test split (reported only)", ""]
