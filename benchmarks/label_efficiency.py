@@ -250,6 +250,15 @@ def own_stage1(overrides: list[str]) -> bool:
     return any(o.split("=", 1)[0].strip().startswith("pretrain.") for o in overrides)
 
 
+S1_SUFFIX = "_s1"  # cand_NAME_s1: the stage-1 ensemble of a candidate with its own stage 0 + 1
+
+
+def split_candidates(keys) -> tuple[list[str], list[str]]:
+    """Arm keys -> (the candidates' methods, their own stage-1 ensembles), in the order given."""
+    cands = [k for k in keys if k.startswith("cand_")]
+    return [k for k in cands if not k.endswith(S1_SUFFIX)], [k for k in cands if k.endswith(S1_SUFFIX)]
+
+
 def derived_run(out: Path, cfg, data: Path, parent: Path, copy: list[str], stages: str) -> Path:
     """A run that starts from some of another run's finished parts (folds, stage 1, pretrain)."""
     if not (out / "config.yaml").exists():
@@ -296,12 +305,11 @@ def lite0_hparams(work: Path, tag: str, data: Path, preset: str, size: int, sets
 
     rec = work / f"lite0-lr-{tag}-r{size}.json"
     doc = json.loads(rec.read_text()) if rec.exists() else {}
-    if (doc and "epochs" in doc and not _grid_edge(doc["lr"], [float(v) for v in doc["val_macro_f1_by_lr"]])):
+    if "epochs" in doc and not _grid_edge(doc["lr"], [float(v) for v in doc["val_macro_f1_by_lr"]]):
         return doc["lr"], doc["epochs"]
 
     def val_f1(lr: float, epochs: int) -> float:
-        name = f"lite0-grid-{tag}-r{size}-lr{lr:g}" + ("" if epochs == LITE0_EPOCHS[0] else f"-e{epochs}")
-        out = work / name
+        out = work / (f"lite0-grid-{tag}-r{size}-lr{lr:g}" + ("" if epochs == LITE0_EPOCHS[0] else f"-e{epochs}"))
         cfg = cfg_for(preset, 0, lite0_sets(size, lr, sets, epochs))
         run = open_run(out, cfg, data)  # creates the run; its folds are read lazily, after the copy
         if not (out / "folds.json").exists():
@@ -419,7 +427,7 @@ def bench_one(args, fraction: float, seed: int) -> dict:
         stage3_steps[name] = cs
         c1 = stage_steps(C, "stage1") if own_s1 else s1
         if own_s1:
-            score(f"cand_{name}_s1", members(C, ["stage1"]), sum(c1), seconds=seconds(C, ["pretrain", "supervised"]))
+            score(f"cand_{name}{S1_SUFFIX}", members(C, ["stage1"]), sum(c1), seconds=seconds(C, ["pretrain", "supervised"]))
         score(f"cand_{name}", members(C, ["stage1", "stage3"]), sum(c1) + sum(cs),
               seconds=seconds(C) if own_s1 else seconds(A, ["supervised"]) + seconds(C))
         res["runs"][f"cand_{name}"] = {"overrides": overrides, "pseudo_labels": pseudo_summary(C),
@@ -516,7 +524,7 @@ def choose_b(results: list[dict], among: list[str] | None = None) -> str | None:
     """The semi-supervised method with the best mean DEV macro F1 over every (fraction, seed)
     where all candidates ran: it becomes (b), the default ``ssl train`` (the test split plays no
     part in the choice)."""
-    cands = sorted({k for r in results for k in r["dev"] if k.startswith("cand_") and not k.endswith("_s1")})
+    cands = split_candidates(sorted({k for r in results for k in r["dev"]}))[0]
     if among:
         cands = [c for c in cands if c.removeprefix("cand_") in among]
     rows = [r for r in results if all(c in r["dev"] for c in cands)]
@@ -558,8 +566,7 @@ def summarise(results: list[dict], upper: list[dict], split: str, b: str | None)
                                              if all("seconds" in v for v in vals) else None),
                             "per_class_f1_mean": {c: round(float(np.mean([v["per_class_f1"][c] for v in vals])), 4)
                                                   for c in vals[0].get("per_class_f1", {})}})
-        cands = [k for k in keys if k.startswith("cand_") and not k.endswith("_s1")]
-        own_s1 = [k for k in keys if k.startswith("cand_") and k.endswith("_s1")]  # own stage 0 + 1
+        cands, own_s1 = split_candidates(keys)
         # every candidate against the control, and (b) against each other candidate (the dev choice);
         # a candidate's own stage 1 against (a): what its stage 0 did to stage 1
         pairs = [("b", "g"), ("b", "f_best"), ("b", "a"), ("g", "a")] + [(c, "g") for c in cands] + \
