@@ -335,6 +335,8 @@ def _ddp_rank(rank: int, world: int, store: str, run: Path, x, batch: int, steps
               out: str) -> None:
     """One rank of :func:`train_loop_ddp`: one thread, 1/world of each batch, gradients averaged
     by DistributedDataParallel over gloo (as ``torchrun ... ssl train`` trains on a CPU)."""
+    import gc
+
     import torch
     import torch.distributed as dist
 
@@ -373,6 +375,12 @@ def _ddp_rank(rank: int, world: int, store: str, run: Path, x, batch: int, steps
             "batch": batch, "steps_per_pass": steps, "runs": runs, "images_per_s": max(runs), "threads": 1,
             "ranks": world, "describe": f"bare training loop, {cfg.model.name} at {cfg.model.img_size} px, "
                                         f"global batch {batch}: {world} data-parallel ranks x 1 thread (DDP, gloo)"}))
+    # Tear down in step: DDP's reducer holds the gloo group, so without this the group died at
+    # interpreter exit, after the other rank had closed its sockets, and ~1 run in 10 aborted
+    # ("terminate called without an active exception").  Drop the model first, then leave together.
+    del step, model
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -123,6 +123,9 @@ def teardown() -> None:
         import torch.distributed as td
 
         if td.is_initialized():
+            import gc
+
+            gc.collect()  # DDP wrappers hold the group: free them now, not at interpreter exit
             td.destroy_process_group()
     _STATE = Dist()
 

@@ -141,7 +141,9 @@ def run_training(data: Optional[Path], out: Optional[Path], cfg, stages: Optiona
     chosen = parse_stages(stages, cfg)
     d = dist.setup(cfg.device)
     try:
-        return _run_training(data, out, cfg, chosen, d)
+        run = _run_training(data, out, cfg, chosen, d)
+        dist.barrier()  # leave together: no rank closes its gloo sockets while another still talks
+        return run
     finally:
         dist.teardown()
 
