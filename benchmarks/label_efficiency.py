@@ -232,6 +232,26 @@ def stage_steps(run_dir: Path, stage: str) -> list[int]:
     return [int(read_json(p).get("steps", 0)) for p in sorted((run_dir / stage).glob("fold*/done.json"))]
 
 
+def retrain_steps(run_dir: Path) -> list[int]:
+    """Stage 3's optimiser steps per fold, summed over its distillation rounds (pseudo.rounds:
+    RUN/stage3_round<r> then RUN/stage3): what a compute-matched control must match."""
+    per = [stage_steps(run_dir, d.name) for d in sorted(run_dir.glob("stage3_round*")) + [run_dir / "stage3"]]
+    per = [p for p in per if p]
+    return [sum(x) for x in zip(*per)] if per else []
+
+
+def split_rounds(overrides: list[str]) -> tuple[list[str], int]:
+    """A candidate's overrides -> (the others, its pseudo.rounds; 1 when not set)."""
+    rest, rounds = [], 1
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key.strip() == "pseudo.rounds":
+            rounds = int(value)
+        else:
+            rest.append(o)
+    return rest, rounds
+
+
 def seconds(run_dir: Path, stages=None) -> float:
     import yaml
 
@@ -259,12 +279,14 @@ def split_candidates(keys) -> tuple[list[str], list[str]]:
     return [k for k in cands if not k.endswith(S1_SUFFIX)], [k for k in cands if k.endswith(S1_SUFFIX)]
 
 
-def derived_run(out: Path, cfg, data: Path, parent: Path, copy: list[str], stages: str) -> Path:
-    """A run that starts from some of another run's finished parts (folds, stage 1, pretrain)."""
+def derived_run(out: Path, cfg, data: Path, parent: Path, copy: list[str], stages: str,
+                also: tuple[tuple[Path, str], ...] = ()) -> Path:
+    """A run that starts from some of another run's finished parts (folds, stage 1, pretrain);
+    ``also``: (source, name in the new run) copied as well (a one-round candidate's stage 2 and
+    stage 3 as the first round of the same method with more distillation rounds)."""
     if not (out / "config.yaml").exists():
         open_run(out, cfg, data)
-        for part in copy:
-            src = parent / part
+        for src, part in [(parent / p, p) for p in copy] + list(also):
             if src.is_dir():
                 shutil.copytree(src, out / part, dirs_exist_ok=True)
             elif src.exists():
@@ -273,8 +295,8 @@ def derived_run(out: Path, cfg, data: Path, parent: Path, copy: list[str], stage
     return out
 
 
-def pseudo_summary(run_dir: Path) -> dict:
-    p = run_dir / "pseudo" / "stats.json"
+def pseudo_summary(run_dir: Path, pseudo_dir: str = "pseudo") -> dict:
+    p = run_dir / pseudo_dir / "stats.json"
     if not p.exists():
         return {}
     st = read_json(p)
@@ -415,23 +437,34 @@ def bench_one(args, fraction: float, seed: int) -> dict:
     s1 = stage_steps(A, "stage1")
     score("a", members(A, ["stage1"]), sum(s1), seconds=seconds(A, ["supervised"]))
     stage3_steps: dict[str, list[int]] = {}
+    one_round: dict[tuple[str, ...], Path] = {}  # a one-round candidate's overrides -> its run
     for name, overrides in args.candidates:
         # a candidate that changes stage 0 (pretrain.*) trains its own stage 0 and stage 1 on A's
         # folds (its stage-1 ensemble is scored too: cand_NAME_s1, against (a)); the others share
         # A's stage 1 and differ only in stages 2-3
         own_s1 = own_stage1(overrides)
+        rest, rounds = split_rounds(overrides)
+        # more distillation rounds of a method already run here: its stage 2 + 3 ARE round 1 (the
+        # same seeds, fold_seed), copied instead of trained again; their time is counted below
+        first = one_round.get(tuple(rest)) if rounds > 1 and not own_s1 else None
+        also = ((first / "pseudo", "pseudo"), (first / "stage3", "stage3_round1")) if first else ()
         C = derived_run(runs / f"C-{name}", cfg_for(preset, seed, sets + overrides), data, A,
                         ["folds.json"] if own_s1 else ["folds.json", "stage1"],
-                        "pretrain,supervised,pseudo,retrain" if own_s1 else "pseudo,retrain")
-        cs = stage_steps(C, "stage3")
+                        "pretrain,supervised,pseudo,retrain" if own_s1 else "pseudo,retrain", also=also)
+        if rounds == 1:
+            one_round.setdefault(tuple(rest), C)
+        cs = retrain_steps(C)
         stage3_steps[name] = cs
         c1 = stage_steps(C, "stage1") if own_s1 else s1
         if own_s1:
             score(f"cand_{name}{S1_SUFFIX}", members(C, ["stage1"]), sum(c1), seconds=seconds(C, ["pretrain", "supervised"]))
         score(f"cand_{name}", members(C, ["stage1", "stage3"]), sum(c1) + sum(cs),
-              seconds=seconds(C) if own_s1 else seconds(A, ["supervised"]) + seconds(C))
+              seconds=(seconds(C) if own_s1 else seconds(A, ["supervised"]) + seconds(C))
+              + (seconds(first, ["pseudo", "retrain"]) if first else 0.0))
         res["runs"][f"cand_{name}"] = {"overrides": overrides, "pseudo_labels": pseudo_summary(C),
-                                       "stage3_steps": cs} | ({"stage1_steps": c1, "own_stage1": True} if own_s1 else {})
+                                       "stage3_steps": cs} | ({"stage1_steps": c1, "own_stage1": True} if own_s1 else {}) \
+            | ({"rounds": rounds, "round1_from": first.name if first else None, "pseudo_labels_last_round":
+                pseudo_summary(C, f"pseudo_round{rounds}")} if rounds > 1 else {})
     if "f" in args.arms:
         for size in args.lite0_sizes:
             if size != args.lite0_sizes[0] and seed not in args.lite0_extra_seeds:

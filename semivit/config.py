@@ -157,6 +157,12 @@ class PseudoConfig(_Section):
     # fold k's model alone (trained without fold k): the same images, its probabilities (soft), its
     # arg-max (hard) and its confidence (weights); fold k's validation stays unseen.
     teacher: Literal["ensemble", "fold"] = "ensemble"
+    # iterated distillation (Noisy Student's rounds): stage 3 runs this many times; round r > 1
+    # relabels the unlabeled pool with the ensemble of stage 1 + round r-1's students
+    # (RUN/pseudo_round<r>/) and trains new students on it.  The last round's students are
+    # RUN/stage3 (the ensemble: stage 1 + them, still 10 models); earlier rounds stay in
+    # RUN/stage3_round<r> for the record.  Each round costs one more stage 3.
+    rounds: int = Field(1, ge=1, le=10)
     # stage 3 (``ssl.method: pseudo-label``) trains with ``train.*`` overridden by these keys,
     # e.g. {epochs: 15, restart_epochs: 15, patience: 5} when stage 1 trains longer than the
     # retraining on labels + pseudo-labels needs (empty: stage 1's ``train.*`` as it is)

@@ -95,6 +95,34 @@ def test_a_stage0_candidate_trains_its_own_stage1_and_is_paired_with_a(le):
     assert not any("cand_mae_s1" in (p["a"], p["b"]) and "a" not in (p["a"], p["b"]) for p in paired)
 
 
+def test_a_distillation_rounds_candidate_counts_every_round_and_reuses_round_one(le, tmp_path, monkeypatch):
+    """``pseudo.rounds=N``: the compute-matched control must match stage 3's steps summed over the
+    rounds (per fold); a candidate with the same other overrides as a one-round candidate starts
+    from that run's stage 2 + 3 as its round 1 (the same seeds), copied, not trained again."""
+    assert le.split_rounds(["pseudo.rounds=3", "pseudo.labeled_share=0.75"]) == (["pseudo.labeled_share=0.75"], 3)
+    assert le.split_rounds([]) == ([], 1)
+    run = tmp_path / "C"
+    for stage, steps in (("stage3_round1", [10, 12]), ("stage3_round2", [20, 22]), ("stage3", [30, 33])):
+        for k, n in enumerate(steps):
+            (run / stage / f"fold{k}").mkdir(parents=True)
+            (run / stage / f"fold{k}" / "done.json").write_text(json.dumps({"steps": n}))
+    assert le.retrain_steps(run) == [60, 67]
+    assert le.stage_steps(run, "stage3") == [30, 33]
+    parent, first = tmp_path / "A", tmp_path / "B"
+    (parent / "stage1").mkdir(parents=True)
+    (parent / "folds.json").write_text("{}")
+    (first / "stage3" / "fold0").mkdir(parents=True)
+    (first / "stage3" / "fold0" / "done.json").write_text("{}")
+    (first / "pseudo").mkdir()
+    trained = []
+    monkeypatch.setattr(le, "run_training", lambda data, out, cfg, stages: trained.append(stages))
+    monkeypatch.setattr(le, "open_run", lambda out, cfg, data: out.mkdir(parents=True))
+    out = le.derived_run(tmp_path / "C2", None, tmp_path, parent, ["folds.json", "stage1"], "pseudo,retrain",
+                         also=((first / "pseudo", "pseudo"), (first / "stage3", "stage3_round1")))
+    assert (out / "stage3_round1" / "fold0" / "done.json").is_file() and (out / "pseudo").is_dir()
+    assert not (out / "stage3").exists() and (out / "folds.json").is_file() and trained == ["pseudo,retrain"]
+
+
 def test_lite0_learning_rate_search_extends_the_grid_past_a_winning_edge(le):
     """(f)'s learning rate: a best value on the grid's edge is extended x3 (or /3) until the best
     is interior or the limits stop it."""

@@ -14,7 +14,9 @@ What a refresh candidate is (the choice, and why):
 - its stage-3 members are retrained from scratch, fold by fold, by the trainer's own retrain
   stage (semivit.trainer.stages, run by semivit.trainer.pipeline.run_stages) on the labeled training folds + ALL accepted pseudo-labels: the original
   run's stage-2 pseudo-labels (RUN/pseudo/pseudo_labels.csv, carried forward) and every accepted
-  inbox pseudo-label (weighted by confidence, as stage 3 does; never used for validation);
+  inbox pseudo-label (weighted by confidence, as stage 3 does; never used for validation), in one
+  round (``pseudo.rounds`` is 1 for a refresh: a run trained with more rounds carries forward its
+  stage-2 labels, not a later round's relabeling);
 - the ensemble is stage 1 + the new stage 3, weighted by validation macro F1 as in the trainer:
   the same size as the original (2 x folds: the seeds' "all 10 models").  Carrying the previous
   stage-3 members along as well would grow the ensemble (and inference time) with every refresh.
@@ -41,7 +43,8 @@ from semivit.refresh.metrics import compare, version_metrics
 from semivit.utils import atomic_write_json, info, read_json, warn
 
 FORBIDDEN_OVERRIDES = ("model.", "cv.", "data.")
-RUN_IGNORE = shutil.ignore_patterns("export", "eval", "stage3", "ensemble.json", "report.md", "*.png",
+RUN_IGNORE = shutil.ignore_patterns("export", "eval", "stage3", "stage3_round*", "pseudo_round*", "ensemble.json",
+                                    "report.md", "*.png",
                                     "heldout.json", "timings.yaml", "skipped.csv", "inbox_pseudo_labels.csv")
 
 
@@ -113,6 +116,9 @@ def candidate_config(parent_run: Path, overrides: list[str]):
     cfg = cfgmod.resolve(config_file=Path(parent_run) / "config.yaml", overrides=list(overrides))
     if cfg.ssl.method != "pseudo-label":  # the refresh retrains with the accepted pseudo-labels as extra data
         cfg = cfg.model_copy(update={"ssl": cfg.ssl.model_copy(update={"method": "pseudo-label"})})
+    if cfg.pseudo.rounds != 1:  # one retraining on the labels it has (stage 2's + the inbox's), not a
+        # new distillation chain per refresh: each round would cost one more stage 3 per version
+        cfg = cfg.model_copy(update={"pseudo": cfg.pseudo.model_copy(update={"rounds": 1})})
     return cfg
 
 

@@ -41,6 +41,7 @@ class FoldPlan:
     extra: Optional[Extra] = None  # the same extra samples for every fold
     per_fold: Optional[Callable[[int], FoldSetup]] = None  # fold k's own set-up, built only if fold k trains
     before_fold: Optional[Callable[[int], None]] = None  # called before fold k trains (refresh: stop check)
+    distil_round: int = 1  # the distillation round (pseudo.rounds): its folds' seeds differ from round 1's
 
     def setup(self, k: int) -> FoldSetup:
         s = self.per_fold(k) if self.per_fold is not None else FoldSetup()
@@ -49,20 +50,23 @@ class FoldPlan:
         return s
 
 
-def fold_seed(cfg, stage: str, k: int) -> int:
-    return cfg.seed * 1000 + {"stage1": 0, "stage3": 100}.get(stage, 500) + k
+def fold_seed(cfg, stage: str, k: int, distil_round: int = 1) -> int:
+    """Fold k's seed.  Round 1 of stage 3 keeps stage 3's seeds whatever its directory (so with
+    ``pseudo.rounds: 2`` its first round is the one-round run's stage 3); round r adds 20 (r-1)."""
+    base = "stage3" if stage.startswith("stage3") else stage
+    return cfg.seed * 1000 + {"stage1": 0, "stage3": 100}.get(base, 500) + 20 * (distil_round - 1) + k
 
 
 def train_fold(run: Run, stage: str, k: int, extra: Optional[Extra] = None,
                init_state: Optional[dict] = None,
                make_policy: Optional[Callable[[torch.nn.Module], UnlabeledPolicy]] = None,
-               epochs: Optional[int] = None, cfg=None) -> dict:
+               epochs: Optional[int] = None, cfg=None, distil_round: int = 1) -> dict:
     """Train fold ``k`` of ``stage``; writes best.pt, metrics.csv, val_probs.npy and done.json.
     ``cfg``: the stage's own config when it differs from the run's (the EMA-Teacher's
     ``ssl.ema.train``)."""
     cfg = cfg if cfg is not None else run.cfg
     out = run.stage_dir(stage, k)
-    seed = fold_seed(cfg, stage, k)
+    seed = fold_seed(cfg, stage, k, distil_round)
     seed_everything(seed)
     tr = np.flatnonzero(run.folds != k)
     va = np.flatnonzero(run.folds == k)
@@ -145,7 +149,7 @@ def run_stage(run: Run, stage: str, plan: Optional[FoldPlan] = None) -> list[dic
                 plan.before_fold(k)
             f = plan.setup(k)
             s = train_fold(run, stage, k, extra=f.extra, init_state=f.init_state, make_policy=f.make_policy,
-                           epochs=f.epochs, cfg=f.cfg)
+                           epochs=f.epochs, cfg=f.cfg, distil_round=plan.distil_round)
             info(f"{stage} fold {k + 1}: val macro F1 {s['val_macro_f1']:.3f} at epoch {s['best_epoch']} "
                  f"({s['seconds']:.0f}s)")
         summaries.append(s)

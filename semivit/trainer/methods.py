@@ -59,6 +59,24 @@ def pretrain_method(name: str):
     return register
 
 
+def distil_rounds(cfg) -> int:
+    """How many times stage 3 runs: ``pseudo.rounds`` for a strategy that learns from stage 2's
+    pseudo-labels, else once (the EMA-Teacher pseudo-labels online)."""
+    return cfg.pseudo.rounds if "pseudo" in get_retrain(cfg.ssl.method).needs else 1
+
+
+def round_dirs(r: int, rounds: int) -> tuple[str, str, str]:
+    """Distillation round ``r`` of ``rounds`` -> (the run subdirectory of its pseudo-labels, of
+    its students, and the stage whose fold models taught it: ``pseudo.teacher: fold``).  Round 1
+    learns stage 2's labels (RUN/pseudo, from stage 1); round r > 1 the ensemble of stage 1 +
+    round r-1's students (RUN/pseudo_round<r>).  The last round's students are RUN/stage3 - the
+    ensemble's second five - and earlier rounds' RUN/stage3_round<r>."""
+    pseudo = "pseudo" if r == 1 else f"pseudo_round{r}"
+    students = "stage3" if r == rounds else f"stage3_round{r}"
+    teacher = "stage1" if r == 1 else f"stage3_round{r - 1}"
+    return pseudo, students, teacher
+
+
 def retrain_names() -> list[str]:
     return list(_RETRAIN)
 
@@ -89,17 +107,24 @@ def pseudo_label_retrain(run):
     from semivit.trainer.pipeline import pseudo_extra
     from semivit.utils import info
 
-    extra = pseudo_extra(run)
+    r, rounds = run.distil_round, distil_rounds(run.cfg)
+    pseudo_dir, _, fold_teacher = round_dirs(r, rounds)
+    extra = pseudo_extra(run, pseudo_dir)
     teach = None
     if run.cfg.pseudo.teacher == "fold" and len(extra.labels):
         from semivit.trainer.pipeline import FoldTeacher
 
-        teach = FoldTeacher(run, extra, run.extra_pseudo)  # fold k's own labels, built when fold k trains
+        # fold k's own labels, built when fold k trains
+        teach = FoldTeacher(run, extra, run.extra_pseudo, stage=fold_teacher)
     if run.extra_pseudo is not None:
         extra = concat(extra, run.extra_pseudo)
     kind = "soft-target (distillation)" if extra.labels.ndim == 2 else "pseudo-labeled"
-    who = "stage-1 fold k's model alone teaches fold k" if teach is not None else "the stage-1 ensemble teaches"
-    info(f"stage 3: {len(run.labeled)} labeled + {len(extra.labels)} {kind} images per fold pool ({who})")
+    if teach is not None:
+        who = f"{fold_teacher} fold k's model alone teaches fold k"
+    else:
+        who = "the stage-1 ensemble teaches" if r == 1 else f"stage 1 + round {r - 1}'s students teach"
+    rnd = f" (distillation round {r} of {rounds})" if rounds > 1 else ""
+    info(f"stage 3{rnd}: {len(run.labeled)} labeled + {len(extra.labels)} {kind} images per fold pool ({who})")
     cfg = None
     if run.cfg.pseudo.train:
         from semivit.config import retrain_train_config

@@ -82,11 +82,12 @@ def write_run_report(run: Run, best_effort: bool = False) -> None:
     dist.main_first(report)
 
 
-def pseudo_extra(run: Run) -> Extra:
-    """The pseudo-labeled images of stage 2 as extra training samples (weights = confidence)."""
+def pseudo_extra(run: Run, pseudo_dir: str = "pseudo") -> Extra:
+    """The pseudo-labeled images of stage 2 (or of a later distillation round's relabeling,
+    ``pseudo_dir``) as extra training samples (weights = confidence)."""
     from semivit.trainer.pseudo import read_pseudo_labels
 
-    rows = read_pseudo_labels(run.dir / "pseudo" / "pseudo_labels.csv", run.classes)
+    rows = read_pseudo_labels(run.dir / pseudo_dir / "pseudo_labels.csv", run.classes)
     if not rows:  # (no stage 2, or it selected nothing: the pool need not be decoded)
         size = run.cfg.model.img_size
         return pseudo_samples(np.zeros((0, size, size, 3), np.uint8), [], [], None, run.cfg.pseudo)
@@ -104,10 +105,12 @@ class FoldTeacher:
     student learns nothing from its own validation labels.  Soft targets become that model's
     probabilities, hard labels its arg-max, confidence weights its maximum.  The images (and the
     cached stem views of them, computed by the first fold that trains) are shared by every fold;
-    ``also``: samples appended unchanged (a refresh's accepted inbox pseudo-labels)."""
+    ``also``: samples appended unchanged (a refresh's accepted inbox pseudo-labels).  ``stage``:
+    whose fold k teaches (a later distillation round: the previous round's fold-k student, which
+    never saw fold k's labels either)."""
 
-    def __init__(self, run: Run, extra: Extra, also: Optional[Extra] = None):
-        self.run, self.extra, self.also = run, extra, also
+    def __init__(self, run: Run, extra: Extra, also: Optional[Extra] = None, stage: str = "stage1"):
+        self.run, self.extra, self.also, self.stage = run, extra, also, stage
         self.inputs = None  # the images' stem features (or the images), computed once
         self.last: Optional[Extra] = None  # the previous fold's samples: their cached views are reused
 
@@ -118,7 +121,7 @@ class FoldTeacher:
         run, tta = self.run, self.run.cfg.pseudo.tta
         if self.inputs is None:
             self.inputs = run.stem_features(self.extra.images, tta=tta, what="fold teachers' images")
-        model, _ = load_checkpoint(run.stage_dir("stage1", k) / "best.pt")
+        model, _ = load_checkpoint(run.stage_dir(self.stage, k) / "best.pt")
         return predict_arrays(model.to(run.device), self.inputs, device=run.device, tta=tta)
 
     def __call__(self, k: int) -> Extra:

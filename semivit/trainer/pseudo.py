@@ -34,7 +34,7 @@ def precision_report(pl: PseudoLabels, true: list[Optional[int]], classes: list[
 
 
 def plot_umap(path: Path, points: np.ndarray, clusters: Clusters, pred: np.ndarray, classes: list[str],
-              selected: np.ndarray) -> None:
+              selected: np.ndarray, who: str = "the stage-1 ensemble") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -56,19 +56,23 @@ def plot_umap(path: Path, points: np.ndarray, clusters: Clusters, pred: np.ndarr
     if len(selected):
         axes[1].scatter(points[selected, 0], points[selected, 1], s=14, facecolors="none", edgecolors="k", linewidths=0.5)
     axes[0].scatter(clusters.centroids[:, 0], clusters.centroids[:, 1], marker="x", c="k", s=60)
-    fig.suptitle("UMAP of the stage-1 ensemble's penultimate embeddings (unlabeled pool)")
+    fig.suptitle(f"UMAP of {who}'s penultimate embeddings (unlabeled pool)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def run_pseudo(run) -> dict:
-    """Stage 2 for a run: writes RUN/pseudo/{pseudo_labels.csv, predictions.csv, umap.png, stats.json}."""
+def run_pseudo(run, teacher: tuple[str, ...] = ("stage1",), out: str = "pseudo") -> dict:
+    """Stage 2 for a run: the ensemble of the ``teacher`` stages (stage 1; a later distillation
+    round: stage 1 + the previous round's students) labels the unlabeled pool; writes
+    RUN/<out>/{pseudo_labels.csv, predictions.csv, umap.png, stats.json}.  The ``oof`` rule's
+    calibration stays stage 1's out-of-fold predictions (the only ones no student has seen)."""
     from semivit.data.layout import read_truth
     from semivit.trainer.infer import ensemble_predict
 
     cfg, pcfg = run.cfg, run.cfg.pseudo
-    out = run.stage_dir("pseudo")
+    who = "the stage-1 ensemble" if tuple(teacher) == ("stage1",) else f"the ensemble of {' + '.join(teacher)}"
+    out = run.stage_dir(out)
     paths, images = run.unlabeled
     classes = run.classes
     stats: dict = {"unlabeled": len(paths)}
@@ -78,7 +82,7 @@ def run_pseudo(run) -> dict:
         atomic_write_json(out / "stats.json", stats | {"selected": 0})
         return stats
     inputs = run.stem_features(images, tta=pcfg.tta, what="unlabeled pool")
-    probs, embs = ensemble_predict(run.dir, inputs, stages=["stage1"], tta=pcfg.tta, device=run.device,
+    probs, embs = ensemble_predict(run.dir, inputs, stages=list(teacher), tta=pcfg.tta, device=run.device,
                                    with_embeddings=True, weighting=cfg.ensemble.weighting)
     pred = probs.argmax(1)
     oof = run.dir / "stage1" / "oof_probs.npy"
@@ -117,14 +121,14 @@ def run_pseudo(run) -> dict:
         if scored:
             stats["truth"]["pool_accuracy"] = round(float(np.mean([pred[i] == t for i, t in enumerate(true) if t is not None])), 4)
     if clusters is not None:
-        plot_umap(out / "umap.png", points, clusters, pred, classes, pl.index)
+        plot_umap(out / "umap.png", points, clusters, pred, classes, pl.index, who)
         np.save(out / "umap.npy", points)
     atomic_write_json(out / "stats.json", stats)
-    info(summary_line(stats, pcfg))
+    info(summary_line(stats, pcfg, who))
     return stats
 
 
-def summary_line(stats: dict, pcfg) -> str:
+def summary_line(stats: dict, pcfg, who: str = "the stage-1 ensemble") -> str:
     """Stage 2's one-line result.  Under the ``all`` rule nothing is selected by confidence: every
     unlabeled image gets the ensemble's prediction, so say that (and, for soft targets, that
     stage 3 distils the probabilities) instead of a threshold count that only repeats the total."""
@@ -135,9 +139,9 @@ def summary_line(stats: dict, pcfg) -> str:
         if selected != n and pcfg.max_per_class is not None:
             which += f" (at most {pcfg.max_per_class} per predicted class)"
         if pcfg.soft:
-            msg = f"soft targets: the stage-1 ensemble's probabilities on {which} (distillation, no threshold)"
+            msg = f"soft targets: {who}'s probabilities on {which} (distillation, no threshold)"
             return msg + (f"; its argmax agrees with held-back truth on {100 * truth:.1f}%" if truth is not None else "")
-        msg = f"pseudo-labels: the stage-1 ensemble's predicted class on {which} (all rule: no threshold, hard labels)"
+        msg = f"pseudo-labels: {who}'s predicted class on {which} (all rule: no threshold, hard labels)"
         return msg + (f"; correct vs held-back truth on {100 * truth:.1f}%" if truth is not None else "")
     msg = f"pseudo-labels: {selected} of {n} ({', '.join(f'{k} {v}' for k, v in stats['by_source'].items()) or 'none'})"
     if truth is not None:

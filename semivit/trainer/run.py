@@ -51,6 +51,8 @@ class Run:
     # beside stage 2's) and a hook before each fold (stop requests, crash-test kill points)
     extra_pseudo: Optional[object] = field(default=None, repr=False)
     before_fold: Optional[Callable[[int], None]] = field(default=None, repr=False)
+    # the distillation round the retrain stage is training (pseudo.rounds; 1 = stage 2's labels)
+    distil_round: int = field(default=1, repr=False)
 
     @cached_property
     def device(self):

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from semivit.trainer.methods import get_pretrain, get_retrain
+from semivit.trainer.methods import distil_rounds, get_pretrain, get_retrain, round_dirs
 from semivit.utils import info
 
 
@@ -113,12 +113,28 @@ def pseudo(run) -> None:
 @stage("retrain", is_done=lambda run: _folds_done(run, "stage3"), output="a finished stage 3",
        needs=lambda cfg: get_retrain(cfg.ssl.method).needs)
 def retrain(run) -> None:
-    """Stage 3 by the strategy ``ssl.method`` (semivit.trainer.methods); then the ensemble of
-    stage 1 + stage 3.  ``ssl refresh`` builds its candidate through this stage too."""
+    """Stage 3 by the strategy ``ssl.method`` (semivit.trainer.methods), ``pseudo.rounds`` times
+    (iterated distillation: round r > 1 first relabels the pool with stage 1 + round r-1's
+    students); then the ensemble of stage 1 + the last round.  ``ssl refresh`` builds its
+    candidate through this stage too.  A finished round (its folds' done.json) is kept on resume."""
+    from semivit.trainer import distributed
     from semivit.trainer.folds import run_stage
+    from semivit.trainer.pseudo import run_pseudo
 
-    plan = get_retrain(run.cfg.ssl.method).plan(run)
-    if run.before_fold is not None:
-        plan.before_fold = run.before_fold
-    run_stage(run, "stage3", plan)
+    method, rounds = get_retrain(run.cfg.ssl.method), distil_rounds(run.cfg)
+    try:
+        for r in range(1, rounds + 1):
+            pseudo_dir, students, _ = round_dirs(r, rounds)
+            if r > 1 and not (run.dir / pseudo_dir / "stats.json").is_file():
+                previous = round_dirs(r - 1, rounds)[1]
+                info(f"distillation round {r} of {rounds}: stage 1 + {previous} relabel the unlabeled pool")
+                distributed.main_first(lambda: run_pseudo(run, teacher=("stage1", previous), out=pseudo_dir))
+            run.distil_round = r
+            plan = method.plan(run)
+            if run.before_fold is not None:
+                plan.before_fold = run.before_fold
+            plan.distil_round = r
+            run_stage(run, students, plan)
+    finally:
+        run.distil_round = 1
     _write_ensemble_on_rank0(run)
