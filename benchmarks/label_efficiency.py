@@ -520,6 +520,14 @@ def bench_upper(args, seed: int) -> dict:
     return res
 
 
+def upper_results(work: Path, computed: list[dict]) -> list[dict]:
+    """(e) of every seed: those just ``computed`` and every other one recorded in ``work`` (a
+    --summarise-only run computes none, so every recorded one counts)."""
+    seen = {u.get("seed") for u in computed if u}
+    recorded = [json.loads(p.read_text()) for p in sorted(work.glob("result-upper-elpv-s*.json"))]
+    return [u for u in computed if u] + [u for u in recorded if u.get("seed") not in seen]
+
+
 # ----------------------------------------------------------------------------- statistics
 def t_interval(diffs: list[float]) -> tuple[float, float, float]:
     """Mean and 95% t interval of paired differences (sample SD, ddof=1)."""
@@ -797,9 +805,8 @@ def main() -> None:
             print(f"=== {args.dataset} fraction {frac:g}, seed {seed}", flush=True)
             r = bench_one(args, frac, seed)
             print(json.dumps({s: {k: v.get("macro_f1") for k, v in r[s].items()} for s in ("dev", "test")}), flush=True)
-    upper = [bench_upper(args, s) for s in args.seeds[:1]] if args.upper and not args.summarise_only else []
-    upper += [json.loads(p.read_text()) for p in sorted(args.work.glob("result-upper-elpv-s*.json"))
-              if json.loads(p.read_text()).get("seed") not in args.seeds[:1]]
+    upper = upper_results(args.work, [bench_upper(args, s) for s in args.seeds[:1]]
+                          if args.upper and not args.summarise_only else [])
     suffix = "" if args.test_seed == TEST_SEED else f"-t{args.test_seed}"
     results = merge_results([json.loads(p.read_text()) for d in [args.work] + args.merge
                              for p in sorted(d.glob(f"result-{args.dataset}-f*-s*{suffix}.json"))])

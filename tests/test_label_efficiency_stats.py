@@ -123,6 +123,17 @@ def test_a_distillation_rounds_candidate_counts_every_round_and_reuses_round_one
     assert not (out / "stage3").exists() and (out / "folds.json").is_file() and trained == ["pseudo,retrain"]
 
 
+def test_upper_bound_results_are_read_back_when_only_summarising(le, tmp_path):
+    """(e) recorded in --work counts in a --summarise-only run (it once dropped seed 0's, the only
+    seed (e) trains); a freshly computed one is not counted twice."""
+    for seed, f1 in ((0, 0.53), (1, 0.55)):
+        (tmp_path / f"result-upper-elpv-s{seed}.json").write_text(json.dumps({"seed": seed, "macro_f1": f1}))
+    assert [u["seed"] for u in le.upper_results(tmp_path, [])] == [0, 1]
+    fresh = [{"seed": 0, "macro_f1": 0.53}]
+    assert [u["seed"] for u in le.upper_results(tmp_path, fresh)] == [0, 1]
+    assert le.upper_results(tmp_path / "none", []) == []
+
+
 def test_lite0_learning_rate_search_extends_the_grid_past_a_winning_edge(le):
     """(f)'s learning rate: a best value on the grid's edge is extended x3 (or /3) until the best
     is interior or the limits stop it."""
