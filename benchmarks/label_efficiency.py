@@ -46,6 +46,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -826,7 +827,7 @@ def main() -> None:
         "seeds": sorted({r["seed"] for r in results}), "commit": commit(), "machine": cpu_name(),
         "threads": torch.get_num_threads(), "python": platform.python_version(),
         "versions": {p: version(p) for p in ("torch", "timm", "onnxruntime", "umap-learn", "scikit-learn")},
-        "command": " ".join(["python", "benchmarks/label_efficiency.py"] + sys.argv[1:]),
+        "command": shlex.join(["python", "benchmarks/label_efficiency.py"] + sys.argv[1:]),  # copy-pasteable
         "wall_seconds": round(sum(r.get("wall_seconds", 0) for r in results) + sum(u.get("wall_seconds", 0) for u in upper if u), 1),
         "this_invocation_seconds": round(time.time() - t0, 1),
         "b_method": b, "candidates": {f"cand_{n}": o for n, o in args.candidates},
