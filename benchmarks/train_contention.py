@@ -1,0 +1,111 @@
+"""Training beside busy processes, measured over a training-length window (issue 16).
+
+speed.py's contention section measures each workload for ~10 s.  The thread governor
+(semivit.trainer.threads) starts at all cores and first probes one thread after 8 steps, so in
+10 s under contention (~20 steps) most of the window runs the count it is about to leave: that
+row measures the governor's warm-up.  This script measures the same bare training loop
+(benchmarks/engines.py ``train``: the quick preset's architecture, batch 32, the run's precision)
+alone and beside one busy process per usable core, for ``--seconds`` windows (default 10 and 90),
+with the governor and with fixed thread counts; the statistic is speed.py's (median images/s over
+the passes of 2 steps).  The quick architecture's untrained weights: cost does not depend on them.
+
+    python benchmarks/train_contention.py --out benchmarks/results/train_contention
+
+Results: OUT.{json,md} with the machine, the commit and the wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import predict_speed  # noqa: E402
+import speed  # noqa: E402  (child, busy_processes, stop, thread_env: one copy of each)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, nargs="+", default=[10.0, 90.0])
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--out", type=Path, required=True)
+    a = ap.parse_args(argv)
+    from semivit.utils import cpu_count
+
+    t0 = time.time()
+    cores = cpu_count()
+    work = Path(tempfile.mkdtemp(prefix="semivit-train-contention-"))
+    run = predict_speed.untrained_quick_run(work, members=2)
+    x = np.random.default_rng(0).integers(0, 255, (4 * a.batch, 128, 128, 3), dtype=np.uint8)
+    np.save(work / "x.npy", x)
+    common = ["--run", run, "--images", work / "x.npy", "--batch", a.batch, "--reps", 1, "--work", work / "engines"]
+    unset = {"OMP_WAIT_POLICY": None}  # OpenMP's default, as `ssl train` runs (the governor's choice)
+    workloads = {
+        "thread governor (as `ssl train` runs it)": (["train", *common, "--steps", 2, "--governor", "--threads", cores], unset),
+        f"{cores} threads fixed": (["train", *common, "--steps", 2, "--threads", cores], unset),
+        "1 thread fixed": (["train", *common, "--steps", 2, "--threads", 1], unset),
+    }
+    rows = []
+    for secs in a.seconds:
+        for name, (argv_, env) in workloads.items():
+            print(f"{name}, {secs:g} s", flush=True)
+            env = {**speed.thread_env(cores), **env}
+            alone = speed.child([*argv_, "--seconds", secs], env=env)
+            procs = speed.busy_processes(cores)
+            try:
+                time.sleep(0.5)
+                loaded = speed.child([*argv_, "--seconds", secs], env=env)
+            finally:
+                speed.stop(procs)
+            row = {"workload": name, "seconds": secs, "alone": alone, "loaded": loaded}
+            if "runs" in alone and "runs" in loaded:
+                m_a, m_l = float(np.median(alone["runs"])), float(np.median(loaded["runs"]))
+                row |= {"alone_images_per_s": round(m_a, 2), "loaded_images_per_s": round(m_l, 2),
+                        "ratio": round(m_l / m_a, 3)}
+            rows.append(row)
+            print(f"   {row.get('alone_images_per_s')} -> {row.get('loaded_images_per_s')} ({row.get('ratio')}x)", flush=True)
+    # the ratio against what `ssl train` does alone (the governor's quiet throughput)
+    quiet = {r["seconds"]: r.get("alone_images_per_s") for r in rows if r["workload"].startswith("thread governor")}
+    for r in rows:
+        if quiet.get(r["seconds"]) and r.get("loaded_images_per_s"):
+            r["ratio_vs_governor_alone"] = round(r["loaded_images_per_s"] / quiet[r["seconds"]], 3)
+    import subprocess
+
+    from semivit.utils import cpu_has_bf16, cpu_has_vnni, cpu_name
+
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    doc = {"benchmark": "train_contention", "machine": cpu_name(), "avx512_bf16": cpu_has_bf16(),
+           "vnni": cpu_has_vnni(), "commit": commit, "cores": cores,
+           "competitor": "python -c 'while True: pass', one per usable core", "batch": a.batch,
+           "statistic": "median images/s over the passes (2 steps each) of one window", "fair_share": 0.5,
+           "target": 0.4, "rows": rows, "wall_seconds": round(time.time() - t0, 1),
+           "command": " ".join(["python", "benchmarks/train_contention.py"] + (argv or sys.argv[1:]))}
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
+    lines = ["# Training beside busy processes, by window length", "",
+             f"Machine: {doc['machine']} ({cores} usable cores). Commit `{doc['commit']}`. Wall time {doc['wall_seconds']:.0f} s. "
+             f"Command: `{doc['command']}`.", "",
+             f"Beside {cores} competitors ({doc['competitor']}): a fair share is 0.5x, issue 16's target >= 0.4x. "
+             f"Quick preset architecture, batch {a.batch}; {doc['statistic']}.", "",
+             "| workload | window s | alone images/s | beside busy | ratio | vs the governor alone |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        gov = (r["loaded"].get("governor") or {}) if isinstance(r.get("loaded"), dict) else {}
+        note = f" (ended at {gov.get('threads')} thread(s), {len(gov.get('switches', []))} switches)" if gov else ""
+        lines.append(f"| {r['workload']}{note} | {r['seconds']:g} | {r.get('alone_images_per_s', '-')} | "
+                     f"{r.get('loaded_images_per_s', r['loaded'].get('error', '-'))} | {r.get('ratio', '-')} | "
+                     f"{r.get('ratio_vs_governor_alone', '-')} |")
+    a.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {a.out}.md")
+
+
+if __name__ == "__main__":
+    main()
