@@ -66,6 +66,7 @@ from semivit.evaluate import classification_metrics  # noqa: E402
 from semivit.models.ensemble import ensemble_weights, members_from_stages  # noqa: E402
 from semivit.models.checkpoint import load_checkpoint  # noqa: E402
 from semivit.trainer.infer import predict_arrays  # noqa: E402
+from semivit.trainer.methods import round_dirs  # noqa: E402
 from semivit.trainer.pipeline import run_training  # noqa: E402
 from semivit.trainer.run import open_run  # noqa: E402
 from semivit.utils import read_json  # noqa: E402
@@ -448,7 +449,7 @@ def bench_one(args, fraction: float, seed: int) -> dict:
         # more distillation rounds of a method already run here: its stage 2 + 3 ARE round 1 (the
         # same seeds, fold_seed), copied instead of trained again; their time is counted below
         first = one_round.get(tuple(rest)) if rounds > 1 and not own_s1 else None
-        also = ((first / "pseudo", "pseudo"), (first / "stage3", "stage3_round1")) if first else ()
+        also = ((first / "pseudo", "pseudo"), (first / "stage3", round_dirs(1, rounds)[1])) if first else ()
         C = derived_run(runs / f"C-{name}", cfg_for(preset, seed, sets + overrides), data, A,
                         ["folds.json"] if own_s1 else ["folds.json", "stage1"],
                         "pretrain,supervised,pseudo,retrain" if own_s1 else "pseudo,retrain", also=also)
@@ -465,7 +466,7 @@ def bench_one(args, fraction: float, seed: int) -> dict:
         res["runs"][f"cand_{name}"] = {"overrides": overrides, "pseudo_labels": pseudo_summary(C),
                                        "stage3_steps": cs} | ({"stage1_steps": c1, "own_stage1": True} if own_s1 else {}) \
             | ({"rounds": rounds, "round1_from": first.name if first else None, "pseudo_labels_last_round":
-                pseudo_summary(C, f"pseudo_round{rounds}")} if rounds > 1 else {})
+                pseudo_summary(C, round_dirs(rounds, rounds)[0])} if rounds > 1 else {})
     if "f" in args.arms:
         for size in args.lite0_sizes:
             if size != args.lite0_sizes[0] and seed not in args.lite0_extra_seeds:

@@ -743,6 +743,24 @@ def stop(procs: list) -> None:
         p.wait()
 
 
+def alone_and_loaded(name: str, argv: list, env: dict, cores: int) -> dict:
+    """One workload (benchmarks/engines.py ``argv`` in its own process, ``env`` on top of the
+    parent's) alone, then beside ``cores`` busy processes: both results and, when both ran, the
+    median images/s over their passes and the ratio loaded / alone."""
+    alone = child(argv, env=env)
+    procs = busy_processes(cores)
+    try:
+        time.sleep(0.5)
+        loaded = child(argv, env=env)
+    finally:
+        stop(procs)
+    row = {"workload": name, "alone": alone, "loaded": loaded}
+    if "runs" in alone and "runs" in loaded:
+        a, b = float(np.median(alone["runs"])), float(np.median(loaded["runs"]))
+        row.update({"alone_images_per_s": round(a, 2), "loaded_images_per_s": round(b, 2), "ratio": round(b / a, 3)})
+    return row
+
+
 def sec_contention(c: Ctx) -> dict:
     """Throughput alone and beside one busy process per usable core (fair share: 0.5x), for the
     default predict path, ONNX Runtime with and without thread spinning, PyTorch eager and the
@@ -777,20 +795,7 @@ def sec_contention(c: Ctx) -> dict:
     rows = []
     for name, (argv, env) in workloads.items():
         print(f"   contention: {name}", flush=True)
-        env = {**thread_env(c.threads), **env}
-        alone = child(argv, env=env)
-        procs = busy_processes(cores)
-        try:
-            time.sleep(0.5)
-            loaded = child(argv, env=env)
-        finally:
-            stop(procs)
-        row = {"workload": name, "alone": alone, "loaded": loaded}
-        if "runs" in alone and "runs" in loaded:
-            a, b = float(np.median(alone["runs"])), float(np.median(loaded["runs"]))
-            row.update({"alone_images_per_s": round(a, 2), "loaded_images_per_s": round(b, 2),
-                        "ratio": round(b / a, 3)})
-        rows.append(row)
+        rows.append(alone_and_loaded(name, argv, {**thread_env(c.threads), **env}, cores))
     return {"competitors": cores, "competitor": "python -c 'while True: pass' (one busy core each)",
             "seconds_per_measurement": secs, "threads": c.threads, "batch": c.batch, "rows": rows,
             "statistic": "median images/s over the passes of each measurement", "fair_share": 0.5, "target": 0.4}

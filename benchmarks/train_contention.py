@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import predict_speed  # noqa: E402
-import speed  # noqa: E402  (child, busy_processes, stop, thread_env: one copy of each)
+import speed  # noqa: E402  (alone_and_loaded, thread_env, machine: one copy of each)
 
 
 def main(argv=None) -> None:
@@ -57,33 +57,17 @@ def main(argv=None) -> None:
     for secs in a.seconds:
         for name, (argv_, env) in workloads.items():
             print(f"{name}, {secs:g} s", flush=True)
-            env = {**speed.thread_env(cores), **env}
-            alone = speed.child([*argv_, "--seconds", secs], env=env)
-            procs = speed.busy_processes(cores)
-            try:
-                time.sleep(0.5)
-                loaded = speed.child([*argv_, "--seconds", secs], env=env)
-            finally:
-                speed.stop(procs)
-            row = {"workload": name, "seconds": secs, "alone": alone, "loaded": loaded}
-            if "runs" in alone and "runs" in loaded:
-                m_a, m_l = float(np.median(alone["runs"])), float(np.median(loaded["runs"]))
-                row |= {"alone_images_per_s": round(m_a, 2), "loaded_images_per_s": round(m_l, 2),
-                        "ratio": round(m_l / m_a, 3)}
-            rows.append(row)
+            row = speed.alone_and_loaded(name, [*argv_, "--seconds", secs], {**speed.thread_env(cores), **env}, cores)
+            rows.append({**row, "seconds": secs})
             print(f"   {row.get('alone_images_per_s')} -> {row.get('loaded_images_per_s')} ({row.get('ratio')}x)", flush=True)
     # the ratio against what `ssl train` does alone (the governor's quiet throughput)
     quiet = {r["seconds"]: r.get("alone_images_per_s") for r in rows if r["workload"].startswith("thread governor")}
     for r in rows:
         if quiet.get(r["seconds"]) and r.get("loaded_images_per_s"):
             r["ratio_vs_governor_alone"] = round(r["loaded_images_per_s"] / quiet[r["seconds"]], 3)
-    import subprocess
-
-    from semivit.utils import cpu_has_bf16, cpu_has_vnni, cpu_name
-
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    doc = {"benchmark": "train_contention", "machine": cpu_name(), "avx512_bf16": cpu_has_bf16(),
-           "vnni": cpu_has_vnni(), "commit": commit, "cores": cores,
+    m = speed.machine()  # CPU, flags, commit, load average: speed.py's own record
+    doc = {"benchmark": "train_contention", "machine": m["cpu_name"], "commit": m["git_commit"], "machine_info": m,
+           "cores": cores,
            "competitor": "python -c 'while True: pass', one per usable core", "batch": a.batch,
            "statistic": "median images/s over the passes (2 steps each) of one window", "fair_share": 0.5,
            "target": 0.4, "rows": rows, "wall_seconds": round(time.time() - t0, 1),

@@ -60,7 +60,7 @@ def test_two_rounds_relabel_with_stage1_and_round1_and_resume(tiny_run, tiny_dat
     real_train_fold = folds_mod.train_fold
 
     def spy(run, stage, k, extra=None, **kw):
-        trained.append((stage, k, kw.get("distil_round", 1), None if extra is None else np.array(extra.labels)))
+        trained.append((stage, k, run.distil_round, None if extra is None else np.array(extra.labels)))
         return real_train_fold(run, stage, k, extra=extra, **kw)
 
     monkeypatch.setattr(folds_mod, "train_fold", spy)

@@ -41,7 +41,6 @@ class FoldPlan:
     extra: Optional[Extra] = None  # the same extra samples for every fold
     per_fold: Optional[Callable[[int], FoldSetup]] = None  # fold k's own set-up, built only if fold k trains
     before_fold: Optional[Callable[[int], None]] = None  # called before fold k trains (refresh: stop check)
-    distil_round: int = 1  # the distillation round (pseudo.rounds): its folds' seeds differ from round 1's
 
     def setup(self, k: int) -> FoldSetup:
         s = self.per_fold(k) if self.per_fold is not None else FoldSetup()
@@ -60,13 +59,13 @@ def fold_seed(cfg, stage: str, k: int, distil_round: int = 1) -> int:
 def train_fold(run: Run, stage: str, k: int, extra: Optional[Extra] = None,
                init_state: Optional[dict] = None,
                make_policy: Optional[Callable[[torch.nn.Module], UnlabeledPolicy]] = None,
-               epochs: Optional[int] = None, cfg=None, distil_round: int = 1) -> dict:
+               epochs: Optional[int] = None, cfg=None) -> dict:
     """Train fold ``k`` of ``stage``; writes best.pt, metrics.csv, val_probs.npy and done.json.
     ``cfg``: the stage's own config when it differs from the run's (the EMA-Teacher's
     ``ssl.ema.train``)."""
     cfg = cfg if cfg is not None else run.cfg
     out = run.stage_dir(stage, k)
-    seed = fold_seed(cfg, stage, k, distil_round)
+    seed = fold_seed(cfg, stage, k, run.distil_round)  # a later distillation round: other seeds
     seed_everything(seed)
     tr = np.flatnonzero(run.folds != k)
     va = np.flatnonzero(run.folds == k)
@@ -149,7 +148,7 @@ def run_stage(run: Run, stage: str, plan: Optional[FoldPlan] = None) -> list[dic
                 plan.before_fold(k)
             f = plan.setup(k)
             s = train_fold(run, stage, k, extra=f.extra, init_state=f.init_state, make_policy=f.make_policy,
-                           epochs=f.epochs, cfg=f.cfg, distil_round=plan.distil_round)
+                           epochs=f.epochs, cfg=f.cfg)
             info(f"{stage} fold {k + 1}: val macro F1 {s['val_macro_f1']:.3f} at epoch {s['best_epoch']} "
                  f"({s['seconds']:.0f}s)")
         summaries.append(s)

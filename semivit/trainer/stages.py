@@ -124,16 +124,14 @@ def retrain(run) -> None:
     method, rounds = get_retrain(run.cfg.ssl.method), distil_rounds(run.cfg)
     try:
         for r in range(1, rounds + 1):
-            pseudo_dir, students, _ = round_dirs(r, rounds)
+            pseudo_dir, students, previous = round_dirs(r, rounds)  # previous: round r-1's students
             if r > 1 and not (run.dir / pseudo_dir / "stats.json").is_file():
-                previous = round_dirs(r - 1, rounds)[1]
                 info(f"distillation round {r} of {rounds}: stage 1 + {previous} relabel the unlabeled pool")
                 distributed.main_first(lambda: run_pseudo(run, teacher=("stage1", previous), out=pseudo_dir))
-            run.distil_round = r
+            run.distil_round = r  # the plan's labels and the folds' seeds follow it
             plan = method.plan(run)
             if run.before_fold is not None:
                 plan.before_fold = run.before_fold
-            plan.distil_round = r
             run_stage(run, students, plan)
     finally:
         run.distil_round = 1
