@@ -745,8 +745,8 @@ def stop(procs: list) -> None:
 
 def alone_and_loaded(name: str, argv: list, env: dict, cores: int) -> dict:
     """One workload (benchmarks/engines.py ``argv`` in its own process, ``env`` on top of the
-    parent's) alone, then beside ``cores`` busy processes: both results and, when both ran, the
-    median images/s over their passes and the ratio loaded / alone."""
+    parent's) alone, then beside ``cores`` busy processes (started before it): both results and,
+    when both ran, the median images/s over their passes and the ratio loaded / alone."""
     alone = child(argv, env=env)
     procs = busy_processes(cores)
     try:
