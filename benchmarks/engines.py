@@ -294,20 +294,17 @@ def _bare_training(run: Path, x, batch: int, steps: int, wrap=None):
     return cfg, bf16, step
 
 
-def train_loop(run: Path, x, threads: int, batch: int, steps: int, seconds: float, governor: bool = False,
-               start: dict | None = None) -> dict:
+def train_loop(run: Path, x, threads: int, batch: int, steps: int, seconds: float, governor: bool = False) -> dict:
     """A bare training loop (AdamW, cross-entropy, the run's model and precision) on ``x``:
-    images/s per pass of ``steps`` steps, passes repeated for ``seconds``.  ``governor``: threads
-    as ``ssl train`` chooses them - the OpenMP wait policy from the load at start (``start``: what
-    semivit.utils.cpu_runtime_defaults set before torch was imported) and then, unless that made
-    the workers sleep, semivit's ThreadGovernor while it trains (its probe steps are counted in the
-    images/s)."""
+    images/s per pass of ``steps`` steps, passes repeated for ``seconds``.  ``governor``: the
+    thread count chosen while it trains by semivit's ThreadGovernor, as ``ssl train`` does
+    (its probe steps are counted in the images/s)."""
     import torch
 
     torch.set_num_threads(threads)
     cfg, bf16, step = _bare_training(run, x, batch, steps)
     gov = None
-    if governor and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":  # governor_for_training's rule
+    if governor:
         from semivit.trainer.threads import ThreadGovernor
 
         gov = ThreadGovernor(threads)
@@ -329,11 +326,9 @@ def train_loop(run: Path, x, threads: int, batch: int, steps: int, seconds: floa
     return {"engine": "train", "precision": "bf16 autocast" if bf16 else "fp32", "model": cfg.model.name,
             "batch": batch, "steps_per_pass": steps, "runs": runs, "images_per_s": max(runs), "threads": threads,
             "governor": gov.summary() if gov is not None else None,
-            "wait_policy": os.environ.get("OMP_WAIT_POLICY") or "OpenMP default", "start": start,
             "describe": f"bare training loop, {cfg.model.name} at {cfg.model.img_size} px, batch {batch} "
                         + (f"(thread governor over {gov.choices}: ended at {gov.current})" if gov is not None
-                           else f"({torch.get_num_threads()} threads, wait policy "
-                                f"{os.environ.get('OMP_WAIT_POLICY') or 'OpenMP default'})")}
+                           else f"({torch.get_num_threads()} threads)")}
 
 
 def _ddp_rank(rank: int, world: int, store: str, run: Path, x, batch: int, steps: int, seconds: float,
@@ -411,10 +406,7 @@ def main(argv=None) -> None:
     ap.add_argument("--images", type=Path, help=".npy of uint8 NHWC images")
     ap.add_argument("--n", type=int, default=2048, help="peak: matrix size")
     ap.add_argument("--steps", type=int, default=4, help="train: steps per pass")
-    ap.add_argument("--governor", action="store_true",
-                    help="train: threads as `ssl train` chooses them (wait policy from the load at start, ThreadGovernor)")
-    ap.add_argument("--quiet-start", action="store_true",
-                    help="train --governor: take the machine as quiet at the start (load that arrives later)")
+    ap.add_argument("--governor", action="store_true", help="train: threads chosen by semivit's ThreadGovernor")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, required=True)
     ap.add_argument("--reps", type=int, default=2, help="full passes over the images, best kept")
@@ -434,13 +426,7 @@ def main(argv=None) -> None:
     if len(x) >= a.batch:  # full batches only: a partial last batch would recompile torch.compile
         x = x[:len(x) // a.batch * a.batch]
     if a.engine == "train":
-        start = None
-        if a.governor:  # as the `ssl` entry point does for training, before torch is imported
-            from semivit.utils import cpu_runtime_defaults
-
-            # --quiet-start: as if the competitors arrived after training started
-            start = cpu_runtime_defaults(training=True, busy=(lambda: 0.0) if a.quiet_start else None)
-        print(json.dumps(train_loop(a.run, x, a.threads, a.batch, a.steps, a.seconds, a.governor, start)))
+        print(json.dumps(train_loop(a.run, x, a.threads, a.batch, a.steps, a.seconds, a.governor)))
         return
     if a.engine == "train-ddp":  # --threads ranks of one thread each
         print(json.dumps(train_loop_ddp(a.run, x, a.threads, a.batch, a.steps, a.seconds, a.work)))

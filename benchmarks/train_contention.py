@@ -6,13 +6,16 @@ speed.py's contention section measures each workload for ~10 s.  The thread gove
 row measures the governor's warm-up.  This script measures the same bare training loop
 (benchmarks/engines.py ``train``: the quick preset's architecture, batch 32, the run's precision)
 alone and beside one busy process per usable core (``--competitors``: another count; they start
-before it), for ``--seconds`` windows (default 10 and 90): as ``ssl train`` runs it (the OpenMP
-wait policy chosen from the load at the start, then the thread governor), the governor alone as
-if the load arrived after the start, and fixed thread counts and wait policies (``--spincount``:
-libgomp's GOMP_SPINCOUNT too); the statistic is speed.py's (median images/s over the passes of 2
+before it), for ``--seconds`` windows (default 10 and 90): as ``ssl train`` runs it (OpenMP's
+default wait policy, the thread governor), and fixed thread counts and wait policies
+(``OMP_WAIT_POLICY=PASSIVE``; ``--spincount``: libgomp's GOMP_SPINCOUNT too); the statistic is speed.py's (median images/s over the passes of 2
 steps).  The quick architecture's untrained weights: cost does not depend on them.
 
-    python benchmarks/train_contention.py --seconds 30 --out benchmarks/results/train_contention
+    python benchmarks/train_contention.py --seconds 10 60 --out benchmarks/results/train_contention
+
+A rule tried and not adopted - ``ssl train`` on a machine already busy at its start sets
+``OMP_WAIT_POLICY=PASSIVE`` - was measured with this script at commit aa24847
+(benchmarks/results/train_contention_passive_at_start*.md; README Results).
 
 Results: OUT.{json,md} with the machine, the commit and the wall time.
 """
@@ -35,7 +38,7 @@ import predict_speed  # noqa: E402
 import speed  # noqa: E402  (alone_and_loaded, thread_env, machine: one copy of each)
 
 
-GOVERNOR = "as `ssl train` runs it (wait policy from the load at start, then the thread governor)"
+GOVERNOR = "thread governor (as `ssl train` runs it)"
 
 
 def main(argv=None) -> None:
@@ -60,9 +63,6 @@ def main(argv=None) -> None:
     unset = {"OMP_WAIT_POLICY": None}  # OpenMP's default, as `ssl train` runs (the governor's choice)
     workloads = {
         GOVERNOR: (["train", *common, "--steps", 2, "--governor", "--threads", cores], unset),
-        # the competitors arrive after training started: OpenMP's default wait policy, the governor
-        "thread governor, load arriving after the start": (["train", *common, "--steps", 2, "--governor",
-                                                            "--quiet-start", "--threads", cores], unset),
         f"{cores} threads fixed": (["train", *common, "--steps", 2, "--threads", cores], unset),
         "1 thread fixed": (["train", *common, "--steps", 2, "--threads", 1], unset),
         # OpenMP's wait policy set at process start (it cannot change once OpenMP has started):
@@ -104,12 +104,8 @@ def main(argv=None) -> None:
              "| workload | window s | alone images/s | beside busy | ratio | vs the governor alone |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        loaded = r["loaded"] if isinstance(r.get("loaded"), dict) else {}
-        gov, start = loaded.get("governor") or {}, loaded.get("start") or {}
+        gov = (r["loaded"].get("governor") or {}) if isinstance(r.get("loaded"), dict) else {}
         note = f" (beside busy: ended at {gov.get('threads')} thread(s), {len(gov.get('switches', []))} switches)" if gov else ""
-        if "busy_cores" in start:
-            note = (f" (beside busy: {start['busy_cores']:g} busy cores at the start -> {start.get('OMP_WAIT_POLICY')}, "
-                    f"{loaded.get('threads')} threads, no governor)")
         lines.append(f"| {r['workload']}{note} | {r['seconds']:g} | {r.get('alone_images_per_s', '-')} | "
                      f"{r.get('loaded_images_per_s', r['loaded'].get('error', '-'))} | {r.get('ratio', '-')} | "
                      f"{r.get('ratio_vs_governor_alone', '-')} |")

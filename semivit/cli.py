@@ -285,13 +285,10 @@ def _command(argv: list[str]) -> Optional[str]:
 
 
 def main() -> None:
-    from semivit.utils import cpu_runtime_defaults, info, keep_freed_memory
+    from semivit.utils import cpu_runtime_defaults, keep_freed_memory
 
     # before any command imports torch (OpenMP reads these once)
-    done = cpu_runtime_defaults(training=_command(sys.argv[1:]) in TRAINING_COMMANDS)
-    if "busy_cores" in done:
-        info(f"other processes keep {done['busy_cores']:g} cores busy: training uses {os.environ['OMP_NUM_THREADS']} "
-             "threads that sleep when idle (OMP_WAIT_POLICY=PASSIVE; set it yourself to choose)")
+    cpu_runtime_defaults(training=_command(sys.argv[1:]) in TRAINING_COMMANDS)
     keep_freed_memory()  # glibc keeps freed blocks: no page faults on every training step
     app()
 

@@ -278,74 +278,29 @@ def keep_freed_memory(environ=None) -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1))
 
 
-BUSY_CORES = 0.5  # other processes keeping at least this many usable cores busy: a shared machine
-
-
-def busy_cores(interval: float = 0.25, stat: Path = Path("/proc/stat")) -> float | None:
-    """How many of this process's usable CPUs other work keeps busy: the non-idle share of the
-    affinity mask's CPUs over ``interval`` seconds (per-CPU lines of /proc/stat), in cores.  The
-    caller sleeps meanwhile, so what it counts is the others.  None where there is no /proc/stat.
-
-    (psutil.cpu_percent(percpu=True) reads the same file; a dozen lines here spare a dependency.)"""
-    import time
-
-    mine = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-
-    def sample() -> dict[int, tuple[int, int]]:
-        out = {}
-        for line in stat.read_text().splitlines():
-            name, *vals = line.split()
-            if name.startswith("cpu") and name[3:].isdigit():
-                v = [int(x) for x in vals[:8]]  # user nice system idle iowait irq softirq steal
-                out[int(name[3:])] = (sum(v), v[3] + v[4])  # (total, idle incl. iowait) jiffies
-        return out
-
-    try:
-        a = sample()
-        time.sleep(interval)
-        b = sample()
-    except (OSError, ValueError, IndexError):
-        return None
-    cpus = [c for c in (mine if mine is not None else b) if c in a and c in b]
-    total = sum(b[c][0] - a[c][0] for c in cpus)
-    if not cpus or total <= 0:
-        return None
-    idle = sum(b[c][1] - a[c][1] for c in cpus)
-    return len(cpus) * (total - idle) / total
-
-
-def cpu_runtime_defaults(environ=None, training: bool = False, busy=None) -> dict:
+def cpu_runtime_defaults(environ=None, training: bool = False) -> dict:
     """OpenMP defaults for the PyTorch paths (training, ``--backend torch``), set before torch is
     imported (OpenMP reads them once, at start-up); a value the user set is kept.
 
     - ``OMP_NUM_THREADS``: one thread per usable physical core (affinity mask and cgroup quota
       respected; SMT siblings add no matmul throughput).
-    - ``OMP_WAIT_POLICY=PASSIVE`` (for ``training`` only when other processes already keep
-      >= ``BUSY_CORES`` of the machine's cores busy): idle OpenMP workers sleep instead of
+    - ``OMP_WAIT_POLICY=PASSIVE`` (not for ``training``): idle OpenMP workers sleep instead of
       spinning between parallel regions.  Spinning workers burn the time slices another process
       on the same cores needs and, worse, are descheduled while the next region waits for them:
       beside one busy process per core PyTorch fell far below its fair share
-      (benchmarks/results/speed.md, contention).  A quiet machine's training keeps OpenMP's default
-      (spin a while, then sleep): it trains faster than PASSIVE (benchmarks/results/train_contention.md),
-      and its loop has a thread governor (:mod:`semivit.trainer.threads`) that drops to one
-      thread - no barrier to wait at - when other processes start competing later.  Where they
-      compete from the start, the wait policy can still be chosen (OpenMP cannot change it once it
-      runs): PASSIVE with every core trains beside them ~1.3x as fast as the governor's best.
+      (benchmarks/results/speed.md, contention).  Training keeps OpenMP's default (spin a while,
+      then sleep): quietly it trains 1.36x faster than PASSIVE (speed.md: 210.4 vs 154.4 images/s), and
+      its loop has a thread governor (:mod:`semivit.trainer.threads`) that drops to one thread -
+      no barrier to wait at - when other processes compete.
 
     ONNX Runtime (``session.intra_op.allow_spinning=0``) and OpenVINO (single-threaded streams,
     CPU pinning off) get the same robustness through their own session options.  Returns what
-    was set (and, for training on a busy machine, ``busy_cores``: what it measured; ``busy``
-    replaces :func:`busy_cores`)."""
+    was set."""
     env = os.environ if environ is None else environ
     done = {}
     defaults = [("OMP_NUM_THREADS", str(physical_core_count()))]
     if not training:
         defaults.append(("OMP_WAIT_POLICY", "PASSIVE"))
-    elif not env.get("OMP_WAIT_POLICY"):
-        load = (busy or busy_cores)()
-        if load is not None and load >= BUSY_CORES:
-            defaults.append(("OMP_WAIT_POLICY", "PASSIVE"))
-            done["busy_cores"] = round(load, 2)
     for key, value in defaults:
         if not env.get(key):
             env[key] = done[key] = value

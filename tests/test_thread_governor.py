@@ -135,26 +135,3 @@ def test_a_run_that_starts_under_load_finds_one_thread_early():
     ran = run(gov, clock, LOADED, 30)
     assert gov.current == 1 and ran.index(1) <= 10, ran
     assert ran[-10:] == [1] * 10
-
-
-def test_no_governor_when_openmp_workers_sleep(monkeypatch):
-    """Under OMP_WAIT_POLICY=PASSIVE (set by ``ssl`` on a machine that is busy as training starts)
-    every core trains faster than one thread, alone and beside busy processes: no probing."""
-    import torch
-
-    from semivit.trainer import threads
-
-    monkeypatch.setattr(threads, "_GOVERNOR", None)
-    monkeypatch.delenv(threads.ENV, raising=False)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
-        assert threads.governor_for_training(torch.device("cpu")) is None
-        monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
-        assert threads.governor_for_training(torch.device("cpu")) is None
-        monkeypatch.delenv("OMP_WAIT_POLICY")
-        gov = threads.governor_for_training(torch.device("cpu"))
-        assert gov is not None and gov.choices == [2, 1]
-    finally:
-        torch.set_num_threads(before)

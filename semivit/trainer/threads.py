@@ -14,18 +14,12 @@ setting has done (another process started) trigger a probe at once.  Probes back
 interval doubles, up to ``max_every``) while the choice holds: a quiet machine loses ~1-2% to them.
 
 ``SEMIVIT_TRAIN_THREADS=N`` fixes the count (no probing); with one usable core there is nothing
-to choose.  The governor only calls ``set_threads`` (``torch.set_num_threads``): OpenMP's wait
-policy is fixed when OpenMP starts.  Under ``OMP_WAIT_POLICY=PASSIVE`` (set by
-:func:`semivit.utils.cpu_runtime_defaults` when other processes already keep cores busy as
-training starts, or by the user) there is no governor: with sleeping workers every core trains
-faster than one thread both alone and beside busy processes (benchmarks/results/train_contention.md),
-and the governor's probes, timed on a loaded machine, mistook noise for a gain and settled on one
-thread.
+to choose.  The governor only calls ``set_threads`` (``torch.set_num_threads``), so OpenMP's
+wait policy stays whatever the environment gives it.
 """
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from typing import Callable, Optional
@@ -145,8 +139,6 @@ def governor_for_training(device) -> Optional[ThreadGovernor]:
 
     if getattr(device, "type", str(device)) != "cpu":
         return None
-    if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
-        return None  # sleeping workers: every core is the better count (module docstring)
     fixed = fixed_threads()
     if fixed is not None:
         torch.set_num_threads(fixed)
