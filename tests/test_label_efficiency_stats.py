@@ -307,3 +307,37 @@ def test_ensemble_weighting_measures_the_leak_and_scores_both_weightings(tmp_pat
     assert res["folds"]["cand_mix"]["stage3_weight_share"] == 0.75
     quick = ew.one_seed(runs, tmp_path / "data", rescore=False)  # --leak-only: no scoring
     assert quick["scores"] == {"dev": {}, "test": {}} and quick["folds"] == res["folds"]
+
+
+def test_upper_gap_pairs_each_seed_with_its_own_upper_bound(tmp_path, le):
+    """benchmarks/upper_gap.py: the share of the (a) -> (e) gap that (b) closes, per seed, with (e)
+    read from a result file's upper_bound list or a per-seed record; seeds without (e) are left out."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("upper_gap", ROOT / "benchmarks" / "upper_gap.py")
+    ug = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ug)
+
+    def run(seed, a, b, g, fraction=0.1):
+        return {"fraction": fraction, "seed": seed, "test": {"a": {"macro_f1": a}, "b": {"macro_f1": b},
+                                                              "g": {"macro_f1": g}}}
+
+    doc = {"machine": "m", "runs": [run(0, 0.40, 0.45, 0.44), run(1, 0.50, 0.52, 0.55), run(2, 0.4, 0.6, 0.6),
+                                    run(0, 0.1, 0.1, 0.1, fraction=0.25)]}
+    (tmp_path / "res.json").write_text(json.dumps(doc))
+    (tmp_path / "with_upper.json").write_text(json.dumps({"upper_bound": [{"seed": 0, "macro_f1": 0.60}]}))
+    (tmp_path / "result-upper-elpv-s1.json").write_text(json.dumps({"seed": 1, "macro_f1": 0.58, "accuracy": 0.7}))
+    upper = ug.upper_by_seed([tmp_path / "with_upper.json", tmp_path / "result-upper-elpv-s1.json"])
+    assert sorted(upper) == [0, 1]
+    rows = ug.gap_rows(doc, 0.1, upper)
+    assert [r["seed"] for r in rows] == [0, 1]  # seed 2 has no (e); the 0.25 run is another fraction
+    assert rows[0]["gap_closed"] == pytest.approx(0.25) and rows[1]["gap_closed"] == pytest.approx(0.25)
+    assert rows[0]["g_gap_closed"] == pytest.approx(0.2) and rows[1]["g_gap_closed"] == pytest.approx(0.625)
+    ug.main(["--result", str(tmp_path / "res.json"), "--fraction", "0.1", "--upper", str(tmp_path / "with_upper.json"),
+             str(tmp_path / "result-upper-elpv-s1.json"), "--out", str(tmp_path / "out")])
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out["summary"]["gap_closed"]["mean"] == pytest.approx(0.25) and out["summary"]["gap_closed"]["n"] == 2
+    # mean gain 0.035 over mean gap 0.14
+    assert out["summary"]["gap_closed_of_means"] == pytest.approx(0.25)
+    assert "NOT reached" in (tmp_path / "out.md").read_text()
