@@ -145,6 +145,12 @@ class PseudoConfig(_Section):
     # train.loss); "same" = train.loss (focal, class weights) on them too
     soft_loss: Literal["ce", "same"] = "ce"
     weight: Literal["confidence", "one"] = "confidence"
+    # distribution alignment (ReMixMatch, Berthelot et al. 2020): "prior" rescales the pool's
+    # ensemble probabilities class by class so that their mean over the pool equals the labeled
+    # class prior (p * prior / mean_pool(p), rows renormalised) before any rule, cluster or soft
+    # target sees them - a teacher whose class-balanced loss over-predicts the rare classes hands
+    # on calibrated soft targets.  "none": the ensemble's probabilities as they are.
+    align: Literal["none", "prior"] = "none"
     # stage 3's batches: the share of each batch drawn from the labeled images (with replacement;
     # the epoch keeps the length of labels + extra samples, so the optimiser steps do not change).
     # None: labeled and extra samples in proportion to their numbers, so with 196 labels and 1,506

@@ -1,5 +1,5 @@
-"""Class-adaptive pseudo-label rules (quota, freematch, all) on scripted probability matrices,
-the soft-target loss, and each rule end to end on a tiny run."""
+"""Class-adaptive pseudo-label rules (quota, freematch, all) and distribution alignment on
+scripted probability matrices, the soft-target loss, and each end to end on a tiny run."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import torch.nn.functional as F
 
 from semivit import config
 from semivit.errors import UserError
-from semivit.pseudo.adaptive import freematch_thresholds, quota_thresholds
+from semivit.pseudo.adaptive import align_to_prior, freematch_thresholds, quota_thresholds
 from semivit.pseudo.rules import RuleInputs, class_thresholds, rule_names
-from semivit.pseudo.select import select
+from semivit.pseudo.select import label_pool, select
 from semivit.trainer.losses import FocalLoss
 
 
@@ -66,6 +66,42 @@ def test_freematch_lowers_the_bar_for_rarely_predicted_classes():
     assert np.bincount(select(probs, thr).label, minlength=4)[2] == 10  # all of the rare class pass
 
 
+def test_alignment_makes_the_pool_mean_the_labeled_prior():
+    # a teacher that over-predicts the rare classes 2 and 3 (as a class-balanced loss does)
+    probs = _pool([40, 30, 20, 10], conf_hi=0.9, conf_lo=0.4)
+    prior = np.array([60.0, 25.0, 10.0, 5.0])  # counts: normalised inside
+    before = probs.mean(0)
+    q = align_to_prior(probs, prior)
+    assert q.shape == probs.shape and np.allclose(q.sum(1), 1.0)
+    assert np.allclose(q.mean(0), prior / prior.sum(), atol=1e-5)
+    assert not np.allclose(before, prior / prior.sum(), atol=0.05)  # the test moved something
+    # one class-wise factor per class: every row is p * w renormalised, the same w for all rows
+    w = q / probs
+    w = w / w[:, :1]
+    assert np.allclose(w, w[0], rtol=1e-6)
+    assert (w[0, 1:] < 1).all()  # the over-predicted classes scaled down relative to class 0
+    # a pool already at the prior stays as it is
+    assert np.allclose(align_to_prior(probs, before), probs, atol=1e-9)
+    # a class with prior 0 gets nothing
+    assert np.allclose(align_to_prior(probs, [1, 1, 1, 0])[:, 3], 0)
+
+
+def test_label_pool_aligns_before_the_rule_reads_the_probabilities():
+    probs = _pool([40, 30, 20, 10])
+    labels = np.repeat(np.arange(4), [60, 25, 10, 5])
+    cal = lambda: (np.zeros((len(labels), 4)), labels)  # noqa: E731 - the labeled counts are what align reads
+    cfg = config.resolve(preset="tiny", overrides=["pseudo.threshold_mode=all", "pseudo.cluster=false",
+                                                   "pseudo.align=prior"]).pseudo
+    pool = label_pool(probs, [probs], cfg, 0, calibration=cal)
+    assert np.allclose(pool.probs.mean(0), [0.6, 0.25, 0.1, 0.05], atol=1e-5)
+    assert np.array_equal(pool.labels.label, pool.probs.argmax(1))  # selection read the aligned matrix
+    assert np.bincount(pool.labels.label, minlength=4)[3] < 10  # fewer rare-class arg-maxes than before
+    plain = label_pool(probs, [probs], cfg.model_copy(update={"align": "none"}), 0, calibration=cal)
+    assert np.array_equal(plain.probs, probs)
+    with pytest.raises(UserError, match="labeled class counts"):
+        label_pool(probs, [probs], cfg, 0, calibration=None)
+
+
 def test_all_selects_every_prediction_and_rules_need_a_pool():
     probs = _pool([5, 5, 5, 5])
     cfg = config.resolve(preset="tiny").pseudo
@@ -93,6 +129,7 @@ def test_soft_target_loss_equals_cross_entropy_on_one_hot_targets():
     ("quota", ["pseudo.quota=0.5", "pseudo.cluster=false"]),
     ("freematch", ["pseudo.cluster=false"]),
     ("all", ["pseudo.soft=true", "pseudo.weight=one", "pseudo.cluster=false"]),
+    ("all", ["pseudo.soft=true", "pseudo.weight=one", "pseudo.cluster=false", "pseudo.align=prior"]),
 ])
 def test_rule_end_to_end_on_a_tiny_run(rule, sets, tiny_run, tiny_data_shared, tmp_path, capsys):
     """Stage 2-3 with the rule on the shared tiny run's stage 1 (cluster cores off, so the rule alone
@@ -134,6 +171,14 @@ def test_rule_end_to_end_on_a_tiny_run(rule, sets, tiny_run, tiny_data_shared, t
         assert np.bincount(labels).tolist() == [12, 12, 12] and stats["unlabeled"] == 24
         for c in classes:
             assert stats["by_class"][c] == min(4, sum(p["pred"] == c for p in preds))
+    if "pseudo.align=prior" in sets:  # the soft targets written (and trained on) average to the labeled prior
+        _, labels = run_calibration(out)
+        prior = np.bincount(labels, minlength=len(classes)) / len(labels)
+        with open(out / "pseudo" / "pseudo_labels.csv", newline="") as f:
+            soft = np.asarray([[float(r[f"p_{c}"]) for c in classes] for r in csv.DictReader(f)])
+        assert np.allclose(soft.mean(0), prior, atol=1e-4)
+        assert list(stats["align"]["pool_mean_after"].values()) == pytest.approx(prior.tolist(), abs=1e-3)
+        assert "distribution alignment: the pool's mean probability per class" in log  # (read in the rule == "all" branch above)
     done = [json.loads((out / "stage3" / f"fold{k}" / "done.json").read_text()) for k in range(cfg.cv.folds)]
     assert all(d["extra_samples"] == stats["selected"] for d in done)
     assert len(json.loads((out / "ensemble.json").read_text())["members"]) == 2 * cfg.cv.folds

@@ -13,6 +13,9 @@ macro F1, get nothing.  These rules give every class its share:
   (FreeMatch tracks it as an EMA during training), the class level = the mean probability of c
   over the pool normalised by its maximum; ``T_c = tau * p_c / max_k p_k``.  A class the model
   rarely predicts gets a lower bar.
+- ``pseudo.align: prior`` (not a rule: it changes the probabilities every rule then reads):
+  ReMixMatch's distribution alignment (Berthelot et al. 2020) over the pool - the classes'
+  probabilities rescaled so that their mean over the pool is the labeled class prior.
 - ``all``: every prediction (threshold 0): the teacher labels the whole pool, for soft-target
   distillation (``pseudo.soft: true``, ``pseudo.weight: one``) - Noisy Student / ensemble
   distillation.
@@ -54,15 +57,40 @@ def quota_thresholds(probs: np.ndarray, prior: np.ndarray, share: float) -> np.n
     return out
 
 
+def align_to_prior(probs: np.ndarray, prior: np.ndarray, iters: int = 100, tol: float = 1e-6) -> np.ndarray:
+    """Distribution alignment: per-class factors w such that the rows of ``probs * w``, each
+    renormalised to sum 1, average to ``prior`` over the pool.  ReMixMatch takes one step of
+    ``p * prior / mean(p)`` per batch against a running mean; with the whole pool at hand the step
+    is repeated until the pool mean matches (a Sinkhorn-style fixed point, a few iterations).  A
+    class with prior 0 gets probability 0; a class the pool never predicts stays at 0."""
+    p = np.asarray(probs, dtype=np.float64)
+    prior = np.asarray(prior, dtype=np.float64)
+    prior = prior / prior.sum()
+    w = np.ones(p.shape[1])
+    q = p
+    for _ in range(iters):
+        q = p * w
+        q = q / np.maximum(q.sum(1, keepdims=True), 1e-12)
+        mean = q.mean(0)
+        if np.abs(mean - prior).max() < tol:
+            break
+        w = w * np.where(mean > 0, prior / np.maximum(mean, 1e-12), 0.0)
+    return q.astype(np.asarray(probs).dtype, copy=False)
+
+
+def labeled_prior(inp: RuleInputs, why: str) -> np.ndarray:
+    """The labeled images' class counts (from the run's stage-1 calibration data)."""
+    if inp.calibration is None:
+        raise UserError(f"{why} needs the labeled class counts (the run's stage 1)")
+    _, labels = inp.calibration()
+    return np.bincount(labels, minlength=inp.num_classes).astype(np.float64)
+
+
 @threshold_rule("quota")
 def prior_quota(inp: RuleInputs) -> np.ndarray:
     """Per-class top-k with k aligned to the labeled class prior (``pseudo.quota`` x pool size)."""
     probs = _pool(inp, "quota")
-    if inp.calibration is None:
-        raise UserError("pseudo-label rule 'quota' needs the labeled class counts (the run's stage 1)")
-    _, labels = inp.calibration()
-    prior = np.bincount(labels, minlength=inp.num_classes).astype(np.float64)
-    return quota_thresholds(probs, prior, inp.settings.quota)
+    return quota_thresholds(probs, labeled_prior(inp, "pseudo-label rule 'quota'"), inp.settings.quota)
 
 
 def freematch_thresholds(probs: np.ndarray) -> np.ndarray:

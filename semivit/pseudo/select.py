@@ -131,18 +131,25 @@ class PoolLabels:
     thresholds: np.ndarray  # per class, as the configured rule gave them
     clusters: Optional[Clusters] = None  # None: clustering off, or the pool too small for it
     points: Optional[np.ndarray] = None  # the UMAP 2-D points (with clusters)
+    probs: Optional[np.ndarray] = None  # the pool's probabilities the selection read (aligned: pseudo.align)
 
 
 def label_pool(probs: np.ndarray, embeddings: Sequence[np.ndarray], pcfg, seed: int,
                calibration: Optional[Callable[[], tuple[np.ndarray, np.ndarray]]] = None) -> PoolLabels:
     """Select pseudo-labels for a pool from its ensemble ``probs`` and the members' penultimate
-    ``embeddings`` by the ``pseudo.*`` config ``pcfg``: the rule ``pcfg.threshold_mode``, the
-    cluster cores (``pcfg.cluster``), the per-class cap."""
+    ``embeddings`` by the ``pseudo.*`` config ``pcfg``: distribution alignment to the labeled
+    prior (``pcfg.align``), the rule ``pcfg.threshold_mode``, the cluster cores (``pcfg.cluster``),
+    the per-class cap."""
     n_cls = probs.shape[1]
+    if pcfg.align == "prior":
+        from semivit.pseudo.adaptive import align_to_prior, labeled_prior
+
+        prior = labeled_prior(RuleInputs(n_cls, pcfg.threshold, pcfg, probs, calibration), "pseudo.align=prior")
+        probs = align_to_prior(probs, prior)
     thresholds = class_thresholds(pcfg.threshold_mode, RuleInputs(n_cls, pcfg.threshold, pcfg, probs, calibration))
     clusters, points = None, None
     if pcfg.cluster and enough_for_clusters(len(probs), n_cls):
         points = umap_2d(np.concatenate(list(embeddings), axis=1), pcfg.umap_neighbors, seed)
         clusters = cluster_cores(points, probs.argmax(1), n_cls, pcfg.purity, pcfg.core_fraction, seed)
     pl = select(probs, thresholds, clusters, pcfg.max_per_class)
-    return PoolLabels(pl, thresholds, clusters, points)
+    return PoolLabels(pl, thresholds, clusters, points, probs)

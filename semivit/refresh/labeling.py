@@ -74,7 +74,7 @@ def label_inbox(db: Inbox, run_dir: Path, version: str, cfg) -> LabelStats:
         chosen = set(pl.index.tolist())
         for i, lab, conf, src in zip(pl.index, pl.label, pl.confidence, pl.source):
             accepted.append({"sha256": ok[i][0], "label": classes[int(lab)], "confidence": float(conf),
-                             "source": src, "probs": [round(float(x), 6) for x in probs[i]]})
+                             "source": src, "probs": [round(float(x), 6) for x in pool.probs[i]]})
             st.by_source[src] = st.by_source.get(src, 0) + 1
             st.by_class[classes[int(lab)]] = st.by_class.get(classes[int(lab)], 0) + 1
         rejected += [(ok[i][0], "unconfident") for i in range(len(ok)) if i not in chosen]

@@ -84,9 +84,17 @@ def run_pseudo(run, teacher: tuple[str, ...] = ("stage1",), out: str = "pseudo")
     inputs = run.stem_features(images, tta=pcfg.tta, what="unlabeled pool")
     probs, embs = ensemble_predict(run.dir, inputs, stages=list(teacher), tta=pcfg.tta, device=run.device,
                                    with_embeddings=True, weighting=cfg.ensemble.weighting)
-    pred = probs.argmax(1)
     oof = run.dir / "stage1" / "oof_probs.npy"
+    raw_mean = probs.mean(0)
     pool = label_pool(probs, embs, pcfg, cfg.seed, calibration=lambda: (np.load(oof), run.labeled.labels))
+    probs = pool.probs  # what the rule and the soft targets read (aligned to the prior: pseudo.align)
+    pred = probs.argmax(1)
+    if pcfg.align != "none":
+        stats["align"] = {"to": pcfg.align,
+                          "pool_mean_before": {c: round(float(m), 4) for c, m in zip(classes, raw_mean)},
+                          "pool_mean_after": {c: round(float(m), 4) for c, m in zip(classes, probs.mean(0))}}
+        info("distribution alignment: the pool's mean probability per class "
+             + ", ".join(f"{c} {b:.3f} -> {a:.3f}" for c, b, a in zip(classes, raw_mean, probs.mean(0))))
     pl, clusters, points = pool.labels, pool.clusters, pool.points
     if clusters is not None:
         stats["clusters"] = [{"size": int(s), "majority": classes[int(m)], "purity": round(float(p), 4),
