@@ -66,6 +66,19 @@ def test_b_and_f_best_are_chosen_on_dev_never_on_test(le):
     assert next(p for p in dev_paired if (p["a"], p["b"]) == ("b", "cand_y"))["diff_mean"] == pytest.approx(0.1)
 
 
+def test_a_challenger_replaces_the_default_only_by_more_than_the_tie_margin(le):
+    """With an incumbent (today's default), a challenger whose mean dev macro F1 leads by no more
+    than the margin is a tie and the default stays; a larger lead replaces it.  Test never decides."""
+    rows = [_row(s, {"a": 0.3, "cand_old": 0.450, "cand_new": 0.453 + (0.01 if s == 0 else 0.0)},
+                 {"a": 0.3, "cand_old": 0.40, "cand_new": 0.60}) for s in range(5)]
+    # cand_new leads by 0.005 on dev (0.003 + 0.01 / 5): the best mean without an incumbent
+    assert le.choose_b(rows) == "cand_new"
+    assert le.choose_b(rows, incumbent="old", margin=0.006) == "cand_old"  # a tie keeps the default
+    assert le.choose_b(rows, incumbent="old", margin=0.004) == "cand_new"
+    assert le.choose_b(rows, incumbent="new", margin=0.005) == "cand_new"  # the best is the incumbent
+    assert le.choose_b(rows, among=["new"], incumbent="old", margin=0.005) == "cand_new"  # incumbent not among
+
+
 def test_best_f_is_chosen_on_the_seeds_that_ran_every_f_arm(le):
     """(f) at the second resolution runs on fewer seeds; the best (f) is chosen on the seeds that
     have both, so a single lucky seed does not win over a mean of five."""
