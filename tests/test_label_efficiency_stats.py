@@ -251,8 +251,8 @@ def test_compare_arms_pairs_seeds_across_result_files(tmp_path):
     ca = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ca)
 
-    def doc(vals, arm="b"):
-        return {"runs": [{"fraction": 0.1, "seed": s, "dev": {arm: {"macro_f1": v}}, "test": {}}
+    def doc(vals, arm="b"):  # accuracy = macro F1 + 0.1 x seed: paired differences stay those of macro F1
+        return {"runs": [{"fraction": 0.1, "seed": s, "dev": {arm: {"macro_f1": v, "accuracy": v + s / 10}}, "test": {}}
                          for s, v in vals.items()]}
 
     docs = {"long": doc({0: 0.50, 1: 0.52, 2: 0.55, 3: 0.51, 9: 0.9}), "base": doc({0: 0.45, 1: 0.50, 2: 0.50, 3: 0.47})}
@@ -271,7 +271,11 @@ def test_compare_arms_pairs_seeds_across_result_files(tmp_path):
     ca.main(["--result", f"long={tmp_path / 'l.json'}", "--result", f"base={tmp_path / 'b.json'}",
              "--pair", "b@long-b@base", "--out", str(tmp_path / "cmp")])
     assert json.loads((tmp_path / "cmp.json").read_text())["paired"][0]["n"] == 4
-    assert "| dev | 0.1 | b@long | b@base | 4 |" in (tmp_path / "cmp.md").read_text()
+    assert "| macro_f1 | dev | 0.1 | b@long | b@base | 4 |" in (tmp_path / "cmp.md").read_text()
+    docs["long"]["runs"][0]["dev"]["b"]["accuracy"] = 0.95  # accuracy, not macro F1, when asked
+    (acc,) = ca.compare(docs, ["b@long-b@base"], "dev", "accuracy")
+    assert acc["metric"] == "accuracy" and acc["per_seed"]["0"] == pytest.approx(0.95 - 0.55)
+    assert acc["per_seed"]["1"] == pytest.approx(0.52 - 0.45) and acc["mean_a"] == pytest.approx((0.95 + 0.62 + 0.75 + 0.81) / 4)
 
 
 def test_ensemble_weighting_measures_the_leak_and_scores_both_weightings(tmp_path, monkeypatch):
