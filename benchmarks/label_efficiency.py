@@ -781,6 +781,22 @@ def parse_candidate(text: str) -> tuple[str, list[str]]:
     return name, [s for s in rest.split(",") if s]
 
 
+def check_results_target(stem: Path, command: str, force: bool) -> None:
+    """Refuse to replace a results file that a different command wrote (e.g. a one-seed trial run
+    over the committed five-seed results): the same command may rewrite it (that is reproducing
+    it), another needs ``--results DIR`` or ``--force``."""
+    old = stem.with_suffix(".json")
+    if force or not old.exists():
+        return
+    try:
+        before = json.loads(old.read_text()).get("command")
+    except (OSError, ValueError, AttributeError):
+        before = None
+    if before != command:
+        raise SystemExit(f"error: {old} holds the results of another command ({before or 'unreadable'}); "
+                         "write elsewhere with --results DIR, or pass --force to replace it")
+
+
 def main() -> None:
     from semivit.utils import keep_freed_memory
 
@@ -814,9 +830,18 @@ def main() -> None:
     ap.add_argument("--tie-margin", type=float, default=0.005,
                     help="with --incumbent: a smaller lead on dev is a tie, which keeps the default (default 0.005)")
     ap.add_argument("--summarise-only", action="store_true", help="train nothing: summarise the results in --work (and --merge)")
-    ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--results", type=Path, default=None,
+                    help="where the summary (.json/.md/.png) goes (default: WORK/results - copy it into "
+                         "benchmarks/results/ to commit it, so that no trial run replaces a committed result)")
+    ap.add_argument("--force", action="store_true",
+                    help="replace a results file that another command wrote (by default that is refused)")
     args = ap.parse_args()
     args.arms = set(args.arms.replace(",", ""))
+    args.results = args.results or args.work / "results"
+    suffix = "" if args.test_seed == TEST_SEED else f"-t{args.test_seed}"
+    name = "label_efficiency" + ("" if args.dataset == "elpv" else f"_{args.dataset}") + suffix.replace("-", "_")
+    command = shlex.join(["python", "benchmarks/label_efficiency.py"] + sys.argv[1:])  # copy-pasteable
+    check_results_target(args.results / name, command, args.force)  # before an hour of training, not after
     args.work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     for frac in ([] if args.summarise_only else args.fractions):
@@ -826,7 +851,6 @@ def main() -> None:
             print(json.dumps({s: {k: v.get("macro_f1") for k, v in r[s].items()} for s in ("dev", "test")}), flush=True)
     upper = upper_results(args.work, [bench_upper(args, s) for s in args.seeds[:1]]
                           if args.upper and not args.summarise_only else [])
-    suffix = "" if args.test_seed == TEST_SEED else f"-t{args.test_seed}"
     results = merge_results([json.loads(p.read_text()) for d in [args.work] + args.merge
                              for p in sorted(d.glob(f"result-{args.dataset}-f*-s*{suffix}.json"))])
     results = [r for r in results if r.get("test_seed", TEST_SEED) == args.test_seed and r["fraction"] in args.fractions]
@@ -845,7 +869,7 @@ def main() -> None:
         "seeds": sorted({r["seed"] for r in results}), "commit": commit(), "machine": cpu_name(),
         "threads": torch.get_num_threads(), "python": platform.python_version(),
         "versions": {p: version(p) for p in ("torch", "timm", "onnxruntime", "umap-learn", "scikit-learn")},
-        "command": shlex.join(["python", "benchmarks/label_efficiency.py"] + sys.argv[1:]),  # copy-pasteable
+        "command": command,
         "wall_seconds": round(sum(r.get("wall_seconds", 0) for r in results) + sum(u.get("wall_seconds", 0) for u in upper if u), 1),
         "this_invocation_seconds": round(time.time() - t0, 1),
         "b_method": b, "incumbent": args.incumbent, "tie_margin": args.tie_margin if args.incumbent else None,
@@ -854,7 +878,6 @@ def main() -> None:
         "dev_summary": dev_summary, "dev_paired": dev_paired, "lite0_lr": lr_docs,
         "runs": results, "upper_bound": upper,
     }
-    name = "label_efficiency" + ("" if args.dataset == "elpv" else f"_{args.dataset}") + suffix.replace("-", "_")
     write_outputs(doc, args.results / name)
     print(f"wrote {args.results / name}.md")
 

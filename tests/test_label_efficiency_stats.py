@@ -79,6 +79,23 @@ def test_a_challenger_replaces_the_default_only_by_more_than_the_tie_margin(le):
     assert le.choose_b(rows, among=["new"], incumbent="old", margin=0.005) == "cand_new"  # incumbent not among
 
 
+def test_a_results_file_from_another_command_is_not_replaced_without_force(le, tmp_path):
+    """A trial run must not silently replace a committed summary: the same command may rewrite
+    its own file (reproducing it), another command is refused before any training, --force allows."""
+    import json
+
+    stem = tmp_path / "label_efficiency"
+    le.check_results_target(stem, "python x --seeds 0 1 2 3 4", force=False)  # nothing there yet
+    stem.with_suffix(".json").write_text(json.dumps({"command": "python x --seeds 0 1 2 3 4"}))
+    le.check_results_target(stem, "python x --seeds 0 1 2 3 4", force=False)  # the same command: fine
+    with pytest.raises(SystemExit, match="another command.*--results DIR.*--force"):
+        le.check_results_target(stem, "python x --seeds 4", force=False)
+    le.check_results_target(stem, "python x --seeds 4", force=True)
+    stem.with_suffix(".json").write_text("{not json")
+    with pytest.raises(SystemExit, match="unreadable"):
+        le.check_results_target(stem, "python x --seeds 4", force=False)
+
+
 def test_best_f_is_chosen_on_the_seeds_that_ran_every_f_arm(le):
     """(f) at the second resolution runs on fewer seeds; the best (f) is chosen on the seeds that
     have both, so a single lucky seed does not win over a mean of five."""
