@@ -675,6 +675,20 @@ def _table(summary: list[dict], frac: float) -> list[str]:
     return lines
 
 
+def b_line(doc: dict, b: str | None) -> str:
+    """The results page's sentence on how (b) was chosen."""
+    if not b:
+        return ("(b): none in these results (no candidate to choose from, or --choose-from named none that ran); "
+                "the candidates are listed as measured.")
+    what = f"**{b}** ({', '.join(doc['candidates'].get(b, [])) or 'no overrides'})"
+    if doc.get("incumbent") and b == f"cand_{doc['incumbent']}":
+        how = (f"(b) = the default's method, kept: {what}; no other candidate's mean DEV macro F1 is higher by "
+               f"more than {doc['tie_margin']} (a tie keeps the default).")
+    else:
+        how = f"(b) = the semi-supervised method with the best mean DEV macro F1: {what}."
+    return how + " The test split played no part in choosing it."
+
+
 def write_outputs(doc: dict, stem: Path) -> None:
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")
@@ -687,14 +701,7 @@ def write_outputs(doc: dict, stem: Path) -> None:
              f"Wall time {doc['wall_seconds'] / 60:.0f} min of training and scoring "
              f"(machine shared with other jobs: times are not speed measurements).", "",
              "Reproduce: `" + doc["command"] + "`", "",
-             (f"(b) = the default's method, kept: **{b}** ({', '.join(doc['candidates'].get(b, [])) or 'no overrides'}); "
-              f"no other candidate's mean DEV macro F1 is higher by more than {doc['tie_margin']} (a tie keeps the default). "
-              "The test split played no part in choosing it."
-              if b and doc.get("incumbent") and b == f"cand_{doc['incumbent']}" else
-              f"(b) = the semi-supervised method with the best mean DEV macro F1: **{b}** "
-              f"({', '.join(doc['candidates'].get(b, [])) or 'no overrides'}). The test split played no part in choosing it."
-              if b else "(b): none in these results (no candidate to choose from, or --choose-from named none that ran); "
-              "the candidates are listed as measured."), ""]
+             b_line(doc, b), ""]
     for frac in doc["fractions"]:
         head = f"{frac:g} {what}" if doc["dataset"] != "elpv" else f"{float(frac):.0%} {what}"
         lines += [f"## {head}: test split (reported only)", ""]

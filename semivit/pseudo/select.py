@@ -14,7 +14,7 @@ UMAP + KMeans cluster cores (seed 01) and the per-class cap - the one implementa
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -141,12 +141,13 @@ def label_pool(probs: np.ndarray, embeddings: Sequence[np.ndarray], pcfg, seed: 
     prior (``pcfg.align``), the rule ``pcfg.threshold_mode``, the cluster cores (``pcfg.cluster``),
     the per-class cap."""
     n_cls = probs.shape[1]
+    inp = RuleInputs(n_cls, pcfg.threshold, pcfg, probs, calibration)
     if pcfg.align == "prior":
         from semivit.pseudo.adaptive import align_to_prior, labeled_prior
 
-        prior = labeled_prior(RuleInputs(n_cls, pcfg.threshold, pcfg, probs, calibration), "pseudo.align=prior")
-        probs = align_to_prior(probs, prior)
-    thresholds = class_thresholds(pcfg.threshold_mode, RuleInputs(n_cls, pcfg.threshold, pcfg, probs, calibration))
+        probs = align_to_prior(probs, labeled_prior(inp, "pseudo.align=prior"))
+        inp = replace(inp, pool_probs=probs)
+    thresholds = class_thresholds(pcfg.threshold_mode, inp)
     clusters, points = None, None
     if pcfg.cluster and enough_for_clusters(len(probs), n_cls):
         points = umap_2d(np.concatenate(list(embeddings), axis=1), pcfg.umap_neighbors, seed)

@@ -90,11 +90,12 @@ def run_pseudo(run, teacher: tuple[str, ...] = ("stage1",), out: str = "pseudo")
     probs = pool.probs  # what the rule and the soft targets read (aligned to the prior: pseudo.align)
     pred = probs.argmax(1)
     if pcfg.align != "none":
+        after = probs.mean(0)
         stats["align"] = {"to": pcfg.align,
                           "pool_mean_before": {c: round(float(m), 4) for c, m in zip(classes, raw_mean)},
-                          "pool_mean_after": {c: round(float(m), 4) for c, m in zip(classes, probs.mean(0))}}
+                          "pool_mean_after": {c: round(float(m), 4) for c, m in zip(classes, after)}}
         info("distribution alignment: the pool's mean probability per class "
-             + ", ".join(f"{c} {b:.3f} -> {a:.3f}" for c, b, a in zip(classes, raw_mean, probs.mean(0))))
+             + ", ".join(f"{c} {b:.3f} -> {a:.3f}" for c, b, a in zip(classes, raw_mean, after)))
     pl, clusters, points = pool.labels, pool.clusters, pool.points
     if clusters is not None:
         stats["clusters"] = [{"size": int(s), "majority": classes[int(m)], "purity": round(float(p), 4),
