@@ -254,6 +254,8 @@ def sec_variants(args, run: Path, size: int, arrays, labels, flops: float | None
 def sec_product(args, run: Path, export: Path | None, arrays, ref: np.ndarray | None) -> dict:
     res = {}
     openers = {"torch": lambda: open_backend(run, "torch", device=args.device)}
+    if args.device == "cuda":
+        openers["torch-fp16"] = lambda: open_backend(run, "torch-fp16")
     if export is not None:
         openers["onnxruntime-cuda"] = lambda: open_backend(export, "onnxruntime-cuda")
         openers["tensorrt"] = lambda: open_backend(export, "tensorrt")
@@ -286,15 +288,29 @@ def _ssl(argv: list[str], timeout: float) -> tuple[int, float, str]:
         return 124, time.perf_counter() - t, f"timed out after {timeout:.0f} s"
 
 
-def sec_e2e(args, run: Path, images: Path, n: int, raw_ips: float | None) -> dict:
-    out = args.work / "e2e.csv"
-    argv = ["predict", str(images), "--model", str(run), "--backend", "torch", "--out", str(out), "--force"]
-    _ssl(argv, 300)  # once to warm the file cache and CUDA's module loading, as a user's second run
-    code, wall, tail = _ssl(argv, 300)
-    r = {"command": "ssl " + " ".join(argv), "exit": code, "wall_seconds": round(wall, 2), "images": n,
-         "images_per_s_whole_command": round(n / wall, 1) if code == 0 else None, "output_tail": tail}
+def tiled_dir(root: Path, n: int, work: Path) -> Path:
+    """``n`` images: every image under ``root`` (the demo split's three folders), cycled, as symlinks."""
+    from semivit.data.discover import discover_images
+
+    d = work / f"images_{n}"
+    if not d.is_dir():
+        files = sorted(discover_images(root).files)
+        d.mkdir(parents=True)
+        for i in range(n):
+            f = Path(files[i % len(files)])
+            os.symlink(f.resolve(), d / f"{i:06d}{f.suffix}")
+    return d
+
+
+def e2e_one(args, run: Path, images: Path, n: int, backend: str, raw_ips: float | None) -> dict:
     import re
 
+    out = args.work / f"e2e_{backend}_{n}.csv"
+    argv = ["predict", str(images), "--model", str(run), "--backend", backend, "--out", str(out), "--force"]
+    _ssl(argv, 300)  # once to warm the file cache and CUDA's module loading, as a user's second run
+    code, wall, tail = _ssl(argv, 300)
+    r = {"command": "ssl " + " ".join(argv), "backend": backend, "exit": code, "wall_seconds": round(wall, 2),
+         "images": n, "images_per_s_whole_command": round(n / wall, 1) if code == 0 else None, "output_tail": tail}
     m = re.search(r"predicted \d+ of \d+ images in ([\d.]+) s .*model load ([\d.]+) s", tail)
     if code == 0 and m:  # `ssl predict`'s own account: the steady state is its time less the model load
         r["predict_seconds"], r["model_load_seconds"] = float(m.group(1)), float(m.group(2))
@@ -305,6 +321,35 @@ def sec_e2e(args, run: Path, images: Path, n: int, raw_ips: float | None) -> dic
         if "images_per_s_after_load" in r:
             r["after_load_vs_raw"] = round(r["images_per_s_after_load"] / raw_ips, 3)
     return r
+
+
+def sec_e2e(args, run: Path, images: Path, n: int, raw_ips: float | None) -> dict:
+    if not args.e2e_backends:
+        return e2e_one(args, run, images, n, "torch", raw_ips)
+    rows = []
+    for count in args.e2e_images or [n]:
+        d = images if count == n else tiled_dir(args.tile_from or args.train_data or images, count, args.work)
+        for be in args.e2e_backends:
+            rows.append(e2e_one(args, run, d, count, be, None))
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "output_tail"}), flush=True)
+    return {"rows": rows}
+
+
+def sec_load() -> dict:
+    """Where a GPU model load goes, each step in a new process: the interpreter with torch
+    imported, then CUDA's context and first kernels."""
+    code = ("import time; t=time.perf_counter(); import torch; a=time.perf_counter(); torch.cuda.init(); "
+            "x=torch.zeros(1, device='cuda'); torch.cuda.synchronize(); b=time.perf_counter(); "
+            "y=(torch.randn(64,64,device='cuda')@torch.randn(64,64,device='cuda')); torch.cuda.synchronize(); "
+            "c=time.perf_counter(); print(round(a-t,3), round(b-a,3), round(c-b,3))")
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    wall = time.perf_counter() - t
+    parts = r.stdout.split()
+    if r.returncode != 0 or len(parts) != 3:
+        return {"error": (r.stderr.strip().splitlines() or ["no output"])[-1]}
+    return {"process_wall_seconds": round(wall, 2), "import_torch_seconds": float(parts[0]),
+            "cuda_context_seconds": float(parts[1]), "first_matmul_seconds": float(parts[2])}
 
 
 def sec_train(args) -> dict:
@@ -389,6 +434,21 @@ def write_md(doc: dict, path: Path) -> None:
                              + f" | {r.get('agreement_vs_fp32', '-')} |")
         lines.append("")
     e = s.get("e2e", {})
+    if "rows" in e:
+        lines += ["## `ssl predict` end to end on the GPU", "",
+                  "| backend | images | exit | whole command s | images/s whole command | model load s | "
+                  "images/s after load |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in e["rows"]:
+            lines.append(f"| {r['backend']} | {r['images']} | {r['exit']} | {r['wall_seconds']} | "
+                         f"{r.get('images_per_s_whole_command')} | {r.get('model_load_seconds', '-')} | "
+                         f"{r.get('images_per_s_after_load', '-')} |")
+        lines.append("")
+        e = {}
+    ld = s.get("load", {})
+    if "import_torch_seconds" in ld:
+        lines += [f"Load, in a new process: `import torch` {ld['import_torch_seconds']} s, CUDA context "
+                  f"{ld['cuda_context_seconds']} s, first matmul {ld['first_matmul_seconds']} s (whole process "
+                  f"{ld['process_wall_seconds']} s).", ""]
     if e:
         lines += ["## `ssl predict` end to end on the GPU", "", f"`{e.get('command')}`: exit {e.get('exit')}, "
                   f"{e.get('wall_seconds')} s for {e.get('images')} images"
@@ -432,6 +492,12 @@ def main(argv=None) -> int:
     ap.add_argument("--commit", default=None, help="the commit measured (when the tree has no .git)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/semivit-gpu-bench"))
     ap.add_argument("--out", type=Path, default=ps.RESULTS)
+    ap.add_argument("--skip-variants", action="store_true", help="only env, load and e2e (a second, short call)")
+    ap.add_argument("--e2e-backends", nargs="+", default=None, help="`ssl predict --backend` values to time end to end")
+    ap.add_argument("--e2e-images", type=int, nargs="+", default=None,
+                    help="image counts for e2e (other than the test split's: cycled symlinks to --train-data's images)")
+    ap.add_argument("--tile-from", type=Path, help="the images e2e cycles for --e2e-images (default --train-data)")
+    ap.add_argument("--name", default="speed_gpu", help="results file stem (OUT/NAME.json, NAME.md)")
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
                     help="cpu: a smoke run of this script's own code where no GPU is (nothing to quote)")
     args = ap.parse_args(argv)
@@ -449,8 +515,8 @@ def main(argv=None) -> int:
 
     def save():
         doc["wall_seconds"] = round(time.perf_counter() - T0, 1)
-        (args.out / "speed_gpu.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
-        write_md(doc, args.out / "speed_gpu.md")
+        (args.out / f"{args.name}.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
+        write_md(doc, args.out / f"{args.name}.md")
 
     def section(key, fn):
         print(f"== {key}", flush=True)
@@ -479,20 +545,24 @@ def main(argv=None) -> int:
     doc.update({"images": len(arrays), "img_size": size, "untrained_weights": untrained,
                 "model": (f"the quick preset's architecture with untrained weights ({len(ens['members'])} members)"
                           if untrained else f"trained run {run} ({len(ens['members'])} members, flip TTA)")})
-    peak = section("peak", lambda: sec_peak(args.peak_n)) if args.device == "cuda" else {}
-    fl = section("flops", lambda: speed.sec_flops(SimpleNamespace(run=run, arrays=arrays)))
-    flops = fl.get("flops_per_image")
-    var = section("variants", lambda: sec_variants(args, run, size, arrays, labels, flops, peak))
-    ref = None
-    if "error" not in var.get("fp32", {"error": 1}):
-        v = Variant(run, "fp32", size, args.device)
-        ref = predict_all(v, arrays, args.batches[0])
-        v.close()
-    prod = section("product", lambda: sec_product(args, run, export, arrays, ref))
-    raw = prod.get("torch", {}).get("images_per_s", {}).get(str(args.batches[0]))
+    raw = None
+    if not args.skip_variants:
+        peak = section("peak", lambda: sec_peak(args.peak_n)) if args.device == "cuda" else {}
+        fl = section("flops", lambda: speed.sec_flops(SimpleNamespace(run=run, arrays=arrays)))
+        flops = fl.get("flops_per_image")
+        var = section("variants", lambda: sec_variants(args, run, size, arrays, labels, flops, peak))
+        ref = None
+        if "error" not in var.get("fp32", {"error": 1}):
+            v = Variant(run, "fp32", size, args.device)
+            ref = predict_all(v, arrays, args.batches[0])
+            v.close()
+        prod = section("product", lambda: sec_product(args, run, export, arrays, ref))
+        raw = prod.get("torch", {}).get("images_per_s", {}).get(str(args.batches[0]))
+    elif args.device == "cuda":
+        section("load", sec_load)
     section("e2e", lambda: sec_e2e(args, run, args.images, len(arrays), raw))
     save()
-    print(f"wrote {args.out / 'speed_gpu.json'}, speed_gpu.md ({doc['wall_seconds']:.0f} s)")
+    print(f"wrote {args.out / args.name}.json, .md ({doc['wall_seconds']:.0f} s)")
     return 0
 
 

@@ -585,6 +585,42 @@ def test_torch_backend_on_a_run(fake_run, mixed_dir, tmp_path):
     assert s.ok == len(GOOD) and s.errors == len(BAD) and s.backend == "torch"
 
 
+def _cuda_reason() -> str:
+    import torch
+
+    if torch.version.cuda is None:
+        return "this PyTorch build has no CUDA"
+    return "" if torch.cuda.is_available() else "no CUDA GPU is visible to torch"
+
+
+def test_torch_fp16_without_a_gpu_is_one_line_exit_2(fake_run, mixed_dir, tmp_path):
+    if not _cuda_reason():
+        pytest.skip("a CUDA GPU is visible here: torch-fp16 opens (the GPU test below covers it)")
+    line = one_line_error(*cli(str(mixed_dir), "--model", str(fake_run), "--backend", "torch-fp16",
+                               "--out", str(tmp_path / "p.csv")))
+    assert "torch-fp16 needs a CUDA GPU" in line
+    assert not (tmp_path / "p.csv").exists()
+
+
+@pytest.mark.gpu
+def test_torch_fp16_cuda_graphs_agree_with_fp32(fake_run, mixed_dir, tmp_path):
+    """torch-fp16 on a GPU: CUDA graphs per batch shape (a partial batch gets its own), the level
+    switch gets its own graphs, probabilities within fp16 rounding of eager fp32."""
+    if reason := _cuda_reason():
+        pytest.skip(reason)
+    fast, ref = open_backend(fake_run, "torch-fp16"), open_backend(fake_run, "torch", device="cuda")
+    assert fast.name == "torch-fp16" and "CUDA graphs" in fast.describe()
+    x = np.random.default_rng(0).integers(0, 256, (7, fast.img_size, fast.img_size, 3), dtype=np.uint8)
+    for level in (0, 1):
+        fast.set_level(level)
+        ref.set_level(level)
+        for batch in (x, x[:3], x):  # a new shape, then a replay of the first
+            assert np.abs(fast.predict(batch)[0] - ref.predict(batch)[0]).max() < 1e-2
+    assert {k for k in fast._graphs} == {(0, 7), (0, 3), (1, 7), (1, 3)}
+    s = run_predict(mixed_dir, fake_run, out=tmp_path / "p.csv", backend="torch-fp16", quiet=True)
+    assert s.ok == len(GOOD) and s.errors == len(BAD) and s.backend == "torch-fp16"
+
+
 @pytest.mark.filterwarnings("ignore")
 def test_onnx_export_of_a_run_matches_torch(fake_run, tmp_path):
     """The same ensemble through torch eager and through an ONNX graph of it: same probabilities."""
