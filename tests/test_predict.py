@@ -605,7 +605,8 @@ def test_torch_fp16_without_a_gpu_is_one_line_exit_2(fake_run, mixed_dir, tmp_pa
 @pytest.mark.gpu
 def test_torch_fp16_cuda_graphs_agree_with_fp32(fake_run, mixed_dir, tmp_path):
     """torch-fp16 on a GPU: CUDA graphs per batch shape (a partial batch gets its own), the level
-    switch gets its own graphs, probabilities within fp16 rounding of eager fp32."""
+    switch gets its own graphs, probabilities within fp16 rounding of eager fp32.  Seen passing on
+    an H200 (benchmarks/results/gpu_tests.log) except this set, which lacked the warm-up's (0, 32)."""
     if reason := _cuda_reason():
         pytest.skip(reason)
     fast, ref = open_backend(fake_run, "torch-fp16"), open_backend(fake_run, "torch", device="cuda")
@@ -616,7 +617,8 @@ def test_torch_fp16_cuda_graphs_agree_with_fp32(fake_run, mixed_dir, tmp_path):
         ref.set_level(level)
         for batch in (x, x[:3], x):  # a new shape, then a replay of the first
             assert np.abs(fast.predict(batch)[0] - ref.predict(batch)[0]).max() < 1e-2
-    assert {k for k in fast._graphs} == {(0, 7), (0, 3), (1, 7), (1, 3)}
+    # (0, 32): the warm-up batch at load (CUDA's start paid there); then one graph per level and shape
+    assert {k for k in fast._graphs} == {(0, 32), (0, 7), (0, 3), (1, 7), (1, 3)}
     s = run_predict(mixed_dir, fake_run, out=tmp_path / "p.csv", backend="torch-fp16", quiet=True)
     assert s.ok == len(GOOD) and s.errors == len(BAD) and s.backend == "torch-fp16"
 
