@@ -371,3 +371,55 @@ def test_fold_teacher_relabels_each_fold_by_its_own_stage1_model(tiny_run, tiny_
             np.testing.assert_allclose(ens, extra.labels, atol=2e-5)
     with pytest.raises(UserError, match="teacher"):
         config.resolve(preset="tiny", overrides=["pseudo.teacher=student"])
+
+
+def test_mix_soft_mixes_inputs_targets_and_weights_with_one_lambda():
+    """Soft-target mixup: lam ~ Beta(alpha, alpha) from the given generator, example i with N-1-i,
+    targets stay probability vectors; alpha 0 or a miss of mix_prob leaves the batch as it is."""
+    import torch
+
+    from semivit.trainer.engine import mix_soft
+
+    x = torch.arange(4, dtype=torch.float32).reshape(4, 1)
+    y = torch.eye(4)[:, :3].clone()
+    y[3] = torch.tensor([0.2, 0.3, 0.5])
+    w = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    g = np.random.default_rng(7)
+    g.random()  # the mix_prob draw comes first
+    lam = float(g.beta(0.4, 0.4))
+    xm, ym, wm = mix_soft(x, y, w, 0.4, rng=np.random.default_rng(7))
+    assert torch.allclose(xm[:, 0], torch.tensor([lam * 0 + (1 - lam) * 3, lam * 1 + (1 - lam) * 2,
+                                                  lam * 2 + (1 - lam) * 1, lam * 3 + (1 - lam) * 0]))
+    assert torch.allclose(ym[0], lam * y[0] + (1 - lam) * y[3]) and torch.allclose(ym.sum(1), torch.ones(4))
+    assert torch.allclose(wm, lam * w + (1 - lam) * w.flip(0))
+    assert mix_soft(x, y, w, 0.0)[0] is x
+    assert mix_soft(x, y, w, 0.4, prob=0.0, rng=np.random.default_rng(7))[1] is y
+
+
+def test_stage3_mixup_reaches_the_soft_targets(tiny_run, tiny_data_shared, tmp_path, monkeypatch):
+    """pseudo.train.mixup_alpha > 0 with soft targets: stage 3's batches go through mix_soft (timm's
+    Mixup takes integer labels only)."""
+    import shutil
+
+    from semivit import config
+    from semivit.trainer import engine
+    from semivit.trainer.pipeline import run_training
+    from semivit.trainer.run import open_run
+
+    calls = []
+    real = engine.mix_soft
+
+    def spy(x, y, w, alpha, prob=1.0, rng=None):
+        calls.append((tuple(y.shape), alpha))
+        return real(x, y, w, alpha, prob, rng)
+
+    monkeypatch.setattr(engine, "mix_soft", spy)
+    cfg = config.resolve(preset="tiny", overrides=["pseudo.threshold_mode=all", "pseudo.soft=true",
+                                                   "pseudo.train={epochs: 1, early_stopping: false, mixup_alpha: 0.4}"])
+    out = tmp_path / "RUN"
+    open_run(out, cfg, tiny_data_shared)
+    shutil.copy2(tiny_run / "folds.json", out / "folds.json")
+    shutil.copytree(tiny_run / "stage1", out / "stage1")
+    run_training(tiny_data_shared, out, cfg, stages="pseudo,retrain")
+    assert calls and all(len(s) == 2 and a == 0.4 for s, a in calls), calls[:3]
+    assert (out / "ensemble.json").is_file()

@@ -155,6 +155,21 @@ def _mixer(train_cfg, num_classes: int):
                  prob=train_cfg.mix_prob, label_smoothing=0.0, num_classes=num_classes)
 
 
+def mix_soft(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, alpha: float, prob: float = 1.0,
+             rng: Optional[np.random.Generator] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mixup for probability targets (rows of ``y`` sum to 1): one lam ~ Beta(alpha, alpha) per
+    batch, example i mixed with N-1-i (timm's pairing), inputs, targets and sample weights alike.
+
+    Written here because timm's ``Mixup`` one-hot encodes integer targets: a soft target (the
+    teacher ensemble's probabilities, stage 3's default) needs the convex combination of the
+    probability vectors themselves."""
+    r = rng if rng is not None else np.random
+    if alpha <= 0 or len(x) < 2 or r.random() >= prob:
+        return x, y, w
+    lam = float(r.beta(alpha, alpha))
+    return (lam * x + (1 - lam) * x.flip(0), lam * y + (1 - lam) * y.flip(0), lam * w + (1 - lam) * w.flip(0))
+
+
 def _forever(loader: Iterable):
     """Re-iterate ``loader`` without end: fresh shuffling and augmentation on every pass
     (``itertools.cycle`` would replay the first pass's cached batches)."""
@@ -236,6 +251,8 @@ def fit(model: nn.Module, train_ds: ArrayDataset, val_images: np.ndarray, val_la
                 if mixer is not None and len(x) % 2 == 0 and y.ndim == 1:
                     x, y = mixer(x, y)  # timm Mixup/CutMix pairs i with N-1-i
                     w = 0.5 * (w + w.flip(0))
+                elif y.ndim == 2 and tcfg.mixup_alpha > 0:  # soft targets (stage 3): mixup only
+                    x, y, w = mix_soft(x, y, w, tcfg.mixup_alpha, tcfg.mix_prob)
                 with autocast(device, tcfg.precision), features_input(model, cached):
                     logits = net(x)
                 loss = criterion(logits.float(), y, w)
