@@ -165,16 +165,10 @@ class Variant:
             return self._forward(x.to(self.device)).cpu().numpy()
         b = len(images)
         if b not in self.graphs:
+            from semivit.serve.torch_eager import capture_cuda_graph
+
             static_in = x.to("cuda")
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for _ in range(2):  # warm-up outside the capture (cuBLAS workspaces, autotuning)
-                    self._forward(static_in)
-            torch.cuda.current_stream().wait_stream(s)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                static_out = self._forward(static_in)
+            g, static_out = capture_cuda_graph(self._forward, static_in)
             self.graphs[b] = (g, static_in, static_out)
         g, static_in, static_out = self.graphs[b]
         static_in.copy_(x)

@@ -606,7 +606,8 @@ def test_torch_fp16_without_a_gpu_is_one_line_exit_2(fake_run, mixed_dir, tmp_pa
 def test_torch_fp16_cuda_graphs_agree_with_fp32(fake_run, mixed_dir, tmp_path):
     """torch-fp16 on a GPU: CUDA graphs per batch shape (a partial batch gets its own), the level
     switch gets its own graphs, probabilities within fp16 rounding of eager fp32.  Seen passing on
-    an H200: benchmarks/results/gpu_tests_after_fix.log."""
+    an H200: benchmarks/results/gpu_tests_after_fix.log (before the capture moved into
+    capture_cuda_graph, a move not re-run on a GPU)."""
     if reason := _cuda_reason():
         pytest.skip(reason)
     fast, ref = open_backend(fake_run, "torch-fp16"), open_backend(fake_run, "torch", device="cuda")

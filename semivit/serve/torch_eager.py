@@ -36,6 +36,24 @@ def torch_levels(members: list[dict]) -> list[Level]:
     return levels
 
 
+def capture_cuda_graph(forward, static_in, pool=None):
+    """(graph, static output) of ``forward(static_in)`` captured as a CUDA graph: two warm-up calls
+    on a side stream first (cuBLAS workspaces, autotuning), as torch.cuda.graphs' docs ask.
+    Replay: copy new data into ``static_in``, ``graph.replay()``, read the static output."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            forward(static_in)
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, pool=pool):
+        static_out = forward(static_in)
+    return g, static_out
+
+
 class TorchBackend(Backend):
     name = "torch"
 
@@ -114,17 +132,9 @@ class TorchBackend(Backend):
             if sum(1 for k in self._graphs if k[0] == self.level) >= self.GRAPHS_MAX:
                 return None
             static_in = x.to(self.device)
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):  # warm-up outside the capture (cuBLAS workspaces, autotuning)
-                    self._forward(static_in)
-            torch.cuda.current_stream().wait_stream(side)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()  # one memory pool for every graph
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=self._pool):
-                static_out = self._forward(static_in)
+            g, static_out = capture_cuda_graph(self._forward, static_in, self._pool)
             self._graphs[key] = (g, static_in, static_out)
         g, static_in, (probs, labels) = self._graphs[key]
         static_in.copy_(x)
