@@ -119,12 +119,12 @@ def sec_peak(n: int) -> dict:
 class Variant:
     """One way of running the ensemble on the GPU: ``__call__(uint8 NHWC numpy) -> probs numpy``."""
 
-    def __init__(self, run: Path, name: str, size: int, device: str = "cuda"):
+    def __init__(self, run: Path, name: str, device: str = "cuda"):
         import torch
 
         from semivit.models.ensemble import load_ensemble
 
-        self.torch, self.name, self.size, self.device = torch, name, size, device
+        self.torch, self.name, self.device = torch, name, device
         if device != "cuda" and (name.endswith("-graph") or name.endswith("-compile") or name == "tf32"):
             raise RuntimeError(f"{name} needs CUDA")
         tf32 = name == "tf32"
@@ -134,16 +134,15 @@ class Variant:
         self.model = model.to(device).eval()
         prec = PRECISION[name]
         self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(prec)
-        self.graphs: dict[int, tuple] = {}
+        self.graphs: dict[int, tuple] = {}  # -graph: batch size -> (graph, static in, static out)
+        self.compiled_shapes: set[int] = set()  # -compile: batch sizes already warmed up
         self.compile_seconds = None
         if name.endswith("-compile"):
-            t = time.perf_counter()
             for i, m in enumerate(self.model.members):
                 self.model.members[i] = torch.compile(m, mode="reduce-overhead", dynamic=False)
             if self.model.stem is not None:
                 self.model.stem = torch.compile(self.model.stem, mode="reduce-overhead", dynamic=False)
             self.compile_seconds = 0.0  # compiled lazily per batch size; the first call of each is timed
-            self._t0 = t
 
     def _forward(self, x):
         torch = self.torch
@@ -155,13 +154,13 @@ class Variant:
         torch = self.torch
         x = torch.from_numpy(np.ascontiguousarray(images))
         if not self.name.endswith("-graph"):
-            if self.name.endswith("-compile") and len(images) not in self.graphs:
+            if self.name.endswith("-compile") and len(images) not in self.compiled_shapes:
                 t = time.perf_counter()
                 for _ in range(3):  # reduce-overhead records its CUDA graphs after warm-up calls
-                    self._forward(x.to("cuda"))
+                    self._forward(x.to(self.device))
                 torch.cuda.synchronize()
                 self.compile_seconds += time.perf_counter() - t
-                self.graphs[len(images)] = ()
+                self.compiled_shapes.add(len(images))
             return self._forward(x.to(self.device)).cpu().numpy()
         b = len(images)
         if b not in self.graphs:
@@ -212,14 +211,14 @@ def quality(probs: np.ndarray, ref: np.ndarray | None, labels: np.ndarray | None
     return q
 
 
-def sec_variants(args, run: Path, size: int, arrays, labels, flops: float | None, peak: dict) -> dict:
+def sec_variants(args, run: Path, arrays, labels, flops: float | None, peak: dict) -> dict:
     rows, ref = {}, None
     for name in args.variants:
         if name.endswith("-compile") and time.perf_counter() - T0 > args.compile_budget:
             rows[name] = {"error": f"skipped: the run had spent more than {args.compile_budget:.0f} s before it"}
             continue
         try:
-            v = Variant(run, name, size, args.device)
+            v = Variant(run, name, args.device)
             fns = {str(b): (lambda b=b: ps.throughput(v, speed.tiled(arrays, 2 * b), b,
                                                       min_seconds=args.min_seconds)) for b in args.batches}
             best, runs = speed.best_of(fns, args.reps)
@@ -544,10 +543,10 @@ def main(argv=None) -> int:
         peak = section("peak", lambda: sec_peak(args.peak_n)) if args.device == "cuda" else {}
         fl = section("flops", lambda: speed.sec_flops(SimpleNamespace(run=run, arrays=arrays)))
         flops = fl.get("flops_per_image")
-        var = section("variants", lambda: sec_variants(args, run, size, arrays, labels, flops, peak))
+        var = section("variants", lambda: sec_variants(args, run, arrays, labels, flops, peak))
         ref = None
         if "error" not in var.get("fp32", {"error": 1}):
-            v = Variant(run, "fp32", size, args.device)
+            v = Variant(run, "fp32", args.device)
             ref = predict_all(v, arrays, args.batches[0])
             v.close()
         prod = section("product", lambda: sec_product(args, run, export, arrays, ref))
