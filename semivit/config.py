@@ -163,6 +163,13 @@ class PseudoConfig(_Section):
     # fold k's model alone (trained without fold k): the same images, its probabilities (soft), its
     # arg-max (hard) and its confidence (weights); fold k's validation stays unseen.
     teacher: Literal["ensemble", "fold"] = "ensemble"
+    # soft targets per what the student sees.  "image": one target per image (the teacher on the
+    # plain image + its mirror, stage 2's probabilities) whichever cached augmented view the
+    # student trains on.  "view": consistent teaching (Beyer et al. 2022, "Knowledge distillation:
+    # a good teacher is patient and consistent"): the teacher ensemble predicts every cached view
+    # of every pool image, and the student learns view v's prediction when it trains on view v.
+    # Needs soft targets, the stem-feature cache (train.cache_views) and teacher: ensemble.
+    targets: Literal["image", "view"] = "image"
     # iterated distillation (Noisy Student's rounds): stage 3 runs this many times; round r > 1
     # relabels the unlabeled pool with the ensemble of stage 1 + round r-1's students
     # (RUN/pseudo_round<r>/) and trains new students on it.  The last round's students are

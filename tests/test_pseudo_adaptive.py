@@ -423,3 +423,84 @@ def test_stage3_mixup_reaches_the_soft_targets(tiny_run, tiny_data_shared, tmp_p
     run_training(tiny_data_shared, out, cfg, stages="pseudo,retrain")
     assert calls and all(len(s) == 2 and a == 0.4 for s, a in calls), calls[:3]
     assert (out / "ensemble.json").is_file()
+
+
+def test_cached_views_dataset_returns_the_drawn_views_own_target():
+    """Per-view soft targets (N, V, C): the sample's target is the one of the view it returns."""
+    import torch
+
+    from semivit.trainer.stem_cache import CachedViewsDataset
+
+    n, v, c = 5, 4, 3
+    views = np.zeros((n, v, 1, 2, 2), np.float32)
+    views += np.arange(v, dtype=np.float32)[None, :, None, None, None]  # the feature says which view
+    labels = np.random.default_rng(0).dirichlet(np.ones(c), size=(n, v)).astype(np.float32)
+    ds = CachedViewsDataset(views, labels, generator=torch.Generator().manual_seed(0))
+    drawn = set()
+    for _ in range(40):
+        for i in range(n):
+            x, y, _, idx = ds[i]
+            k = int(x[0, 0, 0])
+            drawn.add(k)
+            assert idx == i and torch.allclose(y, torch.from_numpy(labels[i, k]))
+    assert drawn == set(range(v))
+
+
+def test_view_targets_are_the_teacher_on_each_view_end_to_end(tiny_data_shared, tmp_path, monkeypatch):
+    """pseudo.targets=view on the hybrid model's stem cache: stage 3 trains on (N, 1 + views, C)
+    targets - the labeled rows one-hot in every view, every pool row the stage-1 ensemble's
+    prediction on that very cached view (no flip), which differs from view to view - and the run
+    finishes with its 2 x folds members.  The config refuses it without what it needs."""
+    import json
+
+    from semivit.errors import UserError
+    from semivit.models.ensemble import ensemble_weights, members_from_stages
+    from semivit.models.checkpoint import load_checkpoint
+    from semivit.trainer import folds
+    from semivit.trainer.infer import predict_arrays
+    from semivit.trainer.pipeline import run_training
+    from semivit.trainer.stem_cache import StemFeatures
+
+    seen = []
+    real_fit = folds.fit
+
+    def spy(model, train_ds, *a, **kw):
+        seen.append((kw["out_dir"].parent.name, train_ds))
+        return real_fit(model, train_ds, *a, **kw)
+
+    monkeypatch.setattr(folds, "fit", spy)
+    sets = ["model.name=vit_hybrid_lite0", "model.kwargs={embed_dim: 32, depth: 1, num_heads: 2}", "train.cache_views=2",
+            "pseudo.cluster=false", "pseudo.threshold_mode=all", "pseudo.soft=true", "pseudo.weight=one",
+            "pseudo.targets=view", "pseudo.train={epochs: 1, early_stopping: false}"]
+    cfg = config.resolve(preset="tiny", overrides=sets)
+    out = tmp_path / "RUN"
+    run = run_training(tiny_data_shared, out, cfg)
+    stage3 = [ds for stage, ds in seen if stage == "stage3"]
+    assert len(stage3) == cfg.cv.folds
+    ds = stage3[0]
+    n_lab = int(json.loads((out / "stage3" / "fold0" / "done.json").read_text())["train_samples"]
+                - json.loads((out / "stage3" / "fold0" / "done.json").read_text())["extra_samples"])
+    assert ds.labels.shape == (len(ds.views), 3, 3)
+    lab = ds.labels[:n_lab]
+    assert np.all(lab == lab[:, :1]) and np.all(lab.max(2) == 1.0)  # one-hot, the same in every view
+    extra_views = ds.views[n_lab:]
+    members = members_from_stages(out, ["stage1"])
+    w = ensemble_weights([m["val_macro_f1"] for m in members], cfg.ensemble.weighting)
+    want = np.zeros(ds.labels[n_lab:].shape, np.float32)
+    for m, wm in zip(members, w):
+        model, _ = load_checkpoint(out / m["path"])
+        for v in range(extra_views.shape[1]):
+            want[:, v] += wm * predict_arrays(model, StemFeatures(np.ascontiguousarray(extra_views[:, v])))
+    assert np.allclose(ds.labels[n_lab:], want, atol=1e-4)
+    assert np.abs(ds.labels[n_lab:, 1:] - ds.labels[n_lab:, :1]).max() > 1e-3  # augmented views get their own
+    assert stage3[1].labels is not ds.labels and np.array_equal(stage3[1].labels[-len(extra_views):], ds.labels[n_lab:])
+    assert len(json.loads((out / "ensemble.json").read_text())["members"]) == 2 * cfg.cv.folds
+    assert run.dir == out
+
+    from semivit.trainer.methods import check_view_targets
+
+    for bad, why in ((["pseudo.soft=false"], "pseudo.soft: true"), (["pseudo.teacher=fold"], "pseudo.teacher: ensemble")):
+        with pytest.raises(UserError, match=why):
+            check_view_targets(config.resolve(preset="tiny", overrides=sets + bad), cached=True)
+    with pytest.raises(UserError, match="stem-feature cache"):
+        check_view_targets(config.resolve(preset="tiny", overrides=sets), cached=False)

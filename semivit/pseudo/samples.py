@@ -18,6 +18,7 @@ class Extra:
     labels: np.ndarray  # int (N,) or soft (N, C)
     weights: np.ndarray  # per-sample loss weights (confidence)
     views: Optional[np.ndarray] = None  # cached stem features, filled once and shared by all folds
+    view_labels: Optional[np.ndarray] = None  # pseudo.targets=view: soft targets (N, views, C), filled once
 
 
 def pseudo_samples(images: np.ndarray, labels: Sequence[int], confidences: Sequence[float],

@@ -111,7 +111,7 @@ def _labeled_loader(ds: ArrayDataset, train_cfg, seed: int, mix: Optional[tuple[
     if train_cfg.sampler == "balanced" or mix is not None:
         from sklearn.utils.class_weight import compute_sample_weight
 
-        labels = ds.labels if ds.labels.ndim == 1 else ds.labels.argmax(1)
+        labels = ds.labels if ds.labels.ndim == 1 else ds.labels.reshape(len(ds), -1, ds.labels.shape[-1])[:, 0].argmax(1)
         w = compute_sample_weight("balanced", labels) if train_cfg.sampler == "balanced" else None
         if mix is not None:
             w = draw_weights(mix[0], len(ds) - mix[0], mix[1], within=w)

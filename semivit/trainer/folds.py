@@ -94,6 +94,17 @@ def train_fold(run: Run, stage: str, k: int, extra: Optional[Extra] = None,
                     run.dir / ".dist" / f"{stage}_extra_views.npy",
                     lambda: run.augmented_views(extra.images, seed=seed + 50, what=f"{stage} unlabeled images"))
             views = np.concatenate([views, extra.views])
+            if cfg.pseudo.targets == "view" and labels.ndim == 2:  # the teacher on every view
+                if extra.view_labels is None:
+                    from semivit.trainer.methods import distil_rounds, teacher_stages
+                    from semivit.trainer.pipeline import view_targets
+
+                    teacher = teacher_stages(run.distil_round, distil_rounds(run.cfg))
+                    extra.view_labels = distributed.compute_once(
+                        run.dir / ".dist" / f"{stage}_view_targets.npy",
+                        lambda: view_targets(run, extra.views, teacher))
+                n_lab = len(labels) - len(extra.view_labels)
+                labels = np.concatenate([np.repeat(labels[:n_lab, None], views.shape[1], axis=1), extra.view_labels])
         ds = CachedViewsDataset(views, labels, weights, generator=torch.Generator().manual_seed(seed))
         val_inputs = StemFeatures(run.labeled_views[va, 0])
     else:

@@ -77,6 +77,23 @@ def round_dirs(r: int, rounds: int) -> tuple[str, str, str]:
     return pseudo, students, teacher
 
 
+def teacher_stages(r: int, rounds: int) -> tuple[str, ...]:
+    """The stages whose ensemble labels the pool for distillation round ``r``: stage 1, and from
+    round 2 on stage 1 + round r-1's students."""
+    return ("stage1",) if r == 1 else ("stage1", round_dirs(r, rounds)[2])
+
+
+def check_view_targets(cfg, cached: bool) -> None:
+    """``pseudo.targets: view`` needs soft targets from the ensemble on cached stem views."""
+    if cfg.pseudo.targets != "view":
+        return
+    why = ("pseudo.soft: true" if not cfg.pseudo.soft else
+           "pseudo.teacher: ensemble" if cfg.pseudo.teacher != "ensemble" else
+           "the stem-feature cache (train.cache_views > 0 and a frozen stem)" if not cached else None)
+    if why:
+        raise UserError(f"pseudo.targets=view needs {why}")
+
+
 def retrain_names() -> list[str]:
     return list(_RETRAIN)
 
@@ -108,6 +125,7 @@ def pseudo_label_retrain(run):
     from semivit.utils import info
 
     r, rounds = run.distil_round, distil_rounds(run.cfg)
+    check_view_targets(run.cfg, run.stem is not None)
     pseudo_dir, _, fold_teacher = round_dirs(r, rounds)
     extra = pseudo_extra(run, pseudo_dir)
     teach = None

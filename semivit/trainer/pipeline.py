@@ -99,6 +99,25 @@ def pseudo_extra(run: Run, pseudo_dir: str = "pseudo") -> Extra:
                           [r["probs"] for r in rows], run.cfg.pseudo)
 
 
+def view_targets(run: Run, views: np.ndarray, teacher: tuple[str, ...]) -> np.ndarray:
+    """``pseudo.targets: view``: the ``teacher`` ensemble's probabilities (N, V, C) on each of the
+    V cached stem views (N, V, C', h, w) of N images - no flip TTA: the view the student sees is
+    the view the teacher judged - aligned to the labeled prior as stage 2 with ``pseudo.align``."""
+    from semivit.trainer.infer import ensemble_predict
+    from semivit.trainer.stem_cache import StemFeatures
+
+    n, v = views.shape[:2]
+    flat = StemFeatures(views.reshape(n * v, *views.shape[2:]))
+    probs = ensemble_predict(run.dir, flat, stages=list(teacher), tta=False, device=run.device,
+                             weighting=run.cfg.ensemble.weighting)
+    if run.cfg.pseudo.align == "prior":
+        from semivit.pseudo.adaptive import align_to_prior
+
+        counts = np.bincount(run.labeled.labels, minlength=probs.shape[1])
+        probs = align_to_prior(probs, counts / counts.sum())
+    return probs.reshape(n, v, -1).astype(np.float32)
+
+
 class FoldTeacher:
     """``pseudo.teacher: fold``: stage 2's pseudo-labeled images relabeled, for fold k, by stage-1
     fold k's model alone (flip TTA as stage 2), which never trained on fold k - so fold k's

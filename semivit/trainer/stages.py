@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from semivit.trainer.methods import distil_rounds, get_pretrain, get_retrain, round_dirs
+from semivit.trainer.methods import distil_rounds, get_pretrain, get_retrain, round_dirs, teacher_stages
 from semivit.utils import info
 
 
@@ -127,7 +127,7 @@ def retrain(run) -> None:
             pseudo_dir, students, previous = round_dirs(r, rounds)  # previous: round r-1's students
             if r > 1 and not (run.dir / pseudo_dir / "stats.json").is_file():
                 info(f"distillation round {r} of {rounds}: stage 1 + {previous} relabel the unlabeled pool")
-                distributed.main_first(lambda: run_pseudo(run, teacher=("stage1", previous), out=pseudo_dir))
+                distributed.main_first(lambda: run_pseudo(run, teacher=teacher_stages(r, rounds), out=pseudo_dir))
             run.distil_round = r  # the plan's labels and the folds' seeds follow it
             plan = method.plan(run)
             if run.before_fold is not None:

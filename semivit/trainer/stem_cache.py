@@ -108,7 +108,9 @@ def augmented_views(stem, images: np.ndarray, transform, n_views: int, device, p
 
 class CachedViewsDataset(Dataset):
     """Like :class:`~semivit.data.dataset.ArrayDataset`, over cached stem features: each access
-    returns one of the image's augmented views at random (view 0, the plain image, included)."""
+    returns one of the image's augmented views at random (view 0, the plain image, included).
+    ``labels`` of shape (N, views, C) hold one soft target per view (``pseudo.targets: view``):
+    the access returns the drawn view's."""
 
     def __init__(self, views: np.ndarray, labels: np.ndarray, weights: Optional[np.ndarray] = None,
                  generator: Optional[torch.Generator] = None):
@@ -124,5 +126,7 @@ class CachedViewsDataset(Dataset):
         v = int(torch.randint(self.views.shape[1], (1,), generator=self.generator))
         x = torch.from_numpy(self.views[i, v])
         y = self.labels[i]
+        if np.ndim(y) == 2:  # a target per view
+            y = y[v]
         y = torch.as_tensor(y, dtype=torch.float32 if np.ndim(y) else torch.long)
         return x, y, torch.tensor(float(self.weights[i])), i
