@@ -469,7 +469,8 @@ def test_view_targets_are_the_teacher_on_each_view_end_to_end(tiny_data_shared, 
         return real_fit(model, train_ds, *a, **kw)
 
     monkeypatch.setattr(folds, "fit", spy)
-    sets = ["model.name=vit_hybrid_lite0", "model.kwargs={embed_dim: 32, depth: 1, num_heads: 2}", "train.cache_views=2",
+    sets = ["model.name=vit_hybrid_lite0", "model.pretrained=true", "model.kwargs={embed_dim: 32, depth: 1, num_heads: 2}",
+            "train.cache_views=2",
             "pseudo.cluster=false", "pseudo.threshold_mode=all", "pseudo.soft=true", "pseudo.weight=one",
             "pseudo.targets=view", "pseudo.train={epochs: 1, early_stopping: false}"]
     cfg = config.resolve(preset="tiny", overrides=sets)
@@ -496,6 +497,22 @@ def test_view_targets_are_the_teacher_on_each_view_end_to_end(tiny_data_shared, 
     assert stage3[1].labels is not ds.labels and np.array_equal(stage3[1].labels[-len(extra_views):], ds.labels[n_lab:])
     assert len(json.loads((out / "ensemble.json").read_text())["members"]) == 2 * cfg.cv.folds
     assert run.dir == out
+
+    # benchmarks/view_teacher.py rebuilds exactly those targets from the finished run, and scores them
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import view_teacher
+
+    _, image_targets, truth, vt = view_teacher.pool_targets(out)
+    assert np.allclose(vt, ds.labels[n_lab:], atol=1e-6)
+    assert np.array_equal(image_targets, ds.labels[n_lab:, 0]) is False  # stage 2's: plain + mirror
+    s = view_teacher.summary("RUN", run.classes, image_targets, truth, vt)
+    stats = json.loads((out / "pseudo" / "stats.json").read_text())
+    assert s["agreement"]["image_targets"] == pytest.approx(stats["truth"]["precision"], abs=1e-4)
+    assert s["agreement"]["view0_plain"] == pytest.approx(float((vt[:, 0].argmax(1) == truth).mean()), abs=1e-4)
+    assert sum(c["named"] for c in s["per_class"]["augmented_views"].values()) == len(truth) * (vt.shape[1] - 1)
 
     from semivit.trainer.methods import check_view_targets
 
