@@ -46,7 +46,8 @@ def main(argv=None) -> None:
     ap.add_argument("--seconds", type=float, nargs="+", default=[10.0, 90.0])
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--spincount", type=int, nargs="*", default=[], help="also 2 threads at these GOMP_SPINCOUNT values")
+    ap.add_argument("--spincount", type=int, nargs="*", default=[],
+                    help="also 2 threads fixed and the thread governor at these GOMP_SPINCOUNT values")
     ap.add_argument("--competitors", type=int, default=None, help="busy processes beside it (default: one per usable core)")
     ap.add_argument("--only", nargs="*", default=None, help="workloads whose name contains one of these")
     a = ap.parse_args(argv)
@@ -70,9 +71,11 @@ def main(argv=None) -> None:
         f"{cores} threads fixed, OMP_WAIT_POLICY=PASSIVE": (["train", *common, "--steps", 2, "--threads", cores],
                                                          {"OMP_WAIT_POLICY": "PASSIVE"}),
     }
-    for n in a.spincount:  # more spin counts, fixed threads (a sweep)
+    for n in a.spincount:  # more spin counts, fixed threads (a sweep), and the governor with it
         workloads[f"{cores} threads fixed, GOMP_SPINCOUNT={n}"] = (["train", *common, "--steps", 2, "--threads", cores],
                                                                 {**unset, "GOMP_SPINCOUNT": str(n)})
+        workloads[f"{GOVERNOR}, GOMP_SPINCOUNT={n}"] = (["train", *common, "--steps", 2, "--governor", "--threads", cores],
+                                                      {**unset, "GOMP_SPINCOUNT": str(n)})
     if a.only:
         workloads = {k: v for k, v in workloads.items() if any(o in k for o in a.only)}
     rows = []
