@@ -170,6 +170,10 @@ class PseudoConfig(_Section):
     # of every pool image, and the student learns view v's prediction when it trains on view v.
     # Needs soft targets, the stem-feature cache (train.cache_views) and teacher: ensemble.
     targets: Literal["image", "view"] = "image"
+    # where stage 3's fold-k student starts: "backbone" (the pre-trained backbone, as stage 1 did)
+    # or "stage1" (stage-1 fold k's best model, then fine-tuned on labels + pseudo-labels - Semi-ViT's
+    # semi-supervised fine-tuning starts from the supervised model the same way)
+    init: Literal["backbone", "stage1"] = "backbone"
     # iterated distillation (Noisy Student's rounds): stage 3 runs this many times; round r > 1
     # relabels the unlabeled pool with the ensemble of stage 1 + round r-1's students
     # (RUN/pseudo_round<r>/) and trains new students on it.  The last round's students are

@@ -521,3 +521,38 @@ def test_view_targets_are_the_teacher_on_each_view_end_to_end(tiny_data_shared, 
             check_view_targets(config.resolve(preset="tiny", overrides=sets + bad), cached=True)
     with pytest.raises(UserError, match="stem-feature cache"):
         check_view_targets(config.resolve(preset="tiny", overrides=sets), cached=False)
+
+
+@pytest.mark.parametrize("init", ["stage1", "backbone"])
+def test_stage3_students_start_where_pseudo_init_says(init, tiny_run, tiny_data_shared, tmp_path, monkeypatch):
+    """pseudo.init=stage1: fold k's student starts from stage-1 fold k's best weights (every
+    tensor equal at its first step); backbone (the default): it does not."""
+    import shutil
+
+    import torch
+
+    from semivit.models.checkpoint import load_checkpoint
+    from semivit.trainer import folds
+    from semivit.trainer.pipeline import run_training
+    from semivit.trainer.run import open_run
+
+    at_start = []
+    real_fit = folds.fit
+
+    def spy(model, *a, **kw):
+        at_start.append((kw["out_dir"].name, {k: v.detach().clone() for k, v in model.state_dict().items()}))
+        return real_fit(model, *a, **kw)
+
+    monkeypatch.setattr(folds, "fit", spy)
+    cfg = config.resolve(preset="tiny", overrides=["pseudo.threshold_mode=all", "pseudo.soft=true", f"pseudo.init={init}",
+                                                   "pseudo.train={epochs: 1, early_stopping: false}"])
+    out = tmp_path / "RUN"
+    open_run(out, cfg, tiny_data_shared)
+    shutil.copy2(tiny_run / "folds.json", out / "folds.json")
+    shutil.copytree(tiny_run / "stage1", out / "stage1")
+    run_training(tiny_data_shared, out, cfg, stages="pseudo,retrain")
+    assert [name for name, _ in at_start] == [f"fold{k}" for k in range(cfg.cv.folds)]
+    for k, (_, state) in enumerate(at_start):
+        ref, _ = load_checkpoint(out / "stage1" / f"fold{k}" / "best.pt")
+        same = all(torch.equal(state[n], v) for n, v in ref.state_dict().items())
+        assert same == (init == "stage1"), (k, init)

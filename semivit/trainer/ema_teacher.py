@@ -217,14 +217,12 @@ def fold_plan(run):
     """Stage 3's :class:`~semivit.trainer.folds.FoldPlan`: fold k's student and teacher start from
     stage-1 fold k's best model, with the EMA policy; ``ssl.ema.train`` over ``train``."""
     from semivit.config import ssl_train_config
-    from semivit.models.checkpoint import load_checkpoint
-    from semivit.trainer.folds import FoldPlan, FoldSetup, fold_seed
+    from semivit.trainer.folds import FoldPlan, FoldSetup, fold_seed, stage1_state
 
     cfg = run.cfg.model_copy(update={"train": ssl_train_config(run.cfg)})  # ssl.ema.train on top
 
     def setup(k: int) -> FoldSetup:
-        model, _ = load_checkpoint(run.dir / "stage1" / f"fold{k}" / "best.pt")
-        init_state = {name: v.clone() for name, v in model.state_dict().items()}
+        init_state = stage1_state(run, k)
         counts = np.bincount(run.labeled.labels[run.folds != k], minlength=len(run.classes))
         unlabeled = run.unlabeled[1]
         thresholds = fold_thresholds(run, k)

@@ -49,6 +49,14 @@ class FoldPlan:
         return s
 
 
+def stage1_state(run: Run, k: int) -> dict:
+    """The weights of stage-1 fold k's best model (a stage-3 student's starting point)."""
+    from semivit.models.checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(run.dir / "stage1" / f"fold{k}" / "best.pt")
+    return {name: v.clone() for name, v in model.state_dict().items()}
+
+
 def fold_seed(cfg, stage: str, k: int, distil_round: int = 1) -> int:
     """Fold k's seed.  Round 1 of stage 3 keeps stage 3's seeds whatever its directory (so with
     ``pseudo.rounds: 2`` its first round is the one-round run's stage 3); round r adds 20 (r-1)."""

@@ -148,10 +148,15 @@ def pseudo_label_retrain(run):
         from semivit.config import retrain_train_config
 
         cfg = run.cfg.model_copy(update={"train": retrain_train_config(run.cfg)})  # pseudo.train on top
-    if teach is None and cfg is None:
+    warm = run.cfg.pseudo.init == "stage1"
+    if warm:
+        info("stage 3: each fold's student starts from stage-1 fold k's best model (pseudo.init: stage1)")
+    if teach is None and cfg is None and not warm:
         return FoldPlan(extra=extra)
+    from semivit.trainer.folds import stage1_state
+
     return FoldPlan(extra=extra, per_fold=lambda k: FoldSetup(
-        extra=teach(k) if teach is not None else None,
+        extra=teach(k) if teach is not None else None, init_state=stage1_state(run, k) if warm else None,
         epochs=cfg.train.epochs if cfg is not None else None, cfg=cfg))
 
 
