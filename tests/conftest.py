@@ -209,3 +209,17 @@ def tiny_run(tiny_data_shared: Path, tmp_path_factory) -> Path:
     assert res.exit_code == 0, f"tiny training failed ({res.exit_code}):\n{res.output}\n{res.exception!r}"
     assert (run / "ensemble.json").is_file()
     return run
+
+
+def retrain_on(tiny_run: Path, data: Path, out: Path, cfg):
+    """Stage 2 and stage 3 of ``cfg`` in a new run ``out`` on a copy of ``tiny_run``'s folds and
+    stage 1 (stage 1 is not trained again); returns the Run."""
+    import shutil
+
+    from semivit.trainer.pipeline import run_training
+    from semivit.trainer.run import open_run
+
+    open_run(out, cfg, data)
+    shutil.copy2(tiny_run / "folds.json", out / "folds.json")
+    shutil.copytree(tiny_run / "stage1", out / "stage1")
+    return run_training(data, out, cfg, stages="pseudo,retrain")

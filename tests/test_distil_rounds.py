@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import retrain_on
 from semivit import config
 from semivit.errors import UserError
 
@@ -20,14 +21,8 @@ SOFT = ["pseudo.threshold_mode=all", "pseudo.soft=true", "pseudo.weight=one", "p
 
 
 def _derived(tiny_run, data, out, overrides):
-    from semivit.trainer.pipeline import run_training
-    from semivit.trainer.run import open_run
-
     cfg = config.resolve(preset="tiny", overrides=SOFT + overrides)
-    open_run(out, cfg, data)
-    shutil.copy2(tiny_run / "folds.json", out / "folds.json")
-    shutil.copytree(tiny_run / "stage1", out / "stage1")
-    run_training(data, out, cfg, stages="pseudo,retrain")
+    retrain_on(tiny_run, data, out, cfg)
     return cfg
 
 

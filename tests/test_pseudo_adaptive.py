@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import retrain_on
 from semivit import config
 from semivit.errors import UserError
 from semivit.pseudo.adaptive import align_to_prior, freematch_thresholds, quota_thresholds
@@ -137,18 +138,12 @@ def test_rule_end_to_end_on_a_tiny_run(rule, sets, tiny_run, tiny_data_shared, t
     exactly the selected images."""
     import csv
     import json
-    import shutil
 
-    from semivit.pseudo.rules import RuleInputs, class_thresholds, run_calibration
-    from semivit.trainer.pipeline import run_training
-    from semivit.trainer.run import open_run
+    from semivit.pseudo.rules import run_calibration
 
     cfg = config.resolve(preset="tiny", overrides=[f"pseudo.threshold_mode={rule}"] + sets)
     out = tmp_path / "RUN"
-    open_run(out, cfg, tiny_data_shared)
-    shutil.copy2(tiny_run / "folds.json", out / "folds.json")
-    shutil.copytree(tiny_run / "stage1", out / "stage1")
-    run_training(tiny_data_shared, out, cfg, stages="pseudo,retrain")
+    retrain_on(tiny_run, tiny_data_shared, out, cfg)
     stats = json.loads((out / "pseudo" / "stats.json").read_text())
     with open(out / "pseudo" / "predictions.csv", newline="") as f:
         preds = list(csv.DictReader(f))
@@ -245,21 +240,15 @@ def test_pseudo_train_overrides_stage_3s_training_only(tiny_run, tiny_data_share
     """``pseudo.train`` sets stage 3's own train.* keys (here: 1 epoch, no early stopping) while
     stage 1 keeps train.*; a key that is not a train.* key is a one-line config error."""
     import json
-    import shutil
 
     from semivit.errors import UserError
-    from semivit.trainer.pipeline import run_training
-    from semivit.trainer.run import open_run
 
     cfg = config.resolve(preset="tiny", overrides=["pseudo.threshold_mode=all", "pseudo.soft=true",
                                                    "pseudo.cluster=false", "train.epochs=2",
                                                    "pseudo.train={epochs: 1, early_stopping: false}"])
     assert cfg.train.epochs == 2 and cfg.pseudo.train == {"epochs": 1, "early_stopping": False}
     out = tmp_path / "RUN"
-    open_run(out, cfg, tiny_data_shared)
-    shutil.copy2(tiny_run / "folds.json", out / "folds.json")
-    shutil.copytree(tiny_run / "stage1", out / "stage1")
-    run_training(tiny_data_shared, out, cfg, stages="pseudo,retrain")
+    retrain_on(tiny_run, tiny_data_shared, out, cfg)
     done = [json.loads((out / "stage3" / f"fold{k}" / "done.json").read_text()) for k in range(cfg.cv.folds)]
     assert [d["epochs_run"] for d in done] == [1] * cfg.cv.folds, done
     with pytest.raises(UserError, match="not a train"):
@@ -289,21 +278,15 @@ def test_labeled_share_sets_the_labeled_part_of_stage_3_batches(tiny_run, tiny_d
     steps; stage 1, which has no extra samples, is untouched.  A share outside (0, 1) is a one-line
     config error."""
     import json
-    import shutil
 
     from semivit.errors import UserError
-    from semivit.trainer.pipeline import run_training
-    from semivit.trainer.run import open_run
 
     def stage3(sets, name):
         cfg = config.resolve(preset="tiny", overrides=["pseudo.threshold_mode=all", "pseudo.soft=true",
                                                        "pseudo.weight=one", "pseudo.cluster=false",
                                                        "pseudo.train={epochs: 4, early_stopping: false}"] + sets)
         out = tmp_path / name
-        open_run(out, cfg, tiny_data_shared)
-        shutil.copy2(tiny_run / "folds.json", out / "folds.json")
-        shutil.copytree(tiny_run / "stage1", out / "stage1")
-        run_training(tiny_data_shared, out, cfg, stages="pseudo,retrain")
+        retrain_on(tiny_run, tiny_data_shared, out, cfg)
         return [json.loads((out / "stage3" / f"fold{k}" / "done.json").read_text()) for k in range(cfg.cv.folds)]
 
     mixed, plain = stage3(["pseudo.labeled_share=0.8"], "mixed"), stage3([], "plain")
@@ -324,12 +307,11 @@ def test_fold_teacher_relabels_each_fold_by_its_own_stage1_model(tiny_run, tiny_
     pseudo_labels.csv) while the folds differ; hard labels are each fold's arg-max; stage 3's fold
     k trains on exactly those.  A teacher that is not a known name is a one-line config error."""
     import json
-    import shutil
 
     from semivit.errors import UserError
     from semivit.models.ensemble import ensemble_weights
     from semivit.trainer import folds as folds_mod
-    from semivit.trainer.pipeline import FoldTeacher, pseudo_extra, run_training
+    from semivit.trainer.pipeline import FoldTeacher, pseudo_extra
     from semivit.trainer.run import open_run
 
     trained: dict = {}  # (soft, fold) -> the extra labels stage 3 trained fold k on
@@ -347,10 +329,7 @@ def test_fold_teacher_relabels_each_fold_by_its_own_stage1_model(tiny_run, tiny_
     for soft in ("true", "false"):
         cfg = config.resolve(preset="tiny", overrides=base + [f"pseudo.soft={soft}"])
         out = tmp_path / f"soft-{soft}"
-        open_run(out, cfg, tiny_data_shared)
-        shutil.copy2(tiny_run / "folds.json", out / "folds.json")
-        shutil.copytree(tiny_run / "stage1", out / "stage1")
-        run_training(tiny_data_shared, out, cfg, stages="pseudo,retrain")
+        retrain_on(tiny_run, tiny_data_shared, out, cfg)
         run = open_run(out, cfg, tiny_data_shared, create=False)
         extra = pseudo_extra(run)
         teach = FoldTeacher(run, extra)
@@ -399,12 +378,9 @@ def test_mix_soft_mixes_inputs_targets_and_weights_with_one_lambda():
 def test_stage3_mixup_reaches_the_soft_targets(tiny_run, tiny_data_shared, tmp_path, monkeypatch):
     """pseudo.train.mixup_alpha > 0 with soft targets: stage 3's batches go through mix_soft (timm's
     Mixup takes integer labels only)."""
-    import shutil
 
     from semivit import config
     from semivit.trainer import engine
-    from semivit.trainer.pipeline import run_training
-    from semivit.trainer.run import open_run
 
     calls = []
     real = engine.mix_soft
@@ -417,10 +393,7 @@ def test_stage3_mixup_reaches_the_soft_targets(tiny_run, tiny_data_shared, tmp_p
     cfg = config.resolve(preset="tiny", overrides=["pseudo.threshold_mode=all", "pseudo.soft=true",
                                                    "pseudo.train={epochs: 1, early_stopping: false, mixup_alpha: 0.4}"])
     out = tmp_path / "RUN"
-    open_run(out, cfg, tiny_data_shared)
-    shutil.copy2(tiny_run / "folds.json", out / "folds.json")
-    shutil.copytree(tiny_run / "stage1", out / "stage1")
-    run_training(tiny_data_shared, out, cfg, stages="pseudo,retrain")
+    retrain_on(tiny_run, tiny_data_shared, out, cfg)
     assert calls and all(len(s) == 2 and a == 0.4 for s, a in calls), calls[:3]
     assert (out / "ensemble.json").is_file()
 
@@ -527,14 +500,11 @@ def test_view_targets_are_the_teacher_on_each_view_end_to_end(tiny_data_shared, 
 def test_stage3_students_start_where_pseudo_init_says(init, tiny_run, tiny_data_shared, tmp_path, monkeypatch):
     """pseudo.init=stage1: fold k's student starts from stage-1 fold k's best weights (every
     tensor equal at its first step); backbone (the default): it does not."""
-    import shutil
 
     import torch
 
     from semivit.models.checkpoint import load_checkpoint
     from semivit.trainer import folds
-    from semivit.trainer.pipeline import run_training
-    from semivit.trainer.run import open_run
 
     at_start = []
     real_fit = folds.fit
@@ -547,10 +517,7 @@ def test_stage3_students_start_where_pseudo_init_says(init, tiny_run, tiny_data_
     cfg = config.resolve(preset="tiny", overrides=["pseudo.threshold_mode=all", "pseudo.soft=true", f"pseudo.init={init}",
                                                    "pseudo.train={epochs: 1, early_stopping: false}"])
     out = tmp_path / "RUN"
-    open_run(out, cfg, tiny_data_shared)
-    shutil.copy2(tiny_run / "folds.json", out / "folds.json")
-    shutil.copytree(tiny_run / "stage1", out / "stage1")
-    run_training(tiny_data_shared, out, cfg, stages="pseudo,retrain")
+    retrain_on(tiny_run, tiny_data_shared, out, cfg)
     assert [name for name, _ in at_start] == [f"fold{k}" for k in range(cfg.cv.folds)]
     for k, (_, state) in enumerate(at_start):
         ref, _ = load_checkpoint(out / "stage1" / f"fold{k}" / "best.pt")
