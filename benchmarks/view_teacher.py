@@ -4,7 +4,9 @@ With ``pseudo.targets: image`` (the default) a stage-3 student learns one soft t
 image - the stage-1 ensemble on the plain image and its mirror - whichever of the image's cached
 augmented views it trains on.  With ``view`` it learns the ensemble's prediction on that very
 view (consistent teaching).  This script recomputes, on a label-efficiency benchmark's finished
-``C-<name>`` runs (no training), the stage-3 views exactly as fold 1 drew them and reports:
+``C-<name>`` runs (no training), the stage-3 views exactly as fold 1 drew them (in a one-round
+stage 3 that ran from its first fold; a resumed stage 3 draws them with the seed of the first fold
+it trained) and reports:
 
   - the arg-max agreement with the held-back truth of the pool (``unlabeled_truth.csv``) of the
     image targets and of the view targets, view 0 (the plain image, no mirror) and the augmented

@@ -163,16 +163,19 @@ class PseudoConfig(_Section):
     # fold k's model alone (trained without fold k): the same images, its probabilities (soft), its
     # arg-max (hard) and its confidence (weights); fold k's validation stays unseen.
     teacher: Literal["ensemble", "fold"] = "ensemble"
-    # soft targets per what the student sees.  "image": one target per image (the teacher on the
-    # plain image + its mirror, stage 2's probabilities) whichever cached augmented view the
+    # soft targets per what the student sees.  "image": one target per image (stage 2's
+    # probabilities: the teacher on the plain image, + its mirror with pseudo.tta) whichever cached augmented view the
     # student trains on.  "view": consistent teaching (Beyer et al. 2022, "Knowledge distillation:
     # a good teacher is patient and consistent"): the teacher ensemble predicts every cached view
     # of every pool image, and the student learns view v's prediction when it trains on view v.
-    # Needs soft targets, the stem-feature cache (train.cache_views) and teacher: ensemble.
+    # Needs ssl.method: pseudo-label, soft targets, teacher: ensemble, align: none and the stem-feature
+    # cache (train.cache_views with a frozen-stem hybrid model); a refresh's accepted inbox images
+    # are relabeled per view by the same teacher.
     targets: Literal["image", "view"] = "image"
     # where stage 3's fold-k student starts: "backbone" (the pre-trained backbone, as stage 1 did)
     # or "stage1" (stage-1 fold k's best model, then fine-tuned on labels + pseudo-labels - Semi-ViT's
-    # semi-supervised fine-tuning starts from the supervised model the same way)
+    # semi-supervised fine-tuning starts from the supervised model the same way; ssl.method:
+    # ema-teacher always starts from stage 1)
     init: Literal["backbone", "stage1"] = "backbone"
     # iterated distillation (Noisy Student's rounds): stage 3 runs this many times; round r > 1
     # relabels the unlabeled pool with the ensemble of stage 1 + round r-1's students

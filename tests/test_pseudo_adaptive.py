@@ -434,14 +434,21 @@ def test_view_targets_are_the_teacher_on_each_view_end_to_end(tiny_data_shared, 
     from semivit.trainer.pipeline import run_training
     from semivit.trainer.stem_cache import StemFeatures
 
-    seen = []
-    real_fit = folds.fit
+    from semivit.trainer import pipeline
+
+    seen, teacher_calls = [], []
+    real_fit, real_targets = folds.fit, pipeline.view_targets
 
     def spy(model, train_ds, *a, **kw):
         seen.append((kw["out_dir"].parent.name, train_ds))
         return real_fit(model, train_ds, *a, **kw)
 
+    def spy_targets(run, views, teacher):
+        teacher_calls.append(teacher)
+        return real_targets(run, views, teacher)
+
     monkeypatch.setattr(folds, "fit", spy)
+    monkeypatch.setattr(pipeline, "view_targets", spy_targets)
     sets = ["model.name=vit_hybrid_lite0", "model.pretrained=true", "model.kwargs={embed_dim: 32, depth: 1, num_heads: 2}",
             "train.cache_views=2",
             "pseudo.cluster=false", "pseudo.threshold_mode=all", "pseudo.soft=true", "pseudo.weight=one",
@@ -467,7 +474,8 @@ def test_view_targets_are_the_teacher_on_each_view_end_to_end(tiny_data_shared, 
             want[:, v] += wm * predict_arrays(model, StemFeatures(np.ascontiguousarray(extra_views[:, v])))
     assert np.allclose(ds.labels[n_lab:], want, atol=1e-4)
     assert np.abs(ds.labels[n_lab:, 1:] - ds.labels[n_lab:, :1]).max() > 1e-3  # augmented views get their own
-    assert stage3[1].labels is not ds.labels and np.array_equal(stage3[1].labels[-len(extra_views):], ds.labels[n_lab:])
+    assert teacher_calls == [("stage1",)]  # computed once, shared by every fold
+    assert np.array_equal(stage3[1].labels[-len(extra_views):], ds.labels[n_lab:])
     assert len(json.loads((out / "ensemble.json").read_text())["members"]) == 2 * cfg.cv.folds
     assert run.dir == out
 
@@ -489,7 +497,8 @@ def test_view_targets_are_the_teacher_on_each_view_end_to_end(tiny_data_shared, 
 
     from semivit.trainer.methods import check_view_targets
 
-    for bad, why in ((["pseudo.soft=false"], "pseudo.soft: true"), (["pseudo.teacher=fold"], "pseudo.teacher: ensemble")):
+    for bad, why in ((["pseudo.soft=false"], "pseudo.soft: true"), (["pseudo.teacher=fold"], "pseudo.teacher: ensemble"),
+                     (["pseudo.align=prior"], "pseudo.align: none"), (["ssl.method=ema-teacher"], "ssl.method: pseudo-label")):
         with pytest.raises(UserError, match=why):
             check_view_targets(config.resolve(preset="tiny", overrides=sets + bad), cached=True)
     with pytest.raises(UserError, match="stem-feature cache"):
@@ -523,3 +532,16 @@ def test_stage3_students_start_where_pseudo_init_says(init, tiny_run, tiny_data_
         ref, _ = load_checkpoint(out / "stage1" / f"fold{k}" / "best.pt")
         same = all(torch.equal(state[n], v) for n, v in ref.state_dict().items())
         assert same == (init == "stage1"), (k, init)
+
+
+
+def test_view_targets_without_the_stem_cache_fail_before_anything_trains(tiny_data, tmp_path):
+    """ssl train with pseudo.targets=view on the tiny preset (no frozen stem, no cache): one line,
+    exit 2, and no stage has trained."""
+    from conftest import invoke, one_line_error
+
+    res = invoke("train", tiny_data, "--preset", "tiny", "--set", "pseudo.threshold_mode=all", "--set", "pseudo.soft=true",
+                 "--set", "pseudo.targets=view", "--out", tmp_path / "RUN")
+    line = one_line_error(res)
+    assert "pseudo.targets=view needs the stem-feature cache" in line, line
+    assert not list((tmp_path / "RUN").glob("stage1/fold*/done.json"))

@@ -84,12 +84,15 @@ def teacher_stages(r: int, rounds: int) -> tuple[str, ...]:
 
 
 def check_view_targets(cfg, cached: bool) -> None:
-    """``pseudo.targets: view`` needs soft targets from the ensemble on cached stem views."""
+    """``pseudo.targets: view`` needs soft targets from the ensemble on cached stem views, in the
+    pseudo-label strategy; checked when a run starts, before anything trains."""
     if cfg.pseudo.targets != "view":
         return
-    why = ("pseudo.soft: true" if not cfg.pseudo.soft else
+    why = ("ssl.method: pseudo-label" if cfg.ssl.method != "pseudo-label" else
+           "pseudo.soft: true" if not cfg.pseudo.soft else
            "pseudo.teacher: ensemble" if cfg.pseudo.teacher != "ensemble" else
-           "the stem-feature cache (train.cache_views > 0 and a frozen stem)" if not cached else None)
+           "pseudo.align: none" if cfg.pseudo.align != "none" else
+           "the stem-feature cache (train.cache_views > 0 and a hybrid model with a frozen stem)" if not cached else None)
     if why:
         raise UserError(f"pseudo.targets=view needs {why}")
 
@@ -117,8 +120,8 @@ def get_pretrain(name: str) -> Callable:
 # ----------------------------------------------------------------------------- the strategies
 @retrain_method("pseudo-label", needs=("supervised", "pseudo"))
 def pseudo_label_retrain(run):
-    """Every fold again from the (pre-trained) backbone on its labeled training folds + all of
-    stage 2's pseudo-labels (and a refresh's accepted inbox pseudo-labels), weighted by confidence."""
+    """Every fold again - from the (pre-trained) backbone, or with ``pseudo.init: stage1`` from
+    stage-1 fold k's model - on its labeled training folds + all of stage 2's pseudo-labels (and a refresh's accepted inbox pseudo-labels), weighted by confidence."""
     from semivit.pseudo.samples import concat
     from semivit.trainer.folds import FoldPlan, FoldSetup
     from semivit.trainer.pipeline import pseudo_extra

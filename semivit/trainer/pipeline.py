@@ -102,7 +102,8 @@ def pseudo_extra(run: Run, pseudo_dir: str = "pseudo") -> Extra:
 def view_targets(run: Run, views: np.ndarray, teacher: tuple[str, ...]) -> np.ndarray:
     """``pseudo.targets: view``: the ``teacher`` ensemble's probabilities (N, V, C) on each of the
     V cached stem views (N, V, C', h, w) of N images - no flip TTA: the view the student sees is
-    the view the teacher judged - aligned to the labeled prior as stage 2 with ``pseudo.align``."""
+    the view the teacher judged (``pseudo.align: prior`` is refused with it: stage 2's alignment
+    is fitted on the pool's per-image probabilities, not on these)."""
     from semivit.trainer.infer import ensemble_predict
     from semivit.trainer.stem_cache import StemFeatures
 
@@ -110,11 +111,6 @@ def view_targets(run: Run, views: np.ndarray, teacher: tuple[str, ...]) -> np.nd
     flat = StemFeatures(views.reshape(n * v, *views.shape[2:]))
     probs = ensemble_predict(run.dir, flat, stages=list(teacher), tta=False, device=run.device,
                              weighting=run.cfg.ensemble.weighting)
-    if run.cfg.pseudo.align == "prior":
-        from semivit.pseudo.adaptive import align_to_prior
-
-        counts = np.bincount(run.labeled.labels, minlength=probs.shape[1])
-        probs = align_to_prior(probs, counts / counts.sum())
     return probs.reshape(n, v, -1).astype(np.float32)
 
 
@@ -181,6 +177,10 @@ def _run_training(data: Optional[Path], out: Optional[Path], cfg, chosen: list[s
     run = dist.main_first(lambda: open_run(out, cfg, data, distributed=record))
     if not d.is_main:
         run = open_run(out, cfg, data, create=False)
+    if "retrain" in chosen and cfg.pseudo.targets == "view":
+        from semivit.trainer.methods import check_view_targets
+
+        check_view_targets(cfg, run.stem is not None)  # a wrong combination fails before stage 1 trains
     seed_everything(cfg.seed)
     t_all = time.time()
     info(f"run {run.dir}: {len(run.labeled)} labeled images in {len(run.classes)} classes "
