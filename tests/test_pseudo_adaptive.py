@@ -500,9 +500,9 @@ def test_view_targets_are_the_teacher_on_each_view_end_to_end(tiny_data_shared, 
     for bad, why in ((["pseudo.soft=false"], "pseudo.soft: true"), (["pseudo.teacher=fold"], "pseudo.teacher: ensemble"),
                      (["pseudo.align=prior"], "pseudo.align: none"), (["ssl.method=ema-teacher"], "ssl.method: pseudo-label")):
         with pytest.raises(UserError, match=why):
-            check_view_targets(config.resolve(preset="tiny", overrides=sets + bad), cached=True)
+            check_view_targets(config.resolve(preset="tiny", overrides=sets + bad), cached=lambda: True)
     with pytest.raises(UserError, match="stem-feature cache"):
-        check_view_targets(config.resolve(preset="tiny", overrides=sets), cached=False)
+        check_view_targets(config.resolve(preset="tiny", overrides=sets), cached=lambda: False)
 
 
 @pytest.mark.parametrize("init", ["stage1", "backbone"])

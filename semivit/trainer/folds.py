@@ -111,8 +111,8 @@ def train_fold(run: Run, stage: str, k: int, extra: Optional[Extra] = None,
                     extra.view_labels = distributed.compute_once(
                         run.dir / ".dist" / f"{stage}_view_targets.npy",
                         lambda: view_targets(run, extra.views, teacher))
-                n_lab = len(labels) - len(extra.view_labels)
-                labels = np.concatenate([np.repeat(labels[:n_lab, None], views.shape[1], axis=1), extra.view_labels])
+                labeled = np.repeat(labels[:len(tr), None], views.shape[1], axis=1)  # one-hot in every view
+                labels = np.concatenate([labeled, extra.view_labels])
         ds = CachedViewsDataset(views, labels, weights, generator=torch.Generator().manual_seed(seed))
         val_inputs = StemFeatures(run.labeled_views[va, 0])
     else:

@@ -83,16 +83,17 @@ def teacher_stages(r: int, rounds: int) -> tuple[str, ...]:
     return ("stage1",) if r == 1 else ("stage1", round_dirs(r, rounds)[2])
 
 
-def check_view_targets(cfg, cached: bool) -> None:
+def check_view_targets(cfg, cached: Callable[[], bool]) -> None:
     """``pseudo.targets: view`` needs soft targets from the ensemble on cached stem views, in the
-    pseudo-label strategy; checked when a run starts, before anything trains."""
+    pseudo-label strategy; checked when a run starts, before anything trains.  ``cached()`` says
+    whether the run has the stem cache (asked only for ``view``: it builds the run's stem)."""
     if cfg.pseudo.targets != "view":
         return
     why = ("ssl.method: pseudo-label" if cfg.ssl.method != "pseudo-label" else
            "pseudo.soft: true" if not cfg.pseudo.soft else
            "pseudo.teacher: ensemble" if cfg.pseudo.teacher != "ensemble" else
            "pseudo.align: none" if cfg.pseudo.align != "none" else
-           "the stem-feature cache (train.cache_views > 0 and a hybrid model with a frozen stem)" if not cached else None)
+           "the stem-feature cache (train.cache_views > 0 and a hybrid model with a frozen stem)" if not cached() else None)
     if why:
         raise UserError(f"pseudo.targets=view needs {why}")
 
@@ -121,14 +122,15 @@ def get_pretrain(name: str) -> Callable:
 @retrain_method("pseudo-label", needs=("supervised", "pseudo"))
 def pseudo_label_retrain(run):
     """Every fold again - from the (pre-trained) backbone, or with ``pseudo.init: stage1`` from
-    stage-1 fold k's model - on its labeled training folds + all of stage 2's pseudo-labels (and a refresh's accepted inbox pseudo-labels), weighted by confidence."""
+    stage-1 fold k's model - on its labeled training folds + all of stage 2's pseudo-labels (and
+    a refresh's accepted inbox pseudo-labels), weighted by confidence."""
     from semivit.pseudo.samples import concat
     from semivit.trainer.folds import FoldPlan, FoldSetup
     from semivit.trainer.pipeline import pseudo_extra
     from semivit.utils import info
 
     r, rounds = run.distil_round, distil_rounds(run.cfg)
-    check_view_targets(run.cfg, run.stem is not None)
+    check_view_targets(run.cfg, lambda: run.stem is not None)
     pseudo_dir, _, fold_teacher = round_dirs(r, rounds)
     extra = pseudo_extra(run, pseudo_dir)
     teach = None
