@@ -102,6 +102,22 @@ class TrainConfig(_Section):
     cache_views: int = Field(0, ge=0)
     precision: Literal["auto", "fp32", "bf16", "amp"] = "auto"  # auto: bf16 CPU, fp16 AMP CUDA
     num_workers: int = Field(0, ge=0)
+    # CPU: folds of a stage trained at once, one process and one thread each (auto: one per core
+    # this process may use; 1: one fold at a time with every thread).  semivit.trainer.fold_workers
+    fold_workers: Any = "auto"
+
+    @field_validator("fold_workers")
+    @classmethod
+    def _fold_workers(cls, v: Any) -> Any:
+        if isinstance(v, str) and v.strip().lower() == "auto":
+            return "auto"
+        try:
+            n = int(v)
+        except (TypeError, ValueError):
+            n = 0
+        if isinstance(v, bool) or n < 1 or (not isinstance(v, str) and n != v):
+            raise ValueError("should be 'auto' or a whole number >= 1")
+        return n
     grad_clip: Optional[float] = Field(None, gt=0)
 
 

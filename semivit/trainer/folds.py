@@ -15,6 +15,7 @@ from semivit.data import transforms
 from semivit.data.dataset import ArrayDataset
 from semivit.trainer import distributed
 from semivit.trainer.engine import UnlabeledPolicy, fit
+from semivit.trainer.fold_workers import train_parallel, worker_count
 from semivit.trainer.losses import DistillationLoss, build_loss
 from semivit.models.checkpoint import save_checkpoint
 from semivit.models.networks import build_model
@@ -64,6 +65,28 @@ def fold_seed(cfg, stage: str, k: int, distil_round: int = 1) -> int:
     return cfg.seed * 1000 + {"stage1": 0, "stage3": 100}.get(base, 500) + 20 * (distil_round - 1) + k
 
 
+def prepare_extra(run: Run, stage: str, k: int, extra: Optional[Extra], cfg=None) -> None:
+    """What every fold of ``stage`` shares about its extra samples, computed once (by the first
+    fold that trains, or by the parent before fold workers fork): their cached stem views (the
+    frozen-stem hybrid) and, with ``pseudo.targets: view``, the teacher's targets on every view."""
+    cfg = cfg if cfg is not None else run.cfg
+    if run.stem is None or extra is None or not len(extra.images):
+        return
+    if extra.views is None:  # under torchrun: computed by rank 0, read by the others
+        seed = fold_seed(cfg, stage, k, run.distil_round)
+        extra.views = distributed.compute_once(
+            run.dir / ".dist" / f"{stage}_extra_views.npy",
+            lambda: run.augmented_views(extra.images, seed=seed + 50, what=f"{stage} unlabeled images"))
+    if cfg.pseudo.targets == "view" and extra.labels.ndim == 2 and extra.view_labels is None:
+        from semivit.trainer.methods import distil_rounds, teacher_stages
+        from semivit.trainer.pipeline import view_targets
+
+        teacher = teacher_stages(run.distil_round, distil_rounds(run.cfg))
+        extra.view_labels = distributed.compute_once(
+            run.dir / ".dist" / f"{stage}_view_targets.npy",
+            lambda: view_targets(run, extra.views, teacher))
+
+
 def train_fold(run: Run, stage: str, k: int, extra: Optional[Extra] = None,
                init_state: Optional[dict] = None,
                make_policy: Optional[Callable[[torch.nn.Module], UnlabeledPolicy]] = None,
@@ -97,20 +120,9 @@ def train_fold(run: Run, stage: str, k: int, extra: Optional[Extra] = None,
 
         views = run.labeled_views[tr]
         if extra is not None and len(extra.images):
-            if extra.views is None:  # under torchrun: computed by rank 0, read by the others
-                extra.views = distributed.compute_once(
-                    run.dir / ".dist" / f"{stage}_extra_views.npy",
-                    lambda: run.augmented_views(extra.images, seed=seed + 50, what=f"{stage} unlabeled images"))
+            prepare_extra(run, stage, k, extra, cfg)
             views = np.concatenate([views, extra.views])
             if cfg.pseudo.targets == "view" and labels.ndim == 2:  # the teacher on every view
-                if extra.view_labels is None:
-                    from semivit.trainer.methods import distil_rounds, teacher_stages
-                    from semivit.trainer.pipeline import view_targets
-
-                    teacher = teacher_stages(run.distil_round, distil_rounds(run.cfg))
-                    extra.view_labels = distributed.compute_once(
-                        run.dir / ".dist" / f"{stage}_view_targets.npy",
-                        lambda: view_targets(run, extra.views, teacher))
                 labeled = np.repeat(labels[:len(tr), None], views.shape[1], axis=1)  # one-hot in every view
                 labels = np.concatenate([labeled, extra.view_labels])
         ds = CachedViewsDataset(views, labels, weights, generator=torch.Generator().manual_seed(seed))
@@ -156,23 +168,38 @@ def run_stage(run: Run, stage: str, plan: Optional[FoldPlan] = None) -> list[dic
     only when fold k trains, so a finished fold costs nothing).
     """
     plan = plan or FoldPlan()
-    summaries = []
+    done, todo = {}, []
     for k in range(run.cfg.cv.folds):
-        done = run.stage_dir(stage, k) / "done.json"
-        if done.is_file():
-            s = read_json(done)
-            info(f"{stage} fold {k + 1}: already trained (val macro F1 {s['val_macro_f1']:.3f})")
+        path = run.stage_dir(stage, k) / "done.json"
+        if path.is_file():
+            done[k] = read_json(path)
+            info(f"{stage} fold {k + 1}: already trained (val macro F1 {done[k]['val_macro_f1']:.3f})")
         else:
-            if plan.before_fold is not None:
-                plan.before_fold(k)
-            f = plan.setup(k)
-            s = train_fold(run, stage, k, extra=f.extra, init_state=f.init_state, make_policy=f.make_policy,
-                           epochs=f.epochs, cfg=f.cfg)
+            todo.append(k)
+
+    def launch(k: int):
+        """Fold k's set-up, built when it starts: (the call that trains it, its epochs)."""
+        if plan.before_fold is not None:
+            plan.before_fold(k)
+        f = plan.setup(k)
+        prepare_extra(run, stage, k, f.extra, f.cfg)  # shared by the folds: computed once, here
+
+        def train() -> dict:
+            return train_fold(run, stage, k, extra=f.extra, init_state=f.init_state, make_policy=f.make_policy,
+                              epochs=f.epochs, cfg=f.cfg)
+
+        return train, f.epochs or (f.cfg if f.cfg is not None else run.cfg).train.epochs
+
+    workers = worker_count(run.cfg, run.device, len(todo))
+    if workers > 1:
+        done.update(train_parallel(run, stage, todo, workers, launch))
+    else:
+        for k in todo:
+            s = done[k] = launch(k)[0]()
             info(f"{stage} fold {k + 1}: val macro F1 {s['val_macro_f1']:.3f} at epoch {s['best_epoch']} "
                  f"({s['seconds']:.0f}s)")
-        summaries.append(s)
     distributed.main_first(lambda: write_oof(run, stage))
-    return summaries
+    return [done[k] for k in range(run.cfg.cv.folds)]
 
 
 def write_oof(run: Run, stage: str) -> Path:

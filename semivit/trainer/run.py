@@ -186,6 +186,7 @@ def _comparable(cfg: cfgmod.Config) -> dict:
     d = cfg.model_dump(mode="json")
     d.pop("device", None)  # a run may resume on another device
     d["data"].pop("decode_workers", None)
+    d["train"].pop("fold_workers", None)  # how many folds train at once: not what they learn
     return d
 
 
