@@ -205,7 +205,7 @@ def build_candidate(registry: Path, parent: str, db, overrides: list[str], toler
 
         def before_fold(k: int) -> None:
             if k > 0:
-                kill_point("train")  # between folds: fold 0 done, fold 1 not
+                kill_point("train")  # fold 1 starts (fold 0 done when folds train one at a time)
                 stop.check()
 
         run.extra_pseudo, run.before_fold = new_extra, before_fold

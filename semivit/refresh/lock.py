@@ -207,7 +207,8 @@ def kill_point(step: str) -> None:
     that many seconds after it reaches the step, i.e. in the middle of whatever follows.
 
     Steps, in order: ingest (after the first committed batch), pseudo (labels computed, not yet
-    committed), train (stage-3 fold 0 done, fold 1 not), export (before the export starts),
+    committed), train (stage-3 fold 1 about to start: fold 0 done when folds train one
+    at a time, still training beside it with fold workers), export (before the export starts),
     exporting (the first graph written and verified, the export half done),
     publish (manifest written, before the rename), published (visible, undecided), switch /
     switched (around the switch of ``current``), decided (before the final status is written).

@@ -85,11 +85,12 @@ class _Child:
     started: float
 
 
-def _child_main(conn, train: Callable[[], dict]) -> None:
+def _child_main(conn, train: Callable[[], dict], parent_pid: int) -> None:
     """In the forked child: one thread, no progress bar (the parent shows the stage's), train the
     fold, send ("ok", summary) or ("error", is_user_error, message, traceback); never return."""
     code = 0
     try:
+        _die_with_parent(parent_pid)
         import torch
 
         os.environ["SEMIVIT_TRAIN_THREADS"] = "1"  # no thread governor: one thread, no barrier
@@ -109,6 +110,22 @@ def _child_main(conn, train: Callable[[], dict]) -> None:
             sys.stderr.flush()
         finally:
             os._exit(code)  # not the parent's atexit handlers or buffers: this is a fork
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Linux: SIGKILL this child when the parent dies (prctl PR_SET_PDEATHSIG).  A parent killed
+    without cleanup (the OOM killer, a power-cut test, ``kill -9``) would otherwise leave its fold
+    workers training on and writing into the run that a rerun resumes."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before prctl: nobody would stop this child
+        os._exit(1)
 
 
 def _epochs_done(path) -> int:
@@ -158,7 +175,7 @@ def train_parallel(run, stage: str, todo: list[int], workers: int,
                     sys.stdout.flush()
                     sys.stderr.flush()
                     parent_conn, child_conn = ctx.Pipe(duplex=False)
-                    p = ctx.Process(target=_child_main, args=(child_conn, train), name=f"{stage}-fold{k}",
+                    p = ctx.Process(target=_child_main, args=(child_conn, train, os.getpid()), name=f"{stage}-fold{k}",
                                     daemon=True)
                     p.start()
                     child_conn.close()
