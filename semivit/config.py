@@ -130,6 +130,8 @@ def _train_overrides(v: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(v) - set(TrainConfig.model_fields))
     if unknown:
         raise ValueError(f"'{unknown[0]}' is not a train.* key")
+    if "fold_workers" in v:  # read once for the whole run (semivit.trainer.fold_workers)
+        raise ValueError("fold_workers is set for the whole run: use train.fold_workers")
     try:
         TrainConfig.model_validate({**TrainConfig().model_dump(), **v})
     except ValidationError as e:
@@ -193,6 +195,10 @@ class PseudoConfig(_Section):
     # semi-supervised fine-tuning starts from the supervised model the same way; ssl.method:
     # ema-teacher always starts from stage 1)
     init: Literal["backbone", "stage1"] = "backbone"
+    # stochastic depth of stage 3's students (pseudo-label retraining) when it differs from
+    # model.drop_path (None: the same as stage 1) - Noisy Student's noised student: the students
+    # learn the teacher's targets through more noise than the teacher had
+    drop_path: Optional[float] = Field(None, ge=0.0, lt=1.0)
     # iterated distillation (Noisy Student's rounds): stage 3 runs this many times; round r > 1
     # relabels the unlabeled pool with the ensemble of stage 1 + round r-1's students
     # (RUN/pseudo_round<r>/) and trains new students on it.  The last round's students are

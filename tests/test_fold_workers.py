@@ -58,11 +58,25 @@ def test_fold_workers_train_the_one_thread_folds_exactly(tiny_data_shared, tmp_p
     from semivit.models.checkpoint import load_checkpoint
     from semivit.trainer.pipeline import run_training
 
-    log = tmp_path / "calls.jsonl"
+    from semivit.trainer.run import Run
+
+    log, views_log = tmp_path / "calls.jsonl", tmp_path / "views.txt"
     _record_calls(monkeypatch, log)
+    real_views = Run.augmented_views
+
+    def views_spy(self, images, seed, what):
+        with open(views_log, "a") as f:
+            f.write(f"{os.getpid()} {what}\n")
+        return real_views(self, images, seed, what)
+
+    monkeypatch.setattr(Run, "augmented_views", views_spy)
     assert torch.get_num_threads() == 1  # conftest: the one-at-a-time run is the one-thread run
     for w in (1, 2):
         run_training(tiny_data_shared, tmp_path / f"w{w}", _cfg(*HYBRID, f"train.fold_workers={w}"))
+    # the stem views (labeled images once per run, the pool once per stage 3) are computed once,
+    # by the parent: never again in each worker
+    views = views_log.read_text().splitlines()
+    assert views == [f"{os.getpid()} labeled images", f"{os.getpid()} stage3 unlabeled images"] * 2, views
     calls = _calls(log)
     one, two = calls[:6], calls[6:]
     assert [c["pid"] for c in one] == [os.getpid()] * 6
@@ -77,6 +91,8 @@ def test_fold_workers_train_the_one_thread_folds_exactly(tiny_data_shared, tmp_p
             mb, _ = load_checkpoint(b / "best.pt")
             for (n, x), (_, y) in zip(ma.state_dict().items(), mb.state_dict().items()):
                 assert torch.equal(x, y), (stage, k, n)
+            assert json.loads((a / "done.json").read_text())["fold_worker"] is False
+            assert json.loads((b / "done.json").read_text())["fold_worker"] is True
     assert (tmp_path / "w2" / "stage1" / "oof.csv").is_file()
     assert json.loads((tmp_path / "w2" / "ensemble.json").read_text())["members"]
 
@@ -242,3 +258,34 @@ def test_resume_with_another_worker_count_is_the_same_run(tiny_data_shared, tmp_
     assert run.cfg.train.fold_workers == 2
     with pytest.raises(UserError, match="different config"):
         open_run(tmp_path / "RUN", _cfg("train.fold_workers=2", "train.lr=0.5"), tiny_data_shared)
+
+
+def test_dataloader_workers_inside_fold_workers(tiny_data_shared, tmp_path):
+    """train.num_workers > 0: a fold worker starts its DataLoader's worker processes (a daemonic
+    child could not)."""
+    from semivit.trainer.run import open_run
+
+    run = open_run(tmp_path / "RUN", _cfg("train.fold_workers=2", "train.num_workers=1"), tiny_data_shared)
+    out = folds.run_stage(run, "stage1")
+    assert [s["fold_worker"] for s in out] == [True, True]
+
+
+def test_fold_workers_is_a_run_wide_key(tiny_data_shared, tmp_path):
+    for key in ("pseudo.train", "ssl.ema.train"):
+        with pytest.raises(UserError, match="fold_workers is set for the whole run"):
+            _cfg(f"{key}={{fold_workers: 2}}")
+
+
+def test_the_stem_is_built_without_touching_the_global_random_generator(tiny_data_shared, tmp_path):
+    """A fold's initial weights depend on its seed alone: building the frozen stem (done by the
+    parent before fold workers fork, or by the first fold of a resumed run) draws nothing from
+    torch's global generator."""
+    from semivit.trainer.run import open_run
+    from semivit.utils import seed_everything
+
+    run = open_run(tmp_path / "RUN", _cfg(*HYBRID), tiny_data_shared)
+    seed_everything(7)
+    want = torch.rand(4)
+    seed_everything(7)
+    assert run.stem is not None
+    assert torch.equal(torch.rand(4), want)

@@ -545,3 +545,34 @@ def test_view_targets_without_the_stem_cache_fail_before_anything_trains(tiny_da
     line = one_line_error(res)
     assert "pseudo.targets=view needs the stem-feature cache" in line, line
     assert not list((tmp_path / "RUN").glob("stage1/fold*/done.json"))
+
+
+@pytest.mark.parametrize("drop_path", [None, 0.3])
+def test_stage3_students_get_their_own_stochastic_depth(drop_path, tiny_run, tiny_data_shared, tmp_path, monkeypatch):
+    """pseudo.drop_path: stage 3's students are built with that stochastic depth (every block's
+    DropPath), stage 1 keeps model.drop_path; the students' checkpoints record it.  None (the
+    default): the students are built as stage 1 was."""
+    from timm.layers import DropPath
+
+    from semivit.models.checkpoint import load_checkpoint
+    from semivit.trainer import folds
+
+    built = []
+    real_fit = folds.fit
+
+    def spy(model, *a, **kw):
+        built.append(sorted({round(m.drop_prob, 4) for m in model.modules() if isinstance(m, DropPath)}))
+        return real_fit(model, *a, **kw)
+
+    monkeypatch.setattr(folds, "fit", spy)
+    # two blocks: timm's stochastic-depth rule gives block i the rate i / (depth - 1) x drop_path
+    sets = ["model.kwargs={patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2}",
+            "pseudo.threshold_mode=all", "pseudo.soft=true", "model.drop_path=0.1",
+            "pseudo.train={epochs: 1, early_stopping: false}"] + ([] if drop_path is None else [f"pseudo.drop_path={drop_path}"])
+    cfg = config.resolve(preset="tiny", overrides=sets)
+    out = tmp_path / "RUN"
+    retrain_on(tiny_run, tiny_data_shared, out, cfg)
+    want = 0.1 if drop_path is None else drop_path
+    assert built == [[want]] * cfg.cv.folds  # the second block's DropPath (the first block's rate is 0)
+    _, meta = load_checkpoint(out / "stage3" / "fold0" / "best.pt")
+    assert meta["model"]["drop_path"] == want

@@ -549,6 +549,47 @@ def test_refresh_killed_at_every_step_leaves_a_serving_registry_and_the_next_one
     assert snapshot(inbox) == files  # no kill ever touched an inbox file
 
 
+def _processes_of(registry: Path) -> list[int]:
+    """Pids of live processes whose command line names ``registry`` (a refresh and its forked fold
+    workers, which share its command line)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (d / "stat").read_text().split(")")[-1].split()[0]
+        except OSError:
+            continue
+        if str(registry) in cmd and "refresh" in cmd and state != "Z":
+            pids.append(int(d.name))
+    return pids
+
+
+def test_refresh_with_fold_workers_killed_while_folds_train_leaves_no_worker_and_resumes(registry, tmp_path):
+    """The refresh's stage 3 with two fold workers (each fold a forked process): SIGKILL the refresh
+    as fold 1 starts beside fold 0 - its workers die with it (none left training into the staged
+    run), `current` still serves, and the next refresh builds and promotes the candidate."""
+    inbox = tmp_path / "INBOX"
+    write_inbox(inbox, 3, seed=24)
+    workers = ("--set", "train.fold_workers=2")
+    r = ssl_refresh(registry, inbox, "train", True, *workers)
+    assert r.returncode == -signal.SIGKILL, (r.returncode, r.stdout[-2000:], r.stderr[-3000:])
+    assert "2 at a time" in r.stdout + r.stderr  # the folds were training side by side
+    deadline = time.time() + 10
+    while _processes_of(registry) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not _processes_of(registry)
+    assert_consistent(registry, "after SIGKILL with fold workers")
+    assert reg.versions(registry) == ["v0001"]
+    r = ssl_refresh(registry, inbox, None, True, *workers)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    assert reg.current_version(registry) == "v0002"
+    done = [json.loads((registry / "v0002" / "run" / "stage3" / f"fold{k}" / "done.json").read_text()) for k in range(2)]
+    assert all(d["fold_worker"] for d in done)
+    assert_consistent(registry, "after the resumed refresh")
+
+
 def test_second_refresh_while_one_holds_the_lock_exits_3_and_changes_nothing(registry, tmp_path):
     """A real refresh holds the lock (it is retraining); a second one exits 3 with the holder's pid
     and changes nothing.  Then SIGTERM stops the first cleanly at its next step boundary."""

@@ -13,17 +13,20 @@ benchmarks/results/fold_workers*.md):
 - a small ViT's matmuls scale poorly over threads (one thread trains at ~0.6x of two), so on a
   quiet machine N one-thread folds train more images per second than one N-thread fold.
 
-A fold trained this way is exactly the fold a one-thread ``ssl train`` trains (same seed, same
-single-threaded arithmetic); the result does not depend on which worker trained it or when.
-The children are forked (not spawned): they inherit the run's decoded images and stem features
-without copying or pickling them.  Everything a fold needs that is computed once per stage (the
-stem features of the pseudo-labelled images, per-view targets) is computed in the parent before
-the first fork.
+A fold trained this way is exactly the fold that one fold at a time with one thread trains from
+the same inputs (same seed, same single-threaded arithmetic); the result does not depend on which
+worker trained it or when.  The children are forked (not spawned): they inherit the run's decoded
+images and stem features without copying or pickling them.  Everything the folds share that is
+computed once per stage (the stem features of the labeled views and of the pseudo-labelled
+images, per-view targets, a fold teacher's set-up) is computed in the parent, with all its
+threads, before the fork - so those inputs may differ in the last bits from a one-thread
+process's.
 
 ``train.fold_workers``: ``auto`` (the default) uses one worker per core the process may use
 (``OMP_NUM_THREADS`` when the user set it, else one per physical core), and 1 - one fold at a
-time, all threads, the thread governor - on a GPU, under torchrun, with ``SEMIVIT_TRAIN_THREADS``
-set, or with one fold left to train; an integer asks for that many (capped at the folds left).
+time, all threads, the thread governor - with ``SEMIVIT_TRAIN_THREADS`` set; an integer asks for
+that many (capped at the folds left).  Either way: one fold at a time on a GPU, under torchrun,
+off Linux (fork is not safe with torch elsewhere), or with one fold left to train.
 Written here rather than with ``concurrent.futures.ProcessPoolExecutor`` / ``multiprocessing.Pool``:
 a pool forks its workers once, up front, so they would not see what the parent computes between
 folds (a fold's set-up is built only when it starts), and a pool gives no way to watch the
@@ -65,6 +68,8 @@ def worker_count(cfg, device, n_todo: int, environ=None) -> int:
     asked = cfg.train.fold_workers
     if n_todo < 2 or getattr(device, "type", str(device)) != "cpu" or distributed.current().enabled:
         return 1
+    if not sys.platform.startswith("linux"):  # forked children: safe on Linux only (macOS: not with torch)
+        return 1
     if asked != "auto":
         return max(1, min(int(asked), n_todo))
     if fixed_threads(env) is not None:  # the user fixed one process's threads: keep that meaning
@@ -85,10 +90,20 @@ class _Child:
     started: float
 
 
+_IN_WORKER = False
+
+
+def in_worker() -> bool:
+    """Whether this process is a fold worker (recorded in the fold's done.json)."""
+    return _IN_WORKER
+
+
 def _child_main(conn, train: Callable[[], dict], parent_pid: int) -> None:
     """In the forked child: one thread, no progress bar (the parent shows the stage's), train the
     fold, send ("ok", summary) or ("error", is_user_error, message, traceback); never return."""
+    global _IN_WORKER
     code = 0
+    _IN_WORKER = True
     try:
         _die_with_parent(parent_pid)
         import torch
@@ -97,6 +112,7 @@ def _child_main(conn, train: Callable[[], dict], parent_pid: int) -> None:
         os.environ["SEMIVIT_QUIET"] = "1"
         torch.set_num_threads(1)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the parent stops the children
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's (a refresh's stop flag)
         conn.send(("ok", train()))
     except BaseException as e:  # noqa: BLE001 - everything goes back to the parent
         code = 1
@@ -121,7 +137,7 @@ def _die_with_parent(parent_pid: int) -> None:
     import ctypes
 
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
     except (OSError, AttributeError):
         return
     if os.getppid() != parent_pid:  # the parent died before prctl: nobody would stop this child
@@ -158,7 +174,7 @@ def train_parallel(run, stage: str, todo: list[int], workers: int,
     its number of epochs).  Returns {k: fold summary}.  A failing fold stops the others (their
     folds have no done.json, so a rerun trains them again) and raises its error in the parent:
     a :class:`UserError` as itself, anything else as :class:`FoldWorkerError`."""
-    from semivit.progress import progress_bar
+    from semivit.progress import PlainProgress
 
     ctx = mp.get_context("fork")
     queue, running, results = list(todo), {}, {}
@@ -166,17 +182,20 @@ def train_parallel(run, stage: str, todo: list[int], workers: int,
          "train.fold_workers)")
     t0 = time.time()
     try:
-        with progress_bar() as bar:
+        # plain lines, never a live (rich) display: a fork must not copy a display's redirected
+        # stdout/stderr or a refresh thread's lock into the children
+        with PlainProgress(disable=bool(os.environ.get("SEMIVIT_QUIET"))) as bar:
             task = bar.add_task(f"{stage} folds", total=len(todo), status="")
             while queue or running:
                 while queue and len(running) < workers:
                     k = queue.pop(0)
+                    for stale in ("metrics.csv", "worker_error.txt"):  # an earlier, unfinished attempt's
+                        (run.stage_dir(stage, k) / stale).unlink(missing_ok=True)
                     train, epochs = launch(k)
                     sys.stdout.flush()
                     sys.stderr.flush()
                     parent_conn, child_conn = ctx.Pipe(duplex=False)
-                    p = ctx.Process(target=_child_main, args=(child_conn, train, os.getpid()), name=f"{stage}-fold{k}",
-                                    daemon=True)
+                    p = ctx.Process(target=_child_main, args=(child_conn, train, os.getpid()), name=f"{stage}-fold{k}")
                     p.start()
                     child_conn.close()
                     running[k] = _Child(k, p, parent_conn, max(1, int(epochs)), time.time())

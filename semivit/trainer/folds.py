@@ -15,7 +15,7 @@ from semivit.data import transforms
 from semivit.data.dataset import ArrayDataset
 from semivit.trainer import distributed
 from semivit.trainer.engine import UnlabeledPolicy, fit
-from semivit.trainer.fold_workers import train_parallel, worker_count
+from semivit.trainer.fold_workers import in_worker, train_parallel, worker_count
 from semivit.trainer.losses import DistillationLoss, build_loss
 from semivit.models.checkpoint import save_checkpoint
 from semivit.models.networks import build_model
@@ -131,7 +131,7 @@ def train_fold(run: Run, stage: str, k: int, extra: Optional[Extra] = None,
         ds = ArrayDataset(images, labels, weights, transforms.build(cfg.train.augment, cfg.model.img_size, seed=seed))
         val_inputs = run.images[va]
 
-    model = build_model(run.model_cfg, n_cls, pretrained=None if init_state is None else False)
+    model = build_model(run.model_cfg_for(cfg), n_cls, pretrained=None if init_state is None else False)
     if init_state is not None:
         model.load_state_dict(init_state)
     policy = make_policy(model) if make_policy is not None else None
@@ -152,7 +152,7 @@ def train_fold(run: Run, stage: str, k: int, extra: Optional[Extra] = None,
                "epochs_run": res.epochs_run, "steps": res.steps, "stopped_early": res.stopped_early,
                "val_acc": res.history[res.best_epoch - 1]["val_acc"], "seconds": round(res.seconds, 1),
                "train_samples": int(len(images)), "extra_samples": int(len(images) - len(tr)),
-               "val_samples": int(len(va)), "threads": res.threads, "labeled_share": share,
+               "val_samples": int(len(va)), "threads": res.threads, "fold_worker": in_worker(), "labeled_share": share,
                "labeled_draws": res.labeled_draws}
     if distributed.is_main():
         np.save(out / "val_probs.npy", res.val_probs)
@@ -182,7 +182,11 @@ def run_stage(run: Run, stage: str, plan: Optional[FoldPlan] = None) -> list[dic
         if plan.before_fold is not None:
             plan.before_fold(k)
         f = plan.setup(k)
-        prepare_extra(run, stage, k, f.extra, f.cfg)  # shared by the folds: computed once, here
+        # what the folds share, computed once here - with fold workers in the parent, before the
+        # fork (a child's own computation would be repeated in every child and lost with it)
+        if run.stem is not None and f.make_policy is None:
+            _ = run.labeled_views
+        prepare_extra(run, stage, k, f.extra, f.cfg)
 
         def train() -> dict:
             return train_fold(run, stage, k, extra=f.extra, init_state=f.init_state, make_policy=f.make_policy,

@@ -153,6 +153,11 @@ def pseudo_label_retrain(run):
         from semivit.config import retrain_train_config
 
         cfg = run.cfg.model_copy(update={"train": retrain_train_config(run.cfg)})  # pseudo.train on top
+    if run.cfg.pseudo.drop_path is not None:  # the students' own stochastic depth
+        base = cfg if cfg is not None else run.cfg
+        cfg = base.model_copy(update={"model": base.model.model_copy(update={"drop_path": run.cfg.pseudo.drop_path})})
+        info(f"stage 3: students with stochastic depth {run.cfg.pseudo.drop_path:g} "
+             f"(stage 1: {run.cfg.model.drop_path:g}; pseudo.drop_path)")
     warm = run.cfg.pseudo.init == "stage1"
     if warm:
         info("stage 3: each fold's student starts from stage-1 fold k's best model (pseudo.init: stage1)")

@@ -102,9 +102,16 @@ class Run:
         for the feature cache (:mod:`semivit.trainer.stem_cache`); else None."""
         if not self.cfg.train.cache_views:
             return None
+        import torch
+
         from semivit.models.networks import build_model, frozen_stem
 
-        stem = frozen_stem(build_model(self.model_cfg, len(self.classes)))
+        # Built without touching torch's global random generator: a fold's initial weights then
+        # depend on its seed alone, not on whether this process had built the stem before it
+        # (the first fold of a fresh or resumed process used to draw them after the stem's
+        # construction; since fold workers, the stem is always built before any fold starts).
+        with torch.random.fork_rng(devices=[]):
+            stem = frozen_stem(build_model(self.model_cfg, len(self.classes)))
         return stem.to(self.device).eval() if stem is not None else None
 
     def augmented_views(self, images: np.ndarray, seed: int, what: str) -> np.ndarray:
@@ -138,10 +145,15 @@ class Run:
     @property
     def model_cfg(self):
         """The model config, with stage 0's encoder as initial weights once it exists."""
+        return self.model_cfg_for(self.cfg)
+
+    def model_cfg_for(self, cfg):
+        """``cfg.model`` (a stage's own config: e.g. the students' ``pseudo.drop_path``) with stage
+        0's encoder as initial weights once it exists."""
         enc = self.dir / "pretrain" / "encoder.pt"
         if self.cfg.pretrain.method != "none" and enc.is_file():
-            return self.cfg.model.model_copy(update={"weights": enc})
-        return self.cfg.model
+            return cfg.model.model_copy(update={"weights": enc})
+        return cfg.model
 
     def rel(self, path: Path) -> str:
         try:
