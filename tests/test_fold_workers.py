@@ -115,38 +115,34 @@ def test_resume_trains_only_the_missing_folds(tiny_data_shared, tmp_path, monkey
     assert [s["fold"] for s in out] == [0, 1, 2]
 
 
-def test_a_user_error_in_a_fold_is_the_stage_error(tiny_data_shared, tmp_path, monkeypatch):
-    def hook(k):
-        if k == 1:
-            raise UserError("fold 1 cannot train: a scripted user error")
+def _fails_at(monkeypatch, tmp_path, data, fold: int, fail):
+    """A 3-fold stage-1 run whose fold ``fold`` calls ``fail()`` in its worker before training."""
+    _record_calls(monkeypatch, tmp_path / "calls.jsonl", lambda k: fail() if k == fold else None)
+    return _stage_run(tmp_path, data)
 
-    _record_calls(monkeypatch, tmp_path / "calls.jsonl", hook)
-    run = _stage_run(tmp_path, tiny_data_shared)
+
+def _raise(e: BaseException):
+    raise e
+
+
+def test_a_user_error_in_a_fold_is_the_stage_error(tiny_data_shared, tmp_path, monkeypatch):
+    run = _fails_at(monkeypatch, tmp_path, tiny_data_shared, 1,
+                    lambda: _raise(UserError("fold 1 cannot train: a scripted user error")))
     with pytest.raises(UserError, match="a scripted user error"):
         folds.run_stage(run, "stage1")
     assert not (run.dir / "stage1" / "fold1" / "done.json").exists()
 
 
 def test_a_crash_in_a_fold_names_the_fold_and_keeps_its_traceback(tiny_data_shared, tmp_path, monkeypatch):
-    def hook(k):
-        if k == 0:
-            raise ZeroDivisionError("scripted crash")
-
-    _record_calls(monkeypatch, tmp_path / "calls.jsonl", hook)
-    run = _stage_run(tmp_path, tiny_data_shared)
+    run = _fails_at(monkeypatch, tmp_path, tiny_data_shared, 0, lambda: _raise(ZeroDivisionError("scripted crash")))
     with pytest.raises(fw.FoldWorkerError, match=r"stage1 fold 1 failed: scripted crash") as e:
         folds.run_stage(run, "stage1")
     tb = (run.dir / "stage1" / "fold0" / "worker_error.txt").read_text()
-    assert "ZeroDivisionError" in tb and "hook" in tb and "ZeroDivisionError" in e.value.details
+    assert "ZeroDivisionError" in tb and "_raise" in tb and "ZeroDivisionError" in e.value.details
 
 
 def test_a_killed_worker_is_reported_with_its_signal(tiny_data_shared, tmp_path, monkeypatch):
-    def hook(k):
-        if k == 2:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    _record_calls(monkeypatch, tmp_path / "calls.jsonl", hook)
-    run = _stage_run(tmp_path, tiny_data_shared)
+    run = _fails_at(monkeypatch, tmp_path, tiny_data_shared, 2, lambda: os.kill(os.getpid(), signal.SIGKILL))
     with pytest.raises(fw.FoldWorkerError, match=r"stage1 fold 3: its worker process died \(killed by SIGKILL"):
         folds.run_stage(run, "stage1")
     assert not (run.dir / "stage1" / "fold2" / "done.json").exists()
