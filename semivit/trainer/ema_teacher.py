@@ -149,7 +149,9 @@ class EMATeacherPolicy(UnlabeledPolicy):
             warn("EMA-Teacher: no unlabeled images; stage 3 trains on the labeled data only")
             return None
         size = self.cfg.model.img_size
-        views = [transforms.build(self.scfg.weak_augment, size), transforms.build(self.scfg.strong_augment, size)]
+        # seeded: unseeded, albumentations draws from the OS and the run is not reproducible
+        views = [transforms.build(self.scfg.weak_augment, size, seed=self.seed + 1),
+                 transforms.build(self.scfg.strong_augment, size, seed=self.seed + 2)]
         ds = ArrayDataset(self.images, transform=views)
         bs = self.scfg.unlabeled_ratio * self.cfg.train.batch_size
         g = torch.Generator().manual_seed(self.seed)
