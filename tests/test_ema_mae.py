@@ -337,3 +337,15 @@ def test_hybrid_mae_then_ema_teacher_with_stem_cache(tiny_data, tmp_path, monkey
     ens = json.loads((run / "ensemble.json").read_text())
     assert sorted(m["stage"] for m in ens["members"]) == ["stage1", "stage1", "stage3", "stage3"]
     assert "stage3_ensemble" in json.loads((run / "heldout.json").read_text())
+
+
+def test_mae_pretrain_is_reproducible(tiny_data, tmp_path):
+    """The same seed, the same MAE encoder: its augmentation is seeded (per epoch, so a resumed run
+    draws what an uninterrupted one does) - unseeded, albumentations drew from the OS."""
+    encs = []
+    for name in ("a", "b"):
+        _train(str(tiny_data), "--preset", "tiny", "--set", "pretrain.method=mae", "--set", "pretrain.epochs=2",
+               "--stages", "pretrain", "--out", str(tmp_path / name))
+        encs.append(torch.load(tmp_path / name / "pretrain" / "encoder.pt", weights_only=True)["state_dict"])
+    assert encs[0].keys() == encs[1].keys()
+    assert all(torch.equal(encs[0][k], encs[1][k]) for k in encs[0])

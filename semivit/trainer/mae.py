@@ -226,7 +226,6 @@ def run_mae(run) -> Path:
     info(f"pretrain: MAE on {len(images)} images ({len(run.images)} labeled + {len(images) - len(run.images)} "
          f"unlabeled), {mae.num_patches} patches of {mae.patch}px, mask ratio {pcfg.mask_ratio}"
          + (", CNN stem frozen" if frozen else ""))
-    ds = ArrayDataset(images, transform=transforms.build("weak", cfg.model.img_size))
     pre = Preprocess(*normalization(cfg.model)).to(device)
     with progress_bar() as bar:
         task = bar.add_task("pretrain (MAE)", total=total, completed=start * steps, status="")
@@ -236,6 +235,8 @@ def run_mae(run) -> Path:
             if frozen:
                 mae.encoder.patch_embed.backbone.eval()
             g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)  # per epoch: resume-reproducible
+            # the augmentation seeded per epoch too (unseeded, albumentations draws from the OS)
+            ds = ArrayDataset(images, transform=transforms.build("weak", cfg.model.img_size, seed=cfg.seed * 1000 + 900 + epoch))
             loader = DataLoader(ds, batch_size=bs, shuffle=True, drop_last=True, generator=g,
                                 num_workers=cfg.train.num_workers)
             total_loss = 0.0
