@@ -43,6 +43,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import wait
+from pathlib import Path
 from typing import Callable, Optional
 
 from semivit.errors import UserError
@@ -70,8 +71,8 @@ def worker_count(cfg, device, n_todo: int, environ=None) -> int:
         return 1
     if not sys.platform.startswith("linux"):  # forked children: safe on Linux only (macOS: not with torch)
         return 1
-    if asked != "auto":
-        return max(1, min(int(asked), n_todo))
+    if asked != "auto":  # validated: a whole number >= 1
+        return min(asked, n_todo)
     if fixed_threads(env) is not None:  # the user fixed one process's threads: keep that meaning
         return 1
     try:
@@ -87,7 +88,7 @@ class _Child:
     process: object
     conn: object
     epochs: int
-    started: float
+    metrics: Path  # the fold's metrics.csv: its finished epochs, for the progress line
 
 
 _IN_WORKER = False
@@ -198,7 +199,7 @@ def train_parallel(run, stage: str, todo: list[int], workers: int,
                     p = ctx.Process(target=_child_main, args=(child_conn, train, os.getpid()), name=f"{stage}-fold{k}")
                     p.start()
                     child_conn.close()
-                    running[k] = _Child(k, p, parent_conn, max(1, int(epochs)), time.time())
+                    running[k] = _Child(k, p, parent_conn, max(1, int(epochs)), run.stage_dir(stage, k) / "metrics.csv")
                 ready = wait([c.conn for c in running.values()], timeout=1.0)
                 for c in [c for c in running.values() if c.conn in ready]:
                     del running[c.k]
@@ -214,12 +215,10 @@ def train_parallel(run, stage: str, todo: list[int], workers: int,
                     results[c.k] = s
                     info(f"{stage} fold {c.k + 1}: val macro F1 {s['val_macro_f1']:.3f} at epoch "
                          f"{s['best_epoch']} ({s['seconds']:.0f}s, one thread)")
-                partial = sum(min(1.0, _epochs_done(run.stage_dir(stage, c.k) / "metrics.csv") / c.epochs)
-                              for c in running.values())
-                bar.update(task, completed=len(results) + partial,
-                           status="  ".join(f"fold {c.k + 1}: epoch "
-                                            f"{_epochs_done(run.stage_dir(stage, c.k) / 'metrics.csv')}/{c.epochs}"
-                                            for c in sorted(running.values(), key=lambda c: c.k)))
+                now = sorted(running.values(), key=lambda c: c.k)
+                epochs_done = [_epochs_done(c.metrics) for c in now]  # each file read once per poll
+                bar.update(task, completed=len(results) + sum(min(1.0, e / c.epochs) for c, e in zip(now, epochs_done)),
+                           status="  ".join(f"fold {c.k + 1}: epoch {e}/{c.epochs}" for c, e in zip(now, epochs_done)))
     finally:
         for c in running.values():  # an error or Ctrl-C: stop the folds still training
             if c.process.is_alive():
