@@ -46,6 +46,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import shutil
 import subprocess
@@ -401,6 +402,18 @@ def run_lite0(work: Path, tag: str, runs: Path, data: Path, preset: str, seed: i
             f"f{size}_ens": sc.score(ms, sum(steps)) | {"lr": lr, "epochs": epochs}}
 
 
+LITE0_REF = re.compile(r"\{F(\d+)\}")  # {F192} in a candidate's value: this seed's 5-fold (f) run at 192 px
+
+
+def lite0_refs(candidates) -> list[int]:
+    """The (f) resolutions that candidates' overrides name as {F<size>}."""
+    return sorted({int(m) for _, ov in candidates for o in ov for m in LITE0_REF.findall(o)})
+
+
+def expand_lite0(override: str, runs: Path) -> str:
+    return LITE0_REF.sub(lambda m: str(runs / f"F{m.group(1)}"), override)
+
+
 # ----------------------------------------------------------------------------- one (dataset, fraction, seed)
 def prepare(args, fraction: float, seed: int) -> Path:
     if args.dataset == "elpv":
@@ -438,9 +451,19 @@ def bench_one(args, fraction: float, seed: int) -> dict:
 
     s1 = stage_steps(A, "stage1")
     score("a", members(A, ["stage1"]), sum(s1), seconds=seconds(A, ["supervised"]))
+    # (f) first: a candidate may name its 5-fold Lite0 run as a co-teacher ({F192} in a value,
+    # e.g. pseudo.extra_teachers=[{F192}]), so that run is trained (and scored) before it
+    sizes = [sz for sz in args.lite0_sizes if sz == args.lite0_sizes[0] or seed in args.lite0_extra_seeds] \
+        if "f" in args.arms else []
+    sizes += sorted(set(lite0_refs(args.candidates)) - set(sizes))
+    for size in sizes:
+        for split, sc in scorers.items():
+            res[split] |= run_lite0(work, tag, runs, data, preset, seed, size, sets, A / "folds.json", sc)
     stage3_steps: dict[str, list[int]] = {}
     one_round: dict[tuple[str, ...], Path] = {}  # a one-round candidate's overrides -> its run
     for name, overrides in args.candidates:
+        refs = lite0_refs([(name, overrides)])
+        shown, overrides = overrides, [expand_lite0(o, runs) for o in overrides]
         # a candidate that changes stage 0 (pretrain.*) trains its own stage 0 and stage 1 on A's
         # folds (its stage-1 ensemble is scored too: cand_NAME_s1, against (a)); the others share
         # A's stage 1 and differ only in stages 2-3
@@ -460,19 +483,16 @@ def bench_one(args, fraction: float, seed: int) -> dict:
         c1 = stage_steps(C, "stage1") if own_s1 else s1
         if own_s1:
             score(f"cand_{name}{S1_SUFFIX}", members(C, ["stage1"]), sum(c1), seconds=seconds(C, ["pretrain", "supervised"]))
-        score(f"cand_{name}", members(C, ["stage1", "stage3"]), sum(c1) + sum(cs),
+        teach = {f"F{sz}": sum(stage_steps(runs / f"F{sz}", "stage1")) for sz in refs}  # co-teachers' steps
+        score(f"cand_{name}", members(C, ["stage1", "stage3"]), sum(c1) + sum(cs) + sum(teach.values()),
               seconds=(seconds(C) if own_s1 else seconds(A, ["supervised"]) + seconds(C))
-              + (seconds(first, ["pseudo", "retrain"]) if first else 0.0))
-        res["runs"][f"cand_{name}"] = {"overrides": overrides, "pseudo_labels": pseudo_summary(C),
+              + (seconds(first, ["pseudo", "retrain"]) if first else 0.0)
+              + sum(seconds(runs / f"F{sz}", ["supervised"]) for sz in refs))
+        res["runs"][f"cand_{name}"] = {"overrides": shown, "pseudo_labels": pseudo_summary(C),
                                        "stage3_steps": cs} | ({"stage1_steps": c1, "own_stage1": True} if own_s1 else {}) \
+            | ({"co_teacher_steps": teach} if teach else {}) \
             | ({"rounds": rounds, "round1_from": first.name if first else None, "pseudo_labels_last_round":
                 pseudo_summary(C, round_dirs(rounds, rounds)[0])} if rounds > 1 else {})
-    if "f" in args.arms:
-        for size in args.lite0_sizes:
-            if size != args.lite0_sizes[0] and seed not in args.lite0_extra_seeds:
-                continue
-            for split, sc in scorers.items():
-                res[split] |= run_lite0(work, tag, runs, data, preset, seed, size, sets, A / "folds.json", sc)
     if "g" in args.arms and stage3_steps:
         # as many models, and per fold at least as many optimiser steps (and epochs) as (b)'s
         # stage-3 folds (--control-matches; default: the most expensive candidate's)

@@ -205,6 +205,16 @@ class PseudoConfig(_Section):
     # RUN/stage3 (the ensemble: stage 1 + them, still 10 models); earlier rounds stay in
     # RUN/stage3_round<r> for the record.  Each round costs one more stage 3.
     rounds: int = Field(1, ge=1, le=10)
+    # co-teachers: other finished runs on the same classes (e.g. an EfficientNet-Lite0 fine-tuned
+    # end to end: ``ssl train --set model.name=tf_efficientnet_lite0 ... --stages supervised``)
+    # whose stage-1 models join the teacher ensemble that labels the unlabeled pool in stage 2,
+    # each on the pool decoded at its own resolution and normalised its own way; every teacher
+    # member is weighted by its validation macro F1 among all of them (ensemble.weighting).  A
+    # teacher of another architecture makes other mistakes than the ViTs it teaches.  They teach
+    # only: the deployed ensemble stays stage 1 + stage 3.  Paths absolute or relative to the
+    # working directory; needs ssl.method: pseudo-label with pseudo.teacher: ensemble and
+    # pseudo.targets: image.
+    extra_teachers: list[str] = Field(default_factory=list)
     # stage 3 (``ssl.method: pseudo-label``) trains with ``train.*`` overridden by these keys,
     # e.g. {epochs: 15, restart_epochs: 15, patience: 5} when stage 1 trains longer than the
     # retraining on labels + pseudo-labels needs (empty: stage 1's ``train.*`` as it is)

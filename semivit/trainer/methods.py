@@ -98,6 +98,36 @@ def check_view_targets(cfg, cached: Callable[[], bool]) -> None:
         raise UserError(f"pseudo.targets=view needs {why}")
 
 
+def check_extra_teachers(cfg, classes: list[str], run_dir) -> list:
+    """``pseudo.extra_teachers``: each a finished run (stage-1 models, ensemble.json) on the same
+    ``classes``, not this run, used by the pseudo-label strategy's ensemble teacher; checked when
+    a run starts, before anything trains.  Returns the runs' resolved paths."""
+    import json
+    from pathlib import Path
+
+    teachers = cfg.pseudo.extra_teachers
+    if not teachers:
+        return []
+    why = ("ssl.method: pseudo-label" if cfg.ssl.method != "pseudo-label" else
+           "pseudo.teacher: ensemble" if cfg.pseudo.teacher != "ensemble" else
+           "pseudo.targets: image" if cfg.pseudo.targets != "image" else None)
+    if why:
+        raise UserError(f"pseudo.extra_teachers needs {why}")
+    out = []
+    for t in teachers:
+        path = Path(t).expanduser().resolve()
+        if run_dir is not None and path == Path(run_dir).resolve():
+            raise UserError(f"pseudo.extra_teachers: {t} is this run itself")
+        if not any(path.glob("stage1/fold*/done.json")) or not (path / "ensemble.json").is_file():
+            raise UserError(f"pseudo.extra_teachers: {t} has no finished stage-1 models "
+                            f"(train it first: ssl train ... --out {t} --stages supervised)")
+        theirs = json.loads((path / "ensemble.json").read_text()).get("classes")
+        if theirs != list(classes):
+            raise UserError(f"pseudo.extra_teachers: {t} has classes {theirs}, this run {list(classes)}")
+        out.append(path)
+    return out
+
+
 def retrain_names() -> list[str]:
     return list(_RETRAIN)
 

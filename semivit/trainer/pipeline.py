@@ -177,10 +177,12 @@ def _run_training(data: Optional[Path], out: Optional[Path], cfg, chosen: list[s
     run = dist.main_first(lambda: open_run(out, cfg, data, distributed=record))
     if not d.is_main:
         run = open_run(out, cfg, data, create=False)
-    if "retrain" in chosen:
-        from semivit.trainer.methods import check_view_targets
+    if "pseudo" in chosen or "retrain" in chosen:  # a wrong combination fails before stage 1 trains
+        from semivit.trainer.methods import check_extra_teachers, check_view_targets
 
-        check_view_targets(cfg, lambda: run.stem is not None)  # a wrong combination fails before stage 1 trains
+        check_extra_teachers(cfg, run.classes, run.dir)
+        if "retrain" in chosen:
+            check_view_targets(cfg, lambda: run.stem is not None)
     seed_everything(cfg.seed)
     t_all = time.time()
     info(f"run {run.dir}: {len(run.labeled)} labeled images in {len(run.classes)} classes "

@@ -13,6 +13,7 @@ from typing import Optional
 
 import numpy as np
 
+from semivit.errors import UserError
 from semivit.pseudo.rules import describe
 from semivit.pseudo.select import Clusters, PseudoLabels, label_pool
 from semivit.utils import atomic_write_json, info, warn
@@ -84,6 +85,9 @@ def run_pseudo(run, teacher: tuple[str, ...] = ("stage1",), out: str = "pseudo")
     inputs = run.stem_features(images, tta=pcfg.tta, what="unlabeled pool")
     probs, embs = ensemble_predict(run.dir, inputs, stages=list(teacher), tta=pcfg.tta, device=run.device,
                                    with_embeddings=True, weighting=cfg.ensemble.weighting)
+    if pcfg.extra_teachers:
+        probs, stats["teachers"] = with_extra_teachers(run, paths, images, probs, teacher)
+        who += " + " + " + ".join(f"{Path(t['run']).name} ({t['members']} members)" for t in stats["teachers"][1:])
     oof = run.dir / "stage1" / "oof_probs.npy"
     raw_mean = probs.mean(0)
     pool = label_pool(probs, embs, pcfg, cfg.seed, calibration=lambda: (np.load(oof), run.labeled.labels))
@@ -135,6 +139,47 @@ def run_pseudo(run, teacher: tuple[str, ...] = ("stage1",), out: str = "pseudo")
     atomic_write_json(out / "stats.json", stats)
     info(summary_line(stats, pcfg, who))
     return stats
+
+
+def with_extra_teachers(run, paths: list, images: np.ndarray, probs: np.ndarray,
+                        teacher: tuple[str, ...]) -> tuple[np.ndarray, list[dict]]:
+    """``pseudo.extra_teachers``: the pool's probabilities from the ``teacher`` stages of this
+    run (``probs``, already computed) mixed with those of every other run's stage-1 models, each
+    run on the pool decoded at its own size (its models normalise as their weights expect).
+    Every member of every teacher keeps the weight it would have in one ensemble of them all
+    (ensemble.weighting over their validation macro F1), so a run's share is its members' sum."""
+    from semivit.models.ensemble import ensemble_weights, members_from_stages, read_ensemble
+    from semivit.trainer.infer import ensemble_predict
+    from semivit.trainer.methods import check_extra_teachers
+    from semivit.trainer.run import decode_with_progress
+
+    cfg = run.cfg
+    groups = [(run.dir, list(teacher))] + [(p, ["stage1"]) for p in check_extra_teachers(cfg, run.classes, run.dir)]
+    f1s = [[m["val_macro_f1"] for m in members_from_stages(d, st)] for d, st in groups]
+    w = ensemble_weights([f for g in f1s for f in g], cfg.ensemble.weighting)
+    shares = np.split(w, np.cumsum([len(g) for g in f1s])[:-1])
+    mixed = probs * float(shares[0].sum())
+    rows = [{"run": str(run.dir), "stages": list(teacher), "members": len(f1s[0]),
+             "share": round(float(shares[0].sum()), 4), "img_size": cfg.model.img_size}]
+    for (d, st), share, g in zip(groups[1:], shares[1:], f1s[1:]):
+        size = int(read_ensemble(d)["img_size"])
+        if size == cfg.model.img_size:
+            theirs = images
+        else:
+            dec = decode_with_progress(paths, size, f"unlabeled images at {size} px for {d.name}",
+                                       cfg.data.decode_workers)
+            if len(dec.ok) != len(paths):
+                raise UserError(f"pseudo.extra_teachers: {len(paths) - len(dec.ok)} unlabeled images "
+                                f"no longer decode at {size} px")
+            theirs = dec.images
+        p = ensemble_predict(d, theirs, stages=st, tta=cfg.pseudo.tta, device=run.device,
+                             weighting=cfg.ensemble.weighting)
+        mixed = mixed + p * float(share.sum())
+        rows.append({"run": str(d), "stages": st, "members": len(g), "share": round(float(share.sum()), 4),
+                     "img_size": size})
+    info("teacher ensemble: " + ", ".join(f"{Path(r['run']).name} {r['members']} members (share {r['share']:.3f}, "
+                                          f"{r['img_size']} px)" for r in rows))
+    return mixed.astype(np.float32), rows
 
 
 def summary_line(stats: dict, pcfg, who: str = "the stage-1 ensemble") -> str:
