@@ -61,7 +61,7 @@ sys.path.insert(0, str(ROOT))
 
 from semivit import config as cfgmod  # noqa: E402
 from semivit.data.dataset import decode_many  # noqa: E402
-from semivit.data.demo import CLASS_NAMES, write_demo  # noqa: E402
+from semivit.data.demo import write_demo  # noqa: E402
 from semivit.data.layout import load_eval  # noqa: E402
 from semivit.evaluate import classification_metrics  # noqa: E402
 from semivit.models.ensemble import ensemble_weights, members_from_stages  # noqa: E402
@@ -90,6 +90,8 @@ ARM_LABELS = {
     "f128_ens": "(f) EfficientNet-Lite0 fine-tuned, 128 px, 5-fold ensemble",
     "f192_single": "(f) EfficientNet-Lite0 fine-tuned, 192 px, single model",
     "f192_ens": "(f) EfficientNet-Lite0 fine-tuned, 192 px, 5-fold ensemble",
+    "af192_ens": "(a)+(f): the stage-1 ViTs and the 192-px Lite0 5-fold ensemble (10 models, no unlabeled images)",
+    "af128_ens": "(a)+(f): the stage-1 ViTs and the 128-px Lite0 5-fold ensemble (10 models, no unlabeled images)",
     "e": "(e) all labels, stage-1 ensemble (upper bound)",
 }
 
@@ -459,6 +461,10 @@ def bench_one(args, fraction: float, seed: int) -> dict:
     for size in sizes:
         for split, sc in scorers.items():
             res[split] |= run_lite0(work, tag, runs, data, preset, seed, size, sets, A / "folds.json", sc)
+        # the two supervised ensembles together: what a co-teacher candidate's teacher is, with
+        # the labels alone - the comparator that tells its students' gain from the ensembling's
+        score(f"af{size}_ens", members(A, ["stage1"]) + members(runs / f"F{size}", ["stage1"]),
+              sum(s1) + sum(stage_steps(runs / f"F{size}", "stage1")))
     stage3_steps: dict[str, list[int]] = {}
     one_round: dict[tuple[str, ...], Path] = {}  # a one-round candidate's overrides -> its run
     for name, overrides in args.candidates:
@@ -742,7 +748,7 @@ def write_outputs(doc: dict, stem: Path) -> None:
         pls = [(sd, p) for sd, p in pls if p.get("count_by_class")]
         if pls:
             cls = list(pls[0][1]["count_by_class"])
-            lines += ["", f"Pseudo-labels of (b) per class (count / precision against the held-back truth of the unlabeled pool):", "",
+            lines += ["", "Pseudo-labels of (b) per class (count / precision against the held-back truth of the unlabeled pool):", "",
                       "| seed | " + " | ".join(cls) + " | all |", "|---|" + "---|" * (len(cls) + 1)]
             for sd, p in pls:
                 cells = [f"{p['count_by_class'].get(c, 0)} / {p['precision_by_class'].get(c, 0):.2f}" for c in cls]
