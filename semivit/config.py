@@ -422,6 +422,20 @@ PRESETS: dict[str, dict[str, Any]] = {
 DEFAULT_PRESET = "quick"
 
 
+def _lite0_preset() -> dict[str, Any]:
+    """``lite0``: the competent CNN baseline of benchmarks/label_efficiency.py, arm (f): the
+    quick preset with ImageNet EfficientNet-Lite0 fine-tuned end to end instead of the hybrid
+    ViT - 192 px, the [-1, 1] input normalisation its TF-ported weights expect, one learning rate
+    for the whole network (1e-3) and 40 epochs, both chosen on validation folds of the labeled
+    pool (ELPV, 10% labels; benchmarks/results/label_efficiency_f_lite0.json, lite0_lr).  Train
+    it with ``--stages supervised`` as a co-teacher (pseudo.extra_teachers) or as a baseline."""
+    return _deep_merge(PRESETS["quick"], {
+        "model": {"name": "tf_efficientnet_lite0", "kwargs": {}, "pretrained": True, "img_size": 192,
+                  "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
+        "train": {"cache_views": 0, "lr": 1e-3, "backbone_lr_mult": 1.0, "epochs": 40, "restart_epochs": 40,
+                  "early_stopping": False, "warmup_epochs": 1, "augment": "light", "batch_size": 32}})
+
+
 def _deep_merge(base: dict, over: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in over.items():
@@ -441,6 +455,9 @@ def _format_error(err: ValidationError, source: str) -> str:
     given = first.get("input")
     shown = "" if isinstance(given, (dict, list)) else f" (got {given!r})"
     return f"bad value for '{key}': {msg}{shown} ({source})"
+
+
+PRESETS["lite0"] = _lite0_preset()
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

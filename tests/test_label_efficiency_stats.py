@@ -375,3 +375,24 @@ def test_upper_gap_pairs_each_seed_with_its_own_upper_bound(tmp_path, le):
     # mean gain 0.035 over mean gap 0.14
     assert out["summary"]["gap_closed_of_means"] == pytest.approx(0.25)
     assert "NOT reached" in (tmp_path / "out.md").read_text()
+
+
+def test_lite0_preset_is_the_measured_f_baseline(le):
+    """``--preset lite0`` is exactly arm (f) at 192 px with the learning rate and epochs chosen on
+    validation in the committed (f) study (label_efficiency_f_lite0.json), the quick preset beneath."""
+    from semivit import config
+
+    chosen = json.loads((ROOT / "benchmarks" / "results" / "label_efficiency_f_lite0.json").read_text())["lite0_lr"]
+    f192 = chosen["elpv-f0.1-r192"]
+    want = config.resolve(preset="quick", overrides=le.lite0_sets(192, f192["lr"], [], f192["epochs"]))
+    got = config.resolve(preset="lite0")
+    assert got.model_dump(exclude={"preset"}) == want.model_dump(exclude={"preset"})
+    assert got.model.name == "tf_efficientnet_lite0" and got.model.img_size == 192
+
+
+def test_candidates_name_their_lite0_co_teacher(le, tmp_path):
+    """{F192} in a candidate's value is that seed's 5-fold (f) run at 192 px, trained before it."""
+    cands = [("cnn", ["pseudo.extra_teachers=[{F192}]"]), ("both", ["x=[{F128},{F192}]"]), ("plain", ["pseudo.soft=true"])]
+    assert le.lite0_refs(cands) == [128, 192]
+    assert le.lite0_refs(cands[2:]) == []
+    assert le.expand_lite0("pseudo.extra_teachers=[{F192}]", tmp_path) == f"pseudo.extra_teachers=[{tmp_path / 'F192'}]"
