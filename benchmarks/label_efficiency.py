@@ -64,8 +64,9 @@ from semivit.data.dataset import decode_many  # noqa: E402
 from semivit.data.demo import write_demo  # noqa: E402
 from semivit.data.layout import load_eval  # noqa: E402
 from semivit.evaluate import classification_metrics  # noqa: E402
-from semivit.models.ensemble import ensemble_weights, members_from_stages  # noqa: E402
+from semivit.models.ensemble import ensemble_weights, members_from_stages, write_ensemble  # noqa: E402
 from semivit.models.checkpoint import load_checkpoint  # noqa: E402
+from semivit.models.networks import normalization  # noqa: E402
 from semivit.trainer.infer import predict_arrays  # noqa: E402
 from semivit.trainer.methods import round_dirs  # noqa: E402
 from semivit.trainer.pipeline import run_training  # noqa: E402
@@ -398,6 +399,9 @@ def run_lite0(work: Path, tag: str, runs: Path, data: Path, preset: str, seed: i
     run = open_run(F, cfg, data)
     run_stage(run, "stage1")
     ms = members(F, ["stage1"])
+    # RUN/ensemble.json as `ssl train --stages supervised` leaves it: a co-teacher run needs it
+    write_ensemble(F, [m for _, m in ms], run.classes, cfg.model.img_size, cfg.ensemble.weighting,
+                   norm=normalization(cfg.model))
     steps = stage_steps(F, "stage1")
     fold0 = [p for p in ms if p[1].get("fold") == 0] or ms[:1]
     return {f"f{size}_single": sc.score(fold0, steps[0]) | {"lr": lr, "epochs": epochs},
