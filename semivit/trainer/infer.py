@@ -77,10 +77,11 @@ def predict_arrays(model: nn.Module, images: np.ndarray, batch_size: int = 64,
 @torch.no_grad()
 def ensemble_predict(run_dir: Path, images: np.ndarray, stages: Optional[Sequence[str]] = None,
                      tta: bool = True, batch_size: int = 64, device=None,
-                     with_embeddings: bool = False, weighting: str = "f1"):
+                     with_embeddings: bool = False, weighting: str = "f1", progress=None):
     """Weighted-ensemble probabilities of the members of ``stages`` (default: ensemble.json).
 
-    With ``with_embeddings`` also returns each member's penultimate embeddings (list of arrays).
+    With ``with_embeddings`` also returns each member's penultimate embeddings (list of arrays);
+    ``progress(done, total)`` is called after each member.
     """
     if stages is None:
         entries = read_ensemble(run_dir)["members"]
@@ -91,7 +92,7 @@ def ensemble_predict(run_dir: Path, images: np.ndarray, stages: Optional[Sequenc
             raise UserError(f"{run_dir} has no trained members in {', '.join(stages)}")
         weights = list(ensemble_weights([m["val_macro_f1"] for m in entries], weighting))
     probs, embs = None, []
-    for m, w in zip(entries, weights):
+    for i, (m, w) in enumerate(zip(entries, weights)):
         model, _ = load_checkpoint(Path(run_dir) / m["path"])
         if device is not None:
             model.to(device)
@@ -101,4 +102,6 @@ def ensemble_predict(run_dir: Path, images: np.ndarray, stages: Optional[Sequenc
         if with_embeddings:
             embs.append(out[1])
         probs = p * w if probs is None else probs + p * w
+        if progress is not None:
+            progress(i + 1, len(entries))
     return (probs, embs) if with_embeddings else probs

@@ -149,6 +149,7 @@ def with_extra_teachers(run, paths: list, images: np.ndarray, probs: np.ndarray,
     Every member of every teacher keeps the weight it would have in one ensemble of them all
     (ensemble.weighting over their validation macro F1), so a run's share is its members' sum."""
     from semivit.models.ensemble import ensemble_weights, members_from_stages, read_ensemble
+    from semivit.progress import progress_bar
     from semivit.trainer.infer import ensemble_predict
     from semivit.trainer.methods import check_extra_teachers
     from semivit.trainer.run import decode_with_progress
@@ -172,8 +173,11 @@ def with_extra_teachers(run, paths: list, images: np.ndarray, probs: np.ndarray,
                 raise UserError(f"pseudo.extra_teachers: {len(paths) - len(dec.ok)} unlabeled images "
                                 f"no longer decode at {size} px")
             theirs = dec.images
-        p = ensemble_predict(d, theirs, stages=st, tta=cfg.pseudo.tta, device=run.device,
-                             weighting=cfg.ensemble.weighting)
+        with progress_bar(transient=True) as bar:  # full models on pixels: minutes on a CPU
+            task = bar.add_task(f"co-teacher {d.name} on the unlabeled pool", total=len(g), status="", unit="members")
+            p = ensemble_predict(d, theirs, stages=st, tta=cfg.pseudo.tta, device=run.device,
+                                 weighting=cfg.ensemble.weighting,
+                                 progress=lambda done, _n: bar.update(task, completed=done))
         mixed = mixed + p * float(share.sum())
         rows.append({"run": str(d), "stages": st, "members": len(g), "share": round(float(share.sum()), 4),
                      "img_size": size})
