@@ -266,6 +266,12 @@ def seconds(run_dir: Path, stages=None) -> float:
     return round(sum(v for k, v in t.items() if k != "report" and (stages is None or k in stages)), 1)
 
 
+def fold_seconds(run_dir: Path, stage: str) -> float:
+    """The training seconds a stage's folds recorded (done.json): for runs trained fold by fold,
+    outside run_training's timings.yaml ((f), a co-teacher)."""
+    return round(sum(float(read_json(p).get("seconds", 0)) for p in (run_dir / stage).glob("fold*/done.json")), 1)
+
+
 def cfg_for(preset: str, seed: int, sets: list[str]) -> cfgmod.Config:
     return cfgmod.resolve(preset=preset, overrides=sets, seed=seed)
 
@@ -497,7 +503,7 @@ def bench_one(args, fraction: float, seed: int) -> dict:
         score(f"cand_{name}", members(C, ["stage1", "stage3"]), sum(c1) + sum(cs) + sum(teach.values()),
               seconds=(seconds(C) if own_s1 else seconds(A, ["supervised"]) + seconds(C))
               + (seconds(first, ["pseudo", "retrain"]) if first else 0.0)
-              + sum(seconds(runs / f"F{sz}", ["supervised"]) for sz in refs))
+              + sum(fold_seconds(runs / f"F{sz}", "stage1") for sz in refs))
         res["runs"][f"cand_{name}"] = {"overrides": shown, "pseudo_labels": pseudo_summary(C),
                                        "stage3_steps": cs} | ({"stage1_steps": c1, "own_stage1": True} if own_s1 else {}) \
             | ({"co_teacher_steps": teach} if teach else {}) \
