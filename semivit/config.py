@@ -206,7 +206,7 @@ class PseudoConfig(_Section):
     # RUN/stage3_round<r> for the record.  Each round costs one more stage 3.
     rounds: int = Field(1, ge=1, le=10)
     # co-teachers: other finished runs on the same classes (e.g. an EfficientNet-Lite0 fine-tuned
-    # end to end: ``ssl train --set model.name=tf_efficientnet_lite0 ... --stages supervised``)
+    # end to end: ``ssl train DATA --preset lite0 --stages supervised --out RUN_CNN``)
     # whose stage-1 models join the teacher ensemble that labels the unlabeled pool in stage 2,
     # each on the pool decoded at its own resolution and normalised its own way; every teacher
     # member is weighted by its validation macro F1 among all of them (ensemble.weighting).  A
