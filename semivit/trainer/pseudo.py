@@ -159,6 +159,8 @@ def with_extra_teachers(run, paths: list, images: np.ndarray, probs: np.ndarray,
     f1s = [[m["val_macro_f1"] for m in members_from_stages(d, st)] for d, st in groups]
     w = ensemble_weights([f for g in f1s for f in g], cfg.ensemble.weighting)
     shares = np.split(w, np.cumsum([len(g) for g in f1s])[:-1])
+    # a group's ensemble (weights normalised within it) x its share = its members at their pooled
+    # weights, because both weightings (f1, equal) are proportional to a per-member score
     mixed = probs * float(shares[0].sum())
     rows = [{"run": str(run.dir), "stages": list(teacher), "members": len(f1s[0]),
              "share": round(float(shares[0].sum()), 4), "img_size": cfg.model.img_size}]
