@@ -215,6 +215,17 @@ class PseudoConfig(_Section):
     # working directory; needs ssl.method: pseudo-label with pseudo.teacher: ensemble and
     # pseudo.targets: image.
     extra_teachers: list[str] = Field(default_factory=list)
+    # label spreading (semivit.pseudo.propagate): "spread" lets the labels flow from the labeled
+    # images through a k-nearest-neighbour graph of the stage-1 members' embeddings of labeled +
+    # unlabeled images (scikit-learn's LabelSpreading, `propagate_neighbors`, `propagate_alpha`),
+    # and mixes the result with the teacher's probabilities (`propagate_mix`: the teacher's share)
+    # before the rule, the cluster cores and the soft targets read them.  Stage 2 only: needs
+    # ssl.method: pseudo-label, pseudo.teacher: ensemble, pseudo.targets: image; a refresh's inbox
+    # images are labeled by the ensemble alone.  "none": the teacher's probabilities as they are.
+    propagate: Literal["none", "spread"] = "none"
+    propagate_neighbors: int = Field(15, ge=1)
+    propagate_alpha: float = Field(0.5, gt=0, lt=1)
+    propagate_mix: float = Field(0.5, ge=0, le=1)
     # stage 3 (``ssl.method: pseudo-label``) trains with ``train.*`` overridden by these keys,
     # e.g. {epochs: 15, restart_epochs: 15, patience: 5} when stage 1 trains longer than the
     # retraining on labels + pseudo-labels needs (empty: stage 1's ``train.*`` as it is)

@@ -98,6 +98,19 @@ def check_view_targets(cfg, cached: Callable[[], bool]) -> None:
         raise UserError(f"pseudo.targets=view needs {why}")
 
 
+def check_propagate(cfg) -> None:
+    """``pseudo.propagate: spread`` changes stage 2's probabilities of the pool: it needs the
+    pseudo-label strategy reading them as they are written (the ensemble's, one target per image);
+    checked when a run starts, before anything trains."""
+    if cfg.pseudo.propagate == "none":
+        return
+    why = ("ssl.method: pseudo-label" if cfg.ssl.method != "pseudo-label" else
+           "pseudo.teacher: ensemble" if cfg.pseudo.teacher != "ensemble" else
+           "pseudo.targets: image" if cfg.pseudo.targets != "image" else None)
+    if why:
+        raise UserError(f"pseudo.propagate={cfg.pseudo.propagate} needs {why}")
+
+
 def check_extra_teachers(cfg, classes: list[str], run_dir) -> list:
     """``pseudo.extra_teachers``: each a finished run (stage-1 models, ensemble.json) on the same
     ``classes``, not this run, used by the pseudo-label strategy's ensemble teacher; checked when

@@ -178,9 +178,10 @@ def _run_training(data: Optional[Path], out: Optional[Path], cfg, chosen: list[s
     if not d.is_main:
         run = open_run(out, cfg, data, create=False)
     if "pseudo" in chosen or "retrain" in chosen:  # a wrong combination fails before stage 1 trains
-        from semivit.trainer.methods import check_extra_teachers, check_view_targets
+        from semivit.trainer.methods import check_extra_teachers, check_propagate, check_view_targets
 
         check_extra_teachers(cfg, run.classes, run.dir)
+        check_propagate(cfg)
         if "retrain" in chosen:
             check_view_targets(cfg, lambda: run.stem is not None)
     seed_everything(cfg.seed)

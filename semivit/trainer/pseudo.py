@@ -88,6 +88,9 @@ def run_pseudo(run, teacher: tuple[str, ...] = ("stage1",), out: str = "pseudo")
     if pcfg.extra_teachers:
         probs, stats["teachers"] = with_extra_teachers(run, paths, images, probs, teacher)
         who += " + " + " + ".join(f"{Path(t['run']).name} ({t['members']} members)" for t in stats["teachers"][1:])
+    if pcfg.propagate != "none":
+        probs, stats["propagate"] = with_propagation(run, probs, embs, teacher)
+        who += " mixed with label spreading"
     oof = run.dir / "stage1" / "oof_probs.npy"
     raw_mean = probs.mean(0)
     pool = label_pool(probs, embs, pcfg, cfg.seed, calibration=lambda: (np.load(oof), run.labeled.labels))
@@ -133,9 +136,14 @@ def run_pseudo(run, teacher: tuple[str, ...] = ("stage1",), out: str = "pseudo")
         scored = [t for t in true if t is not None]
         if scored:
             stats["truth"]["pool_accuracy"] = round(float(np.mean([pred[i] == t for i, t in enumerate(true) if t is not None])), 4)
+            if "propagate" in stats:  # the teacher's own arg-max, before label spreading
+                tp = stats["propagate"]["teacher_pred"]
+                stats["truth"]["teacher_pool_accuracy"] = round(float(np.mean(
+                    [tp[i] == t for i, t in enumerate(true) if t is not None])), 4)
     if clusters is not None:
         plot_umap(out / "umap.png", points, clusters, pred, classes, pl.index, who)
         np.save(out / "umap.npy", points)
+    stats.get("propagate", {}).pop("teacher_pred", None)
     atomic_write_json(out / "stats.json", stats)
     info(summary_line(stats, pcfg, who))
     return stats
@@ -186,6 +194,29 @@ def with_extra_teachers(run, paths: list, images: np.ndarray, probs: np.ndarray,
     info("teacher ensemble: " + ", ".join(f"{Path(r['run']).name} {r['members']} members (share {r['share']:.3f}, "
                                           f"{r['img_size']} px)" for r in rows))
     return mixed.astype(np.float32), rows
+
+
+def with_propagation(run, probs: np.ndarray, embs: list, teacher: tuple[str, ...]) -> tuple[np.ndarray, dict]:
+    """``pseudo.propagate: spread``: the ``teacher`` stages' members embed the labeled images too
+    (their pool embeddings are ``embs``), labels spread over the graph of both, mixed with the
+    pool's teacher ``probs`` (semivit.pseudo.propagate).  Checks the combination first."""
+    from semivit.pseudo.propagate import propagate
+    from semivit.trainer.infer import ensemble_predict
+    from semivit.trainer.methods import check_propagate
+
+    pcfg = run.cfg.pseudo
+    check_propagate(run.cfg)
+    inputs = run.stem_features(run.images, tta=pcfg.tta, what="labeled images")
+    _, lab_embs = ensemble_predict(run.dir, inputs, stages=list(teacher), tta=pcfg.tta, device=run.device,
+                                   with_embeddings=True, weighting=run.cfg.ensemble.weighting)
+    out = propagate(probs, embs, lab_embs, run.labeled.labels, pcfg)
+    stats = {"method": pcfg.propagate, "neighbors": pcfg.propagate_neighbors, "alpha": pcfg.propagate_alpha,
+             "teacher_share": pcfg.propagate_mix, "reached": out.reached, "argmax_changed": out.changed,
+             "teacher_pred": probs.argmax(1).tolist()}
+    info(f"label spreading over {len(run.labeled)} labeled + {len(probs)} unlabeled images "
+         f"({pcfg.propagate_neighbors} neighbours, alpha {pcfg.propagate_alpha:g}, teacher's share "
+         f"{pcfg.propagate_mix:g}): the graph reached {out.reached}, the arg-max changed on {out.changed}")
+    return out.probs, stats
 
 
 def summary_line(stats: dict, pcfg, who: str = "the stage-1 ensemble") -> str:

@@ -1,0 +1,132 @@
+"""pseudo.propagate: spread - label spreading over the stage-1 members' embeddings of labeled +
+unlabeled images, mixed with the teacher's probabilities before stage 2's rule and soft targets."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import invoke, one_line_error, retrain_on
+from semivit import config
+from semivit.pseudo.propagate import joint_embedding, mix_with_spread, spread
+
+
+def _blobs():
+    """Two tight clusters on a circle, one labeled image each; the pool: 6 images near each."""
+    rng = np.random.default_rng(0)
+    centres = np.array([[1.0, 0.0], [0.0, 1.0]])
+    labeled = centres.copy()
+    pool = np.concatenate([c + 0.02 * rng.standard_normal((6, 2)) for c in centres])
+    return labeled, np.array([0, 1]), pool, np.repeat([0, 1], 6)
+
+
+def test_spread_labels_each_cluster_with_its_labeled_neighbour():
+    labeled, labels, pool, truth = _blobs()
+    dist = spread(labeled, labels, pool, n_classes=3, neighbors=3, alpha=0.5)
+    assert dist.shape == (12, 3)
+    assert (dist.argmax(1) == truth).all()
+    assert (dist[:, 2] == 0).all()  # no labeled image of class 2: no mass from the graph
+
+
+def test_an_image_the_graph_does_not_reach_keeps_the_teachers_probabilities():
+    labeled, labels, pool, truth = _blobs()
+    # 5 images far away: their 4 nearest neighbours are each other - a component with no label
+    far = np.array([-50.0, -50.0]) + 0.1 * np.random.default_rng(1).standard_normal((5, 2))
+    dist = spread(labeled, labels, np.concatenate([pool, far]), n_classes=2, neighbors=4, alpha=0.5)
+    assert (dist[-5:] == 0).all() and (dist[:-5].sum(1) > 0).all()
+    assert (dist[:-5].argmax(1) == truth).all()
+    teacher = np.tile([[0.3, 0.7]], (17, 1))
+    out = mix_with_spread(teacher, dist, teacher_share=0.2)
+    np.testing.assert_allclose(out.probs[-5:], teacher[-5:], atol=1e-6)
+    assert out.reached == 12
+
+
+def test_mixing_weights_and_the_changed_count():
+    teacher = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8]])
+    dist = np.array([[0.0, 2.0], [0.0, 1.0], [0.0, 1.0]])  # rows are renormalised before mixing
+    out = mix_with_spread(teacher, dist, teacher_share=0.5)
+    np.testing.assert_allclose(out.probs, [[0.45, 0.55], [0.3, 0.7], [0.1, 0.9]], atol=1e-6)
+    assert out.changed == 2 and out.reached == 3
+    np.testing.assert_allclose(mix_with_spread(teacher, dist, 1.0).probs, teacher, atol=1e-6)
+
+
+def test_joint_embedding_gives_every_member_the_same_say():
+    a = np.array([[3.0, 4.0], [0.0, 2.0]])
+    b = np.array([[100.0, 0.0, 0.0], [0.0, 0.0, 0.5]])
+    j = joint_embedding([a, b])
+    np.testing.assert_allclose(np.linalg.norm(j, axis=1), 1.0)
+    np.testing.assert_allclose(j[0], np.array([0.6, 0.8, 1.0, 0.0, 0.0]) / np.sqrt(2))
+
+
+def _member_outputs(run_dir: Path, paths: list[Path], tta: bool):
+    """(val macro F1, probabilities, embeddings) of every stage-1 member on ``paths`` - computed
+    here member by member, not through stage 2's code."""
+    from semivit.data.dataset import decode_many
+    from semivit.models.checkpoint import load_checkpoint
+    from semivit.models.ensemble import members_from_stages
+    from semivit.trainer.infer import predict_arrays
+
+    out = []
+    for m in members_from_stages(run_dir, ["stage1"]):
+        model, doc = load_checkpoint(run_dir / m["path"])
+        images = decode_many(paths, int(doc["model"]["img_size"])).images
+        p, e = predict_arrays(model, images, tta=tta, with_embeddings=True)
+        out.append((m["val_macro_f1"], p, e))
+    return out
+
+
+def test_stage2_soft_targets_are_the_teacher_mixed_with_label_spreading(tiny_run, tiny_data_shared, tmp_path):
+    """Recomputed from scratch: the members' probabilities and embeddings of the labeled images
+    and the pool, scikit-learn's LabelSpreading on them, the teacher's share 0.4."""
+    from sklearn.semi_supervised import LabelSpreading
+
+    from semivit.data.layout import load_train
+
+    sets = ["pseudo.threshold_mode=all", "pseudo.soft=true", "pseudo.train={epochs: 1, early_stopping: false}",
+            "pseudo.propagate=spread", "pseudo.propagate_neighbors=5", "pseudo.propagate_alpha=0.3",
+            "pseudo.propagate_mix=0.4"]
+    cfg = config.resolve(preset="tiny", overrides=sets)
+    out = tmp_path / "RUN"
+    retrain_on(tiny_run, tiny_data_shared, out, cfg)
+    with open(out / "pseudo" / "pseudo_labels.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    classes = [k[2:] for k in rows[0] if k.startswith("p_")]
+    got = np.asarray([[float(r[f"p_{c}"]) for c in classes] for r in rows])
+    pool = [tiny_data_shared / r["image"] for r in rows]
+    lab = load_train(tiny_data_shared, cfg.data.labels_csv)
+    pool_m = _member_outputs(out, pool, cfg.pseudo.tta)
+    lab_m = _member_outputs(out, lab.paths, cfg.pseudo.tta)
+    f1 = np.asarray([f for f, _, _ in pool_m])
+    teacher = sum(w * p for w, (_, p, _) in zip(f1 / f1.sum(), pool_m))
+
+    def joint(members):
+        vs = [e / np.linalg.norm(e, axis=1, keepdims=True) for _, _, e in members]
+        return np.concatenate(vs, 1) / np.sqrt(len(vs))
+
+    x = np.concatenate([joint(lab_m), joint(pool_m)])
+    y = np.concatenate([lab.labels, -np.ones(len(pool), int)])
+    ls = LabelSpreading(kernel="knn", n_neighbors=5, alpha=0.3, max_iter=200, tol=1e-4).fit(x, y)
+    sp = np.zeros_like(teacher)
+    sp[:, ls.classes_] = ls.label_distributions_[len(lab):]
+    want = 0.4 * teacher + 0.6 * sp / sp.sum(1, keepdims=True)
+    np.testing.assert_allclose(got, want / want.sum(1, keepdims=True), atol=1e-5)
+    assert np.abs(got - teacher).max() > 1e-2  # the graph moved the targets
+    rec = json.loads((out / "pseudo" / "stats.json").read_text())["propagate"]
+    assert rec["neighbors"] == 5 and rec["teacher_share"] == 0.4 and rec["reached"] == len(pool)
+    assert rec["argmax_changed"] == int((got.argmax(1) != teacher.argmax(1)).sum())
+
+
+@pytest.mark.parametrize("case", ["ema", "fold", "view"])
+def test_propagate_with_a_strategy_that_ignores_it_fails_in_one_line_before_training(case, tiny_data, tmp_path):
+    sets = {"ema": ["ssl.method=ema-teacher"], "fold": ["pseudo.teacher=fold"],
+            "view": ["pseudo.threshold_mode=all", "pseudo.soft=true", "pseudo.targets=view"]}[case]
+    want = {"ema": "ssl.method: pseudo-label", "fold": "pseudo.teacher: ensemble", "view": "pseudo.targets: image"}[case]
+    args = [a for s in sets + ["pseudo.propagate=spread"] for a in ("--set", s)]
+    res = invoke("train", tiny_data, "--preset", "tiny", *args, "--out", tmp_path / "RUN")
+    line = one_line_error(res)
+    assert f"pseudo.propagate=spread needs {want}" in line, line
+    assert not list((tmp_path / "RUN").glob("stage1/fold*/done.json"))
