@@ -223,6 +223,13 @@ class PseudoConfig(_Section):
     # ssl.method: pseudo-label, pseudo.teacher: ensemble, pseudo.targets: image; a refresh's inbox
     # images are labeled by the ensemble alone.  "none": the teacher's probabilities as they are.
     propagate: Literal["none", "spread"] = "none"
+    # whose labels spread: "all" (every labeled image: one set of targets for every student) or
+    # "fold" (fold k's student learns targets spread from its training folds' labels only, so its
+    # own validation labels never reach the pool images it trains on - with "all" a validation
+    # image's label flows straight into its neighbours' targets and inflates the validation score
+    # that picks the student's epoch and its ensemble weight).  Stage 2's pseudo_labels.csv keeps
+    # the "all" targets; the per-fold ones are RUN/pseudo/propagate_folds.npz.
+    propagate_labels: Literal["all", "fold"] = "all"
     propagate_neighbors: int = Field(15, ge=1)
     propagate_alpha: float = Field(0.5, gt=0, lt=1)
     propagate_mix: float = Field(0.5, ge=0, le=1)

@@ -182,11 +182,17 @@ def pseudo_label_retrain(run):
 
         # fold k's own labels, built when fold k trains
         teach = FoldTeacher(run, extra, run.extra_pseudo, stage=fold_teacher)
+    elif run.cfg.pseudo.propagate != "none" and run.cfg.pseudo.propagate_labels == "fold" and len(extra.labels):
+        from semivit.trainer.pipeline import FoldPropagated
+
+        teach = FoldPropagated(run, extra, run.extra_pseudo, pseudo_dir)
     if run.extra_pseudo is not None:
         extra = concat(extra, run.extra_pseudo)
     kind = "soft-target (distillation)" if extra.labels.ndim == 2 else "pseudo-labeled"
-    if teach is not None:
+    if teach is not None and run.cfg.pseudo.teacher == "fold":
         who = f"{fold_teacher} fold k's model alone teaches fold k"
+    elif teach is not None:
+        who = "the stage-1 ensemble + labels spread from fold k's training folds teach fold k"
     else:
         who = "the stage-1 ensemble teaches" if r == 1 else f"stage 1 + round {r - 1}'s students teach"
     rnd = f" (distillation round {r} of {rounds})" if rounds > 1 else ""

@@ -82,18 +82,26 @@ def write_run_report(run: Run, best_effort: bool = False) -> None:
     dist.main_first(report)
 
 
-def pseudo_extra(run: Run, pseudo_dir: str = "pseudo") -> Extra:
-    """The pseudo-labeled images of stage 2 (or of a later distillation round's relabeling,
-    ``pseudo_dir``) as extra training samples (weights = confidence)."""
+def _pseudo_rows(run: Run, pseudo_dir: str) -> list[dict]:
+    """Rows of RUN/<pseudo_dir>/pseudo_labels.csv whose image is in the run's unlabeled pool."""
     from semivit.trainer.pseudo import read_pseudo_labels
 
     rows = read_pseudo_labels(run.dir / pseudo_dir / "pseudo_labels.csv", run.classes)
     if not rows:  # (no stage 2, or it selected nothing: the pool need not be decoded)
+        return []
+    index = {run.rel(p) for p in run.unlabeled[0]}
+    return [r for r in rows if r["image"] in index]
+
+
+def pseudo_extra(run: Run, pseudo_dir: str = "pseudo") -> Extra:
+    """The pseudo-labeled images of stage 2 (or of a later distillation round's relabeling,
+    ``pseudo_dir``) as extra training samples (weights = confidence)."""
+    rows = _pseudo_rows(run, pseudo_dir)
+    if not rows:
         size = run.cfg.model.img_size
         return pseudo_samples(np.zeros((0, size, size, 3), np.uint8), [], [], None, run.cfg.pseudo)
     paths, images = run.unlabeled
     index = {run.rel(p): i for i, p in enumerate(paths)}
-    rows = [r for r in rows if r["image"] in index]
     idx = np.asarray([index[r["image"]] for r in rows], dtype=np.int64)
     return pseudo_samples(images[idx], [r["label_index"] for r in rows], [r["confidence"] for r in rows],
                           [r["probs"] for r in rows], run.cfg.pseudo)
@@ -149,6 +157,30 @@ class FoldTeacher:
         out.views = self.last.views if self.last is not None else None  # same images, same order
         self.last = out
         return out
+
+
+class FoldPropagated(FoldTeacher):
+    """``pseudo.propagate_labels: fold``: fold k's student learns, on stage 2's pseudo-labeled
+    images, the teacher mixed with labels spread from fold k's training folds only (stage 2 saved
+    them per fold in RUN/<pseudo_dir>/propagate_folds.npz), so its validation labels never reach
+    its targets.  Everything else as :class:`FoldTeacher` (hard labels its arg-max, confidence
+    weights its maximum, the cached views shared by every fold)."""
+
+    def __init__(self, run: Run, extra: Extra, also: Optional[Extra] = None, pseudo_dir: str = "pseudo"):
+        super().__init__(run, extra, also)
+        path = run.dir / pseudo_dir / "propagate_folds.npz"
+        if not path.is_file():
+            raise UserError(f"{path} is missing: run stage 2 again (ssl train ... --stages pseudo,retrain) with "
+                            "pseudo.propagate_labels: fold")
+        with np.load(path) as z:
+            where = {str(name): i for i, name in enumerate(z["images"])}
+            self.table = z["probs"]
+        self.order = np.asarray([where[r["image"]] for r in _pseudo_rows(run, pseudo_dir)], dtype=np.int64)
+        if len(self.order) != len(extra.labels) or self.table.shape[0] != run.cfg.cv.folds:
+            raise UserError(f"{path} does not match RUN/{pseudo_dir}/pseudo_labels.csv: run stage 2 again")
+
+    def probs(self, k: int) -> np.ndarray:
+        return self.table[k][self.order]
 
 
 def run_training(data: Optional[Path], out: Optional[Path], cfg, stages: Optional[str] = None) -> Run:

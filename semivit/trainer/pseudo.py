@@ -89,7 +89,7 @@ def run_pseudo(run, teacher: tuple[str, ...] = ("stage1",), out: str = "pseudo")
         probs, stats["teachers"] = with_extra_teachers(run, paths, images, probs, teacher)
         who += " + " + " + ".join(f"{Path(t['run']).name} ({t['members']} members)" for t in stats["teachers"][1:])
     if pcfg.propagate != "none":
-        probs, stats["propagate"] = with_propagation(run, probs, embs, teacher)
+        probs, stats["propagate"] = with_propagation(run, probs, embs, teacher, out.name)
         who += " mixed with label spreading"
     oof = run.dir / "stage1" / "oof_probs.npy"
     raw_mean = probs.mean(0)
@@ -196,10 +196,13 @@ def with_extra_teachers(run, paths: list, images: np.ndarray, probs: np.ndarray,
     return mixed.astype(np.float32), rows
 
 
-def with_propagation(run, probs: np.ndarray, embs: list, teacher: tuple[str, ...]) -> tuple[np.ndarray, dict]:
+def with_propagation(run, probs: np.ndarray, embs: list, teacher: tuple[str, ...],
+                     out_dir: str = "pseudo") -> tuple[np.ndarray, dict]:
     """``pseudo.propagate: spread``: the ``teacher`` stages' members embed the labeled images too
     (their pool embeddings are ``embs``), labels spread over the graph of both, mixed with the
-    pool's teacher ``probs`` (semivit.pseudo.propagate).  Checks the combination first."""
+    pool's teacher ``probs`` (semivit.pseudo.propagate).  With ``pseudo.propagate_labels: fold``
+    also once per fold from its training folds' labels, saved to RUN/<out_dir>/propagate_folds.npz
+    for stage 3.  Checks the combination first."""
     from semivit.pseudo.propagate import propagate
     from semivit.trainer.infer import ensemble_predict
     from semivit.trainer.methods import check_propagate
@@ -211,8 +214,20 @@ def with_propagation(run, probs: np.ndarray, embs: list, teacher: tuple[str, ...
                                    with_embeddings=True, weighting=run.cfg.ensemble.weighting)
     out = propagate(probs, embs, lab_embs, run.labeled.labels, pcfg)
     stats = {"method": pcfg.propagate, "neighbors": pcfg.propagate_neighbors, "alpha": pcfg.propagate_alpha,
-             "teacher_share": pcfg.propagate_mix, "reached": out.reached, "argmax_changed": out.changed,
-             "teacher_pred": probs.argmax(1).tolist()}
+             "teacher_share": pcfg.propagate_mix, "labels": pcfg.propagate_labels, "reached": out.reached,
+             "argmax_changed": out.changed, "teacher_pred": probs.argmax(1).tolist()}
+    if pcfg.propagate_labels == "fold":  # fold k's targets: spread from its training folds' labels only
+        folds, labels = np.asarray(run.folds), np.asarray(run.labeled.labels)
+        per_fold = []
+        for k in range(run.cfg.cv.folds):
+            train = folds != k
+            per_fold.append(propagate(probs, embs, [e[train] for e in lab_embs], labels[train], pcfg).probs)
+        paths, _ = run.unlabeled
+        from semivit.utils import atomic_path
+
+        with atomic_path(run.stage_dir(out_dir) / "propagate_folds.npz") as tmp, open(tmp, "wb") as f:
+            np.savez(f, images=np.asarray([run.rel(p) for p in paths]), probs=np.stack(per_fold).astype(np.float32))
+        stats["fold_argmax_changed"] = [int((p.argmax(1) != probs.argmax(1)).sum()) for p in per_fold]
     info(f"label spreading over {len(run.labeled)} labeled + {len(probs)} unlabeled images "
          f"({pcfg.propagate_neighbors} neighbours, alpha {pcfg.propagate_alpha:g}, teacher's share "
          f"{pcfg.propagate_mix:g}): the graph reached {out.reached}, the arg-max changed on {out.changed}")
