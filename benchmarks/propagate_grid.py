@@ -117,7 +117,7 @@ def main() -> None:
            "table": table, "best_on_dev": best}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.json").write_text(json.dumps(doc, indent=1))
-    lines = [f"# Label spreading's settings, chosen on the dev split (`benchmarks/propagate_grid.py`)", "",
+    lines = ["# Label spreading's settings, chosen on the dev split (`benchmarks/propagate_grid.py`)", "",
              f"Machine: {doc['machine']}. Commit `{commit}`. Wall time {doc['wall_seconds']:.0f} s. "
              f"Fraction {args.fraction:g}; {len(seeds)} seeds' stage 1 ({', '.join(s['work'] for s in seeds)}); "
              "no training, the test split not read.", "",
