@@ -223,3 +223,13 @@ def retrain_on(tiny_run: Path, data: Path, out: Path, cfg):
     shutil.copy2(tiny_run / "folds.json", out / "folds.json")
     shutil.copytree(tiny_run / "stage1", out / "stage1")
     return run_training(data, out, cfg, stages="pseudo,retrain")
+
+
+def soft_targets_after_retrain(tiny_run: Path, data: Path, out: Path, cfg):
+    """:func:`retrain_on`, then stage 2's pseudo_labels.csv: (its rows, the class names, the soft
+    targets as an array, one row per image)."""
+    retrain_on(tiny_run, data, out, cfg)
+    with open(out / "pseudo" / "pseudo_labels.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    classes = [k[2:] for k in rows[0] if k.startswith("p_")]
+    return rows, classes, np.asarray([[float(r[f"p_{c}"]) for c in classes] for r in rows])

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import invoke, one_line_error, retrain_on
+from conftest import invoke, one_line_error, soft_targets_after_retrain
 from semivit import config
 
 
@@ -46,19 +46,13 @@ def test_co_teacher_members_join_the_ensemble_with_their_pooled_weights(tiny_run
                                                                          tmp_path):
     """Stage 2's soft targets are the validation-F1-weighted mean over ALL teacher members: this
     run's stage 1 (32 px) and the co-teacher's stage 1 (40 px), recomputed member by member."""
-    import csv
-
     from semivit.models.checkpoint import load_checkpoint
 
     cfg = config.resolve(preset="tiny", overrides=["pseudo.threshold_mode=all", "pseudo.soft=true",
                                                    "pseudo.train={epochs: 1, early_stopping: false}",
                                                    f"pseudo.extra_teachers=[{other_teacher}]"])
     out = tmp_path / "RUN"
-    retrain_on(tiny_run, tiny_data_shared, out, cfg)
-    with open(out / "pseudo" / "pseudo_labels.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    classes = [k[2:] for k in rows[0] if k.startswith("p_")]
-    got = np.asarray([[float(r[f"p_{c}"]) for c in classes] for r in rows])
+    rows, classes, got = soft_targets_after_retrain(tiny_run, tiny_data_shared, out, cfg)
     paths = [tiny_data_shared / r["image"] for r in rows]
     assert all(p.is_file() for p in paths)
     assert int(load_checkpoint(other_teacher / "stage1" / "fold0" / "best.pt")[1]["model"]["img_size"]) == 40

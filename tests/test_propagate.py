@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import invoke, one_line_error, retrain_on
+from conftest import invoke, one_line_error, retrain_on, soft_targets_after_retrain
 from semivit import config
 from semivit.pseudo.propagate import joint_embedding, mix_with_spread, spread
 
@@ -91,11 +91,7 @@ def test_stage2_soft_targets_are_the_teacher_mixed_with_label_spreading(tiny_run
             "pseudo.propagate_mix=0.4"]
     cfg = config.resolve(preset="tiny", overrides=sets)
     out = tmp_path / "RUN"
-    retrain_on(tiny_run, tiny_data_shared, out, cfg)
-    with open(out / "pseudo" / "pseudo_labels.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    classes = [k[2:] for k in rows[0] if k.startswith("p_")]
-    got = np.asarray([[float(r[f"p_{c}"]) for c in classes] for r in rows])
+    rows, classes, got = soft_targets_after_retrain(tiny_run, tiny_data_shared, out, cfg)
     pool = [tiny_data_shared / r["image"] for r in rows]
     lab = load_train(tiny_data_shared, cfg.data.labels_csv)
     pool_m = _member_outputs(out, pool, cfg.pseudo.tta)
