@@ -54,8 +54,7 @@ def one_seed(work: Path, fraction: float) -> dict:
     if not runs:
         raise SystemExit(f"error: no runs-*-f{fraction:g}-s*/A in {work}")
     a = runs[0]
-    data = next(work.glob(a.parent.name.replace("runs-", "data-")))
-    cfg, _ = cfgmod.load_run_config(a)
+    cfg, data = cfgmod.load_run_config(a)  # the data directory the run was trained on
     run = Run(a, cfg, data)
 
     def embed(images, what):
@@ -96,7 +95,7 @@ def one_seed(work: Path, fraction: float) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", nargs="+", type=Path, required=True, help="label_efficiency.py --work dirs, one per seed")
-    ap.add_argument("--fraction", type=float, default=0.1)
+    ap.add_argument("--fraction", type=float, default=0.1, help="ELPV: labeled share; MNIST: labels per class")
     ap.add_argument("--out", type=Path, required=True, help="writes OUT.json and OUT.md")
     args = ap.parse_args()
     t0 = time.time()
