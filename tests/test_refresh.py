@@ -713,6 +713,7 @@ def test_bad_inputs_are_one_line_errors(registry, tmp_path):
     inbox.mkdir()
     for args, msg in ((["--inbox", str(tmp_path / "nope")], "inbox directory not found"),
                       (["--inbox", str(inbox), "--set", "model.img_size=64"], "keeps the current version's model"),
+                      (["--inbox", str(inbox), "--set", "pseudo.propagate_labels=fold"], "label spreading is part of stage 2"),
                       (["--inbox", str(inbox), "--every", "soon"], "not a duration")):
         r = cli("refresh", "--registry", str(registry), *args)
         assert r.exit_code == 2 and msg in r.output and len(r.output.strip().splitlines()) == 1, r.output

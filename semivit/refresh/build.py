@@ -113,6 +113,9 @@ def candidate_config(parent_run: Path, overrides: list[str]):
         if key.startswith(FORBIDDEN_OVERRIDES):
             raise UserError(f"--set {key}: a refresh keeps the current version's model, folds and data "
                             "(train a new run with `ssl train ... --registry` to change them)")
+        if key.startswith("pseudo.propagate"):  # stage 2's, and a refresh does not run stage 2 again
+            raise UserError(f"--set {key}: label spreading is part of stage 2, which a refresh does not run "
+                            "again (train a new run with `ssl train ... --registry` to change it)")
     cfg = cfgmod.resolve(config_file=Path(parent_run) / "config.yaml", overrides=list(overrides))
     if cfg.ssl.method != "pseudo-label":  # the refresh retrains with the accepted pseudo-labels as extra data
         cfg = cfg.model_copy(update={"ssl": cfg.ssl.model_copy(update={"method": "pseudo-label"})})
