@@ -114,6 +114,9 @@ def test_stage2_soft_targets_are_the_teacher_mixed_with_label_spreading(tiny_run
     rec = json.loads((out / "pseudo" / "stats.json").read_text())["propagate"]
     assert rec["neighbors"] == 5 and rec["teacher_share"] == 0.4 and rec["reached"] == len(pool)
     assert rec["argmax_changed"] == int((got.argmax(1) != teacher.argmax(1)).sum())
+    report = (out / "report.md").read_text()
+    assert (f"Label spreading (5 neighbours, alpha 0.3, the teacher's share 0.4): the graph reached {len(pool)} of "
+            f"{len(pool)} unlabeled images and changed the arg-max of {rec['argmax_changed']}.") in report
 
 
 @pytest.mark.parametrize("case", ["ema", "fold", "view"])

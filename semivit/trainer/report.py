@@ -119,7 +119,7 @@ def write_report(run) -> Path:
               + ", ".join(f"{c} ({n})" for c, n in zip(run.classes, run.labeled.counts())),
               f"- preset `{cfg.preset}`, model `{cfg.model.name}` at {cfg.model.img_size} px, "
               f"{cfg.cv.folds} folds, method `{cfg.ssl.method}`, pre-training `{cfg.pretrain.method}`, seed {cfg.seed}",
-              f"- wall time per stage (s): " + (", ".join(f"{k} {v:.0f}" for k, v in timings.items()) or "n/a"), ""]
+              "- wall time per stage (s): " + (", ".join(f"{k} {v:.0f}" for k, v in timings.items()) or "n/a"), ""]
 
     # per-stage metrics
     lines += ["## Validation (true labels only)", "",
@@ -172,9 +172,20 @@ def write_report(run) -> Path:
         for c, n in st.get("by_class", {}).items():
             prec = truth.get("by_class", {}).get(c, {}).get("precision")
             lines.append(f"| {c} | {n} | {prec if prec is not None else 'n/a'} |")
+        prop = st.get("propagate")
         if truth.get("scored"):
-            lines.append(f"\nOverall pseudo-label precision {truth['precision']:.4f}; the stage-1 ensemble's accuracy "
-                         f"on the whole unlabeled pool {truth.get('pool_accuracy', float('nan')):.4f}.")
+            who = "the teacher mixed with label spreading" if prop else "the stage-1 ensemble"
+            lines.append(f"\nOverall pseudo-label precision {truth['precision']:.4f}; {who}'s accuracy "
+                         f"on the whole unlabeled pool {truth.get('pool_accuracy', float('nan')):.4f}"
+                         + (f" (the teacher alone: {truth['teacher_pool_accuracy']:.4f})"
+                            if "teacher_pool_accuracy" in truth else "") + ".")
+        if prop:
+            per_fold = (f"; fold k's student learns labels spread from its training folds only (arg-max changed per fold: "
+                        f"{', '.join(map(str, prop['fold_argmax_changed']))})" if prop.get("fold_argmax_changed") else "")
+            lines.append(f"\nLabel spreading ({prop['neighbors']} neighbours, alpha {prop['alpha']:g}, the teacher's "
+                         f"share {prop['teacher_share']:g}): the graph reached {prop['reached']} of "
+                         f"{st.get('unlabeled', 0)} unlabeled images and changed the arg-max of {prop['argmax_changed']}"
+                         f"{per_fold}.")
         if st.get("clusters"):
             lines += ["", "Clusters: " + "; ".join(f"{c['majority']} n={c['size']} purity {c['purity']:.2f}"
                                                    + (" (pure)" if c["pure"] else "") for c in st["clusters"])]
