@@ -228,7 +228,9 @@ class PseudoConfig(_Section):
     # own validation labels never reach the pool images it trains on - with "all" a validation
     # image's label flows straight into its neighbours' targets and inflates the validation score
     # that picks the student's epoch and its ensemble weight).  Stage 2's pseudo_labels.csv keeps
-    # the "all" targets; the per-fold ones are RUN/pseudo/propagate_folds.npz.
+    # the "all" targets; the per-fold ones are RUN/pseudo/propagate_folds.npz.  "fold" needs
+    # threshold_mode: all, no max_per_class and align: none (which images are taken, and the
+    # alignment, are stage 2's, made with every label).
     propagate_labels: Literal["all", "fold"] = "all"
     propagate_neighbors: int = Field(15, ge=1)
     propagate_alpha: float = Field(0.5, gt=0, lt=1)

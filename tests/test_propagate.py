@@ -119,15 +119,28 @@ def test_stage2_soft_targets_are_the_teacher_mixed_with_label_spreading(tiny_run
             f"{len(pool)} unlabeled images and changed the arg-max of {rec['argmax_changed']}.") in report
 
 
-@pytest.mark.parametrize("case", ["ema", "fold", "view"])
+@pytest.mark.parametrize("case", ["ema", "fold", "view", "rule", "cap", "align", "none"])
 def test_propagate_with_a_strategy_that_ignores_it_fails_in_one_line_before_training(case, tiny_data, tmp_path):
-    sets = {"ema": ["ssl.method=ema-teacher"], "fold": ["pseudo.teacher=fold"],
-            "view": ["pseudo.threshold_mode=all", "pseudo.soft=true", "pseudo.targets=view"]}[case]
-    want = {"ema": "ssl.method: pseudo-label", "fold": "pseudo.teacher: ensemble", "view": "pseudo.targets: image"}[case]
-    args = [a for s in sets + ["pseudo.propagate=spread"] for a in ("--set", s)]
+    soft = ["pseudo.threshold_mode=all", "pseudo.soft=true"]
+    per_fold = ["pseudo.propagate=spread", "pseudo.propagate_labels=fold"]
+    sets = {"ema": ["ssl.method=ema-teacher", "pseudo.propagate=spread"],
+            "fold": ["pseudo.teacher=fold", "pseudo.propagate=spread"],
+            "view": soft + ["pseudo.targets=view", "pseudo.propagate=spread"],
+            "rule": ["pseudo.threshold_mode=global"] + per_fold,
+            "cap": soft + ["pseudo.max_per_class=3"] + per_fold,
+            "align": soft + ["pseudo.align=prior"] + per_fold,
+            "none": ["pseudo.propagate_labels=fold"]}[case]
+    want = {"ema": "pseudo.propagate=spread needs ssl.method: pseudo-label",
+            "fold": "pseudo.propagate=spread needs pseudo.teacher: ensemble",
+            "view": "pseudo.propagate=spread needs pseudo.targets: image",
+            "rule": "pseudo.propagate_labels=fold needs pseudo.threshold_mode: all",
+            "cap": "pseudo.propagate_labels=fold needs no pseudo.max_per_class",
+            "align": "pseudo.propagate_labels=fold needs pseudo.align: none",
+            "none": "pseudo.propagate_labels=fold needs pseudo.propagate: spread"}[case]
+    args = [a for s in sets for a in ("--set", s)]
     res = invoke("train", tiny_data, "--preset", "tiny", *args, "--out", tmp_path / "RUN")
     line = one_line_error(res)
-    assert f"pseudo.propagate=spread needs {want}" in line, line
+    assert want in line, line
     assert not list((tmp_path / "RUN").glob("stage1/fold*/done.json"))
 
 

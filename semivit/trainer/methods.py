@@ -102,13 +102,24 @@ def check_propagate(cfg) -> None:
     """``pseudo.propagate: spread`` changes stage 2's probabilities of the pool: it needs the
     pseudo-label strategy reading them as they are written (the ensemble's, one target per image);
     checked when a run starts, before anything trains."""
-    if cfg.pseudo.propagate == "none":
+    p = cfg.pseudo
+    if p.propagate == "none":
+        if p.propagate_labels != "all":
+            raise UserError(f"pseudo.propagate_labels={p.propagate_labels} needs pseudo.propagate: spread")
         return
     why = ("ssl.method: pseudo-label" if cfg.ssl.method != "pseudo-label" else
-           "pseudo.teacher: ensemble" if cfg.pseudo.teacher != "ensemble" else
-           "pseudo.targets: image" if cfg.pseudo.targets != "image" else None)
+           "pseudo.teacher: ensemble" if p.teacher != "ensemble" else
+           "pseudo.targets: image" if p.targets != "image" else None)
     if why:
-        raise UserError(f"pseudo.propagate={cfg.pseudo.propagate} needs {why}")
+        raise UserError(f"pseudo.propagate={p.propagate} needs {why}")
+    # per-fold targets replace the soft targets only: which images are selected (a threshold rule,
+    # a cap) and the alignment to the prior are stage 2's, made with every label - so fold mode
+    # takes every image as it is
+    why = ("pseudo.threshold_mode: all" if p.threshold_mode != "all" else
+           "no pseudo.max_per_class" if p.max_per_class is not None else
+           "pseudo.align: none" if p.align != "none" else None)
+    if p.propagate_labels == "fold" and why:
+        raise UserError(f"pseudo.propagate_labels=fold needs {why}")
 
 
 def check_extra_teachers(cfg, classes: list[str], run_dir) -> list:
@@ -192,7 +203,8 @@ def pseudo_label_retrain(run):
     if teach is not None and run.cfg.pseudo.teacher == "fold":
         who = f"{fold_teacher} fold k's model alone teaches fold k"
     elif teach is not None:
-        who = "the stage-1 ensemble + labels spread from fold k's training folds teach fold k"
+        who = ("the stage-1 ensemble" if r == 1 else f"stage 1 + round {r - 1}'s students") + \
+            " + labels spread from fold k's training folds teach fold k"
     else:
         who = "the stage-1 ensemble teaches" if r == 1 else f"stage 1 + round {r - 1}'s students teach"
     rnd = f" (distillation round {r} of {rounds})" if rounds > 1 else ""

@@ -175,9 +175,11 @@ class FoldPropagated(FoldTeacher):
         with np.load(path) as z:
             where = {str(name): i for i, name in enumerate(z["images"])}
             self.table = z["probs"]
-        self.order = np.asarray([where[r["image"]] for r in _pseudo_rows(run, pseudo_dir)], dtype=np.int64)
-        if len(self.order) != len(extra.labels) or self.table.shape[0] != run.cfg.cv.folds:
+        rows = _pseudo_rows(run, pseudo_dir)
+        if (self.table.shape[0] != run.cfg.cv.folds or len(rows) != len(extra.labels)
+                or any(r["image"] not in where for r in rows)):
             raise UserError(f"{path} does not match RUN/{pseudo_dir}/pseudo_labels.csv: run stage 2 again")
+        self.order = np.asarray([where[r["image"]] for r in rows], dtype=np.int64)
 
     def probs(self, k: int) -> np.ndarray:
         return self.table[k][self.order]
