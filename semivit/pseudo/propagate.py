@@ -74,10 +74,9 @@ def mix_with_spread(teacher: np.ndarray, spread_dist: np.ndarray, teacher_share:
     return Propagated(p.astype(np.float32), int(reached.sum()), int((p.argmax(1) != teacher.argmax(1)).sum()))
 
 
-def propagate(teacher: np.ndarray, pool_members: Sequence[np.ndarray], labeled_members: Sequence[np.ndarray],
-              labels: np.ndarray, pcfg) -> Propagated:
-    """``pseudo.propagate: spread`` over the pool: the members' embeddings of the labeled images
-    and of the pool -> label spreading -> mixed with the teacher's probabilities."""
-    dist = spread(joint_embedding(labeled_members), labels, joint_embedding(pool_members), teacher.shape[1],
-                  pcfg.propagate_neighbors, pcfg.propagate_alpha)
+def propagate(teacher: np.ndarray, pool: np.ndarray, labeled: np.ndarray, labels: np.ndarray, pcfg) -> Propagated:
+    """``pseudo.propagate: spread`` over the pool: label spreading from the ``labeled`` images'
+    joint embeddings (:func:`joint_embedding`) to the ``pool``'s, mixed with the teacher's
+    probabilities."""
+    dist = spread(labeled, labels, pool, teacher.shape[1], pcfg.propagate_neighbors, pcfg.propagate_alpha)
     return mix_with_spread(teacher, dist, pcfg.propagate_mix)

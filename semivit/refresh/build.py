@@ -42,7 +42,10 @@ from semivit.refresh.lock import FileLock, StopFlag, StopRequested, check_disk, 
 from semivit.refresh.metrics import compare, version_metrics
 from semivit.utils import atomic_write_json, info, read_json, warn
 
-FORBIDDEN_OVERRIDES = ("model.", "cv.", "data.")
+# keys a refresh cannot change, and why
+FORBIDDEN_OVERRIDES = {("model.", "cv.", "data."): "a refresh keeps the current version's model, folds and data",
+                       # stage 2's, and a refresh does not run stage 2 again
+                       ("pseudo.propagate",): "label spreading is part of stage 2, which a refresh does not run again"}
 RUN_IGNORE = shutil.ignore_patterns("export", "eval", "stage3", "stage3_round*", "pseudo_round*", "ensemble.json",
                                     "report.md", "*.png",
                                     "heldout.json", "timings.yaml", "skipped.csv", "inbox_pseudo_labels.csv")
@@ -110,12 +113,9 @@ def candidate_config(parent_run: Path, overrides: list[str]):
 
     for item in overrides:
         key = item.split("=", 1)[0].strip()
-        if key.startswith(FORBIDDEN_OVERRIDES):
-            raise UserError(f"--set {key}: a refresh keeps the current version's model, folds and data "
-                            "(train a new run with `ssl train ... --registry` to change them)")
-        if key.startswith("pseudo.propagate"):  # stage 2's, and a refresh does not run stage 2 again
-            raise UserError(f"--set {key}: label spreading is part of stage 2, which a refresh does not run "
-                            "again (train a new run with `ssl train ... --registry` to change it)")
+        for prefixes, why in FORBIDDEN_OVERRIDES.items():
+            if key.startswith(prefixes):
+                raise UserError(f"--set {key}: {why} (train a new run with `ssl train ... --registry` to change it)")
     cfg = cfgmod.resolve(config_file=Path(parent_run) / "config.yaml", overrides=list(overrides))
     if cfg.ssl.method != "pseudo-label":  # the refresh retrains with the accepted pseudo-labels as extra data
         cfg = cfg.model_copy(update={"ssl": cfg.ssl.model_copy(update={"method": "pseudo-label"})})

@@ -200,13 +200,13 @@ def pseudo_label_retrain(run):
     if run.extra_pseudo is not None:
         extra = concat(extra, run.extra_pseudo)
     kind = "soft-target (distillation)" if extra.labels.ndim == 2 else "pseudo-labeled"
+    ensemble = "the stage-1 ensemble" if r == 1 else f"stage 1 + round {r - 1}'s students"
     if teach is not None and run.cfg.pseudo.teacher == "fold":
         who = f"{fold_teacher} fold k's model alone teaches fold k"
     elif teach is not None:
-        who = ("the stage-1 ensemble" if r == 1 else f"stage 1 + round {r - 1}'s students") + \
-            " + labels spread from fold k's training folds teach fold k"
+        who = f"{ensemble} + labels spread from fold k's training folds teach fold k"
     else:
-        who = "the stage-1 ensemble teaches" if r == 1 else f"stage 1 + round {r - 1}'s students teach"
+        who = f"{ensemble} {'teaches' if r == 1 else 'teach'}"
     rnd = f" (distillation round {r} of {rounds})" if rounds > 1 else ""
     info(f"stage 3{rnd}: {len(run.labeled)} labeled + {len(extra.labels)} {kind} images per fold pool ({who})")
     cfg = None

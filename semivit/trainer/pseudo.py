@@ -88,6 +88,7 @@ def run_pseudo(run, teacher: tuple[str, ...] = ("stage1",), out: str = "pseudo")
     if pcfg.extra_teachers:
         probs, stats["teachers"] = with_extra_teachers(run, paths, images, probs, teacher)
         who += " + " + " + ".join(f"{Path(t['run']).name} ({t['members']} members)" for t in stats["teachers"][1:])
+    teacher_pred = probs.argmax(1)  # the teacher's own arg-max, before label spreading
     if pcfg.propagate != "none":
         probs, stats["propagate"] = with_propagation(run, probs, embs, teacher, out.name)
         who += " mixed with label spreading"
@@ -136,14 +137,12 @@ def run_pseudo(run, teacher: tuple[str, ...] = ("stage1",), out: str = "pseudo")
         scored = [t for t in true if t is not None]
         if scored:
             stats["truth"]["pool_accuracy"] = round(float(np.mean([pred[i] == t for i, t in enumerate(true) if t is not None])), 4)
-            if "propagate" in stats:  # the teacher's own arg-max, before label spreading
-                tp = stats["propagate"]["teacher_pred"]
+            if "propagate" in stats:
                 stats["truth"]["teacher_pool_accuracy"] = round(float(np.mean(
-                    [tp[i] == t for i, t in enumerate(true) if t is not None])), 4)
+                    [teacher_pred[i] == t for i, t in enumerate(true) if t is not None])), 4)
     if clusters is not None:
         plot_umap(out / "umap.png", points, clusters, pred, classes, pl.index, who)
         np.save(out / "umap.npy", points)
-    stats.get("propagate", {}).pop("teacher_pred", None)
     atomic_write_json(out / "stats.json", stats)
     info(summary_line(stats, pcfg, who))
     return stats
@@ -203,31 +202,29 @@ def with_propagation(run, probs: np.ndarray, embs: list, teacher: tuple[str, ...
     pool's teacher ``probs`` (semivit.pseudo.propagate).  With ``pseudo.propagate_labels: fold``
     also once per fold from its training folds' labels, saved to RUN/<out_dir>/propagate_folds.npz
     for stage 3.  Checks the combination first."""
-    from semivit.pseudo.propagate import propagate
+    from semivit.pseudo.propagate import joint_embedding, propagate
     from semivit.trainer.infer import ensemble_predict
     from semivit.trainer.methods import check_propagate
+    from semivit.utils import atomic_path
 
     pcfg = run.cfg.pseudo
     check_propagate(run.cfg)
     inputs = run.stem_features(run.images, tta=pcfg.tta, what="labeled images")
     _, lab_embs = ensemble_predict(run.dir, inputs, stages=list(teacher), tta=pcfg.tta, device=run.device,
                                    with_embeddings=True, weighting=run.cfg.ensemble.weighting)
-    out = propagate(probs, embs, lab_embs, run.labeled.labels, pcfg)
+    pool, lab, labels = joint_embedding(embs), joint_embedding(lab_embs), np.asarray(run.labeled.labels)
+    out = propagate(probs, pool, lab, labels, pcfg)
     stats = {"method": pcfg.propagate, "neighbors": pcfg.propagate_neighbors, "alpha": pcfg.propagate_alpha,
              "teacher_share": pcfg.propagate_mix, "labels": pcfg.propagate_labels, "reached": out.reached,
-             "argmax_changed": out.changed, "teacher_pred": probs.argmax(1).tolist()}
+             "argmax_changed": out.changed}
     if pcfg.propagate_labels == "fold":  # fold k's targets: spread from its training folds' labels only
-        folds, labels = np.asarray(run.folds), np.asarray(run.labeled.labels)
-        per_fold = []
-        for k in range(run.cfg.cv.folds):
-            train = folds != k
-            per_fold.append(propagate(probs, embs, [e[train] for e in lab_embs], labels[train], pcfg).probs)
+        folds = np.asarray(run.folds)
+        per_fold = [propagate(probs, pool, lab[folds != k], labels[folds != k], pcfg) for k in range(run.cfg.cv.folds)]
         paths, _ = run.unlabeled
-        from semivit.utils import atomic_path
-
         with atomic_path(run.stage_dir(out_dir) / "propagate_folds.npz") as tmp, open(tmp, "wb") as f:
-            np.savez(f, images=np.asarray([run.rel(p) for p in paths]), probs=np.stack(per_fold).astype(np.float32))
-        stats["fold_argmax_changed"] = [int((p.argmax(1) != probs.argmax(1)).sum()) for p in per_fold]
+            np.savez(f, images=np.asarray([run.rel(p) for p in paths]),
+                     probs=np.stack([p.probs for p in per_fold]).astype(np.float32))
+        stats["fold_argmax_changed"] = [p.changed for p in per_fold]
     info(f"label spreading over {len(run.labeled)} labeled + {len(probs)} unlabeled images "
          f"({pcfg.propagate_neighbors} neighbours, alpha {pcfg.propagate_alpha:g}, teacher's share "
          f"{pcfg.propagate_mix:g}): the graph reached {out.reached}, the arg-max changed on {out.changed}")
