@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sklearn.metrics import f1_score  # noqa: E402
 
@@ -33,20 +32,11 @@ from semivit.data.layout import read_truth  # noqa: E402
 from semivit.pseudo.propagate import joint_embedding, mix_with_spread, spread  # noqa: E402
 from semivit.trainer.infer import ensemble_predict  # noqa: E402
 from semivit.trainer.run import Run, decode_with_progress  # noqa: E402
+from label_efficiency import commit, cpu_name  # noqa: E402  (the machine and commit lines of every result)
 
 NEIGHBORS = (7, 15, 30)
 ALPHAS = (0.2, 0.5, 0.8)
 MIXES = (0.0, 0.5)  # the teacher's share; 1.0 = the teacher alone (reported as its own row)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def one_seed(work: Path, fraction: float) -> dict:
@@ -108,16 +98,14 @@ def main() -> None:
                       **{f"{m}_mean": round(float(np.mean(v)), 4) for m, v in vals.items()},
                       "dev_macro_f1_per_seed": vals["dev_macro_f1"]})
     best = max(table[1:], key=lambda r: r["dev_macro_f1_mean"])
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parents[1]).stdout.strip()
-    doc = {"benchmark": "propagate_grid", "command": " ".join(sys.argv), "commit": commit,
-           "machine": f"{cpu_name()} ({len(__import__('os').sched_getaffinity(0))} cores)",
+    sha = commit()
+    doc = {"benchmark": "propagate_grid", "command": " ".join(sys.argv), "commit": sha, "machine": cpu_name(),
            "wall_seconds": round(time.time() - t0, 1), "fraction": args.fraction, "seeds": seeds,
            "table": table, "best_on_dev": best}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.json").write_text(json.dumps(doc, indent=1))
     lines = ["# Label spreading's settings, chosen on the dev split (`benchmarks/propagate_grid.py`)", "",
-             f"Machine: {doc['machine']}. Commit `{commit}`. Wall time {doc['wall_seconds']:.0f} s. "
+             f"Machine: {doc['machine']}. Commit `{sha}`. Wall time {doc['wall_seconds']:.0f} s. "
              f"Fraction {args.fraction:g}; {len(seeds)} seeds' stage 1 ({', '.join(s['work'] for s in seeds)}); "
              "no training, the test split not read.", "",
              "Dev macro F1: the dev images join the graph unlabeled (as the pool's images do) and are labeled "
