@@ -79,6 +79,13 @@ def _member_outputs(run_dir: Path, paths: list[Path], tta: bool):
     return out
 
 
+def _joint(members, rows=slice(None)):
+    """The members' embeddings of ``rows``, each L2-normalised, concatenated, / sqrt(members) -
+    written out here, not taken from semivit.pseudo.propagate."""
+    vs = [e[rows] / np.linalg.norm(e[rows], axis=1, keepdims=True) for _, _, e in members]
+    return np.concatenate(vs, 1) / np.sqrt(len(vs))
+
+
 def test_stage2_soft_targets_are_the_teacher_mixed_with_label_spreading(tiny_run, tiny_data_shared, tmp_path):
     """Recomputed from scratch: the members' probabilities and embeddings of the labeled images
     and the pool, scikit-learn's LabelSpreading on them, the teacher's share 0.4."""
@@ -99,11 +106,7 @@ def test_stage2_soft_targets_are_the_teacher_mixed_with_label_spreading(tiny_run
     f1 = np.asarray([f for f, _, _ in pool_m])
     teacher = sum(w * p for w, (_, p, _) in zip(f1 / f1.sum(), pool_m))
 
-    def joint(members):
-        vs = [e / np.linalg.norm(e, axis=1, keepdims=True) for _, _, e in members]
-        return np.concatenate(vs, 1) / np.sqrt(len(vs))
-
-    x = np.concatenate([joint(lab_m), joint(pool_m)])
+    x = np.concatenate([_joint(lab_m), _joint(pool_m)])
     y = np.concatenate([lab.labels, -np.ones(len(pool), int)])
     ls = LabelSpreading(kernel="knn", n_neighbors=5, alpha=0.3, max_iter=200, tol=1e-4).fit(x, y)
     sp = np.zeros_like(teacher)
@@ -172,13 +175,9 @@ def test_fold_mode_spreads_only_the_training_folds_labels_to_each_student(tiny_r
     f1 = np.asarray([f for f, _, _ in pool_m])
     teacher = sum(w * p for w, (_, p, _) in zip(f1 / f1.sum(), pool_m))
 
-    def joint(members, rows=slice(None)):
-        vs = [e[rows] / np.linalg.norm(e[rows], axis=1, keepdims=True) for _, _, e in members]
-        return np.concatenate(vs, 1) / np.sqrt(len(vs))
-
     for k in range(cfg.cv.folds):
         train = folds != k
-        x = np.concatenate([joint(lab_m, train), joint(pool_m)])
+        x = np.concatenate([_joint(lab_m, train), _joint(pool_m)])
         y = np.concatenate([lab.labels[train], -np.ones(len(pool), int)])
         ls = LabelSpreading(kernel="knn", n_neighbors=40, alpha=0.3, max_iter=200, tol=1e-4).fit(x, y)
         sp = np.zeros_like(teacher)
