@@ -396,3 +396,55 @@ def test_candidates_name_their_lite0_co_teacher(le, tmp_path):
     assert le.lite0_refs(cands) == [128, 192]
     assert le.lite0_refs(cands[2:]) == []
     assert le.expand_lite0("pseudo.extra_teachers=[{F192}]", tmp_path) == f"pseudo.extra_teachers=[{tmp_path / 'F192'}]"
+
+
+@pytest.fixture(scope="module")
+def gp():
+    spec = importlib.util.spec_from_file_location("graph_predict", ROOT / "benchmarks" / "graph_predict.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_graph_prediction_takes_its_neighbours_spread_labels(gp):
+    """Two scripted clusters; the labeled node of each spreads to its cluster's pool nodes, and a
+    query takes the mean distribution of its k nearest nodes, mixed with the ensemble's."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(0, 0.01, (6, 2)) + [1, 0]
+    b = rng.normal(0, 0.01, (6, 2)) + [0, 1]
+    labeled, labels = np.stack([a[0], b[0]]), np.array([0, 1])
+    pool = np.concatenate([a[1:], b[1:]])
+    dist = gp.node_dists(labeled, labels, pool, 3, neighbors=3, alpha=0.2)
+    assert dist.shape == (12, 3) and (dist[:, 2] == 0).all()  # no label of class 2: no mass
+    assert (dist[[0, 2, 3]].argmax(1) == 0).all() and (dist[[1, 8, 9]].argmax(1) == 1).all()
+    q = np.array([[0.99, 0.01], [0.02, 0.98]])
+    g = gp.node_query(np.concatenate([labeled, pool]), dist, q, k=3)
+    assert g.argmax(1).tolist() == [0, 1] and np.allclose(g.sum(1), 1)
+    base = np.array([[0.1, 0.2, 0.7], [0.1, 0.2, 0.7]])
+    m = gp.mix(base, g, 0.75)
+    assert np.allclose(m, 0.75 * base + 0.25 * g / g.sum(1, keepdims=True))
+    assert np.allclose(gp.mix(base, np.zeros_like(g), 0.25), base)  # unreached: the ensemble's own
+
+
+def test_graph_settings_are_chosen_on_dev_and_paired_on_test(gp):
+    """Each (ensemble, mode) takes the setting with the best MEAN DEV macro F1 even where another
+    is best on test; the test pairs use that setting's per-seed scores."""
+    def seed(dev_good, test_good, base):
+        rows = {split: [] for split in ("dev", "test")}
+        for mode in gp.MODES:
+            for k in (7, 15):
+                good = {"dev": dev_good, "test": test_good}
+                for split in rows:
+                    rows[split].append({"mode": mode, "neighbors": k, "alpha": 0.5, "share": 0.5,
+                                        "a": good[split] if k == 7 else good[split] - (0.2 if split == "dev" else -0.2)})
+        return {"splits": {s: {"base": {"a": base}, "rows": rows[s]} for s in rows}}
+
+    seeds = [seed(0.6, 0.5, 0.4), seed(0.7, 0.55, 0.45)]
+    out = gp.summarise(seeds, {"dev": [0.5, 0.5], "test": [0.5, 0.5]})
+    pool = next(r for r in out["chosen"] if r["mode"] == "pool")
+    assert pool["neighbors"] == 7 and pool["test_per_seed"] == [0.5, 0.55]
+    p = next(p for p in out["paired"] if p["split"] == "test" and p["a"] == "a+pool" and p["b"] == "a")
+    assert p["per_seed"] == [0.1, 0.1] and p["diff_mean"] == pytest.approx(0.1)
+    assert any(p["b"] == "g (control file)" for p in out["paired"])
