@@ -105,7 +105,7 @@ def one_seed(work: Path, fraction: float) -> dict:
     if (runs_dir / "G").is_dir():
         ensembles["g"] = ensembles["a"] + members(runs_dir / "G", ["stage1"])
     for c in sorted(runs_dir.glob("C-*")):
-        ensembles[f"cand_{c.name[2:]}"] = ensembles["a"] + members(c, ["stage1", "stage3"])
+        ensembles[f"cand_{c.name[2:]}"] = members(c, ["stage1", "stage3"])  # C holds a copy of A's stage 1
     nodes = np.concatenate([lab_j, pool_j])
     out: dict = {"work": str(work), "labeled": len(labels), "pool": len(pool_j), "splits": {}}
     for split in ("dev", "test"):
@@ -168,42 +168,56 @@ def summarise(seeds: list[dict], control: dict | None) -> dict:
             if control and base != "g":
                 pair(f"{base}+{mode}", r[f"{split}_per_seed"], "g (control file)", control[split], split)
             if "g" in bases and base != "g" and mode in ("pool", "pool_t"):
-                for gm in ("labels", mode.replace("pool", "labels")):
+                for gm in dict.fromkeys(("labels", mode.replace("pool", "labels"))):  # once each
                     pair(f"{base}+{mode}", r[f"{split}_per_seed"], f"g+{gm}", by[("g", gm)][f"{split}_per_seed"], split)
     return {"chosen": chosen, "paired": pairs}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", nargs="+", type=Path, required=True, help="label_efficiency.py --work dirs, one per seed")
+    ap.add_argument("--work", nargs="*", type=Path, default=[], help="label_efficiency.py --work dirs, one per seed")
     ap.add_argument("--fraction", type=float, default=0.1, help="ELPV: labeled share; MNIST: labels per class")
     ap.add_argument("--control", type=Path, default=None,
                     help="a label_efficiency results JSON whose per-seed (g) (same stage 1) is paired with")
     ap.add_argument("--out", type=Path, required=True, help="writes OUT.json and OUT.md")
+    ap.add_argument("--seeds-from", type=Path, default=None,
+                    help="re-summarise the per-seed scores of an earlier OUT.json instead of computing them")
     args = ap.parse_args()
     t0 = time.time()
-    seeds = [one_seed(w, args.fraction) for w in args.work]
+    if args.seeds_from:  # the scores as computed then (their commit and wall time are kept)
+        earlier = json.loads(args.seeds_from.read_text())
+        seeds = earlier["seeds"]
+    else:
+        if not args.work:
+            ap.error("give --work (one directory per seed) or --seeds-from")
+        earlier = {}
+        seeds = [one_seed(w, args.fraction) for w in args.work]
     control = None
     if args.control:
         doc = json.loads(args.control.read_text())
         by_seed = {r["seed"]: r for r in doc["runs"] if r["fraction"] == args.fraction}
         ids = [int(str(s["work"]).rstrip("/").rsplit("s", 1)[-1]) for s in seeds]
         control = {split: [by_seed[i][split]["g"]["macro_f1"] for i in ids] for split in ("dev", "test")}
-        # stage 1 must be the control file's: (a) reproduced seed for seed
-        for split in ("dev", "test"):
-            mine = [s["splits"][split]["base"]["a"] for s in seeds]
-            theirs = [by_seed[i][split]["a"]["macro_f1"] for i in ids]
+        # stage 1 must be the control file's: (a) reproduced seed for seed - and every ensemble the
+        # control file scored too (its candidates, (g)) scores here as it did there
+        for split, name in itertools.product(("dev", "test"), seeds[0]["splits"]["dev"]["base"]):
+            if not all(name in by_seed[i][split] for i in ids):
+                continue
+            mine = [s["splits"][split]["base"][name] for s in seeds]
+            theirs = [by_seed[i][split][name]["macro_f1"] for i in ids]
             if mine != theirs:
-                raise SystemExit(f"error: (a) on {split} {mine} differs from the control file's {theirs}: not the same stage 1")
+                raise SystemExit(f"error: ({name}) on {split} {mine} differs from the control file's {theirs}")
     summ = summarise(seeds, control)
     sha = commit()
-    doc = {"benchmark": "graph_predict", "command": " ".join(sys.argv), "commit": sha, "machine": cpu_name(),
-           "wall_seconds": round(time.time() - t0, 1), "fraction": args.fraction,
+    doc = {"benchmark": "graph_predict", "command": earlier.get("command", " ".join(sys.argv)),
+           "commit": earlier.get("commit", sha), "machine": earlier.get("machine", cpu_name()),
+           "wall_seconds": earlier.get("wall_seconds", round(time.time() - t0, 1)), "fraction": args.fraction,
+           **({"summarised_by": " ".join(sys.argv), "summarised_at_commit": sha} if earlier else {}),
            "control": str(args.control) if args.control else None, "seeds": seeds, **summ}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.json").write_text(json.dumps(doc, indent=1))
     lines = ["# Prediction over a graph of the labeled images and the unlabeled pool (`benchmarks/graph_predict.py`)", "",
-             f"Machine: {doc['machine']}. Commit `{sha}`. Wall time {doc['wall_seconds']:.0f} s (no training). "
+             f"Machine: {doc['machine']}. Commit `{doc['commit']}`. Wall time {doc['wall_seconds']:.0f} s (no training). "
              f"Fraction {args.fraction:g}; {len(seeds)} seeds ({', '.join(s['work'] for s in seeds)}).", "",
              "Modes: `pool` - label spreading over the labeled images + the unlabeled pool, each predicted image "
              "takes the mean distribution of its k nearest nodes; `labels` - the same with the labeled images "
@@ -225,6 +239,8 @@ def main() -> None:
         lines.append(f"| {p['split']} | {p['a']} | {p['b']} | {p['n']} | {p['diff_mean']:+.4f} "
                      f"| {p['ci_low']:+.4f} to {p['ci_high']:+.4f} | {v} |")
     lines += ["", f"Command: `{doc['command']}`"]
+    if earlier:
+        lines.append(f"Summarised again from its per-seed scores at commit `{sha}`: `{doc['summarised_by']}`")
     Path(f"{args.out}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
