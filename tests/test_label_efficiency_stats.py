@@ -448,3 +448,31 @@ def test_graph_settings_are_chosen_on_dev_and_paired_on_test(gp):
     p = next(p for p in out["paired"] if p["split"] == "test" and p["a"] == "a+pool" and p["b"] == "a")
     assert p["per_seed"] == [0.1, 0.1] and p["diff_mean"] == pytest.approx(0.1)
     assert any(p["b"] == "g (control file)" for p in out["paired"])
+
+
+def test_graph_scores_must_match_the_control_files_ensembles(gp, tmp_path, monkeypatch):
+    """Paired with a control file, every ensemble that file also scored must score the same here
+    (the same stage 1, the same candidate): a candidate scored on other members is refused."""
+    import sys
+
+    def seed(i, cand):
+        rows = [{"mode": m, "neighbors": 7, "alpha": 0.5, "share": 0.5, "a": 0.5, "cand_x": cand} for m in gp.MODES]
+        return {"work": f"/w/s{i}", "splits": {s: {"base": {"a": 0.4, "cand_x": cand}, "rows": rows}
+                                               for s in ("dev", "test")}}
+
+    control = {"runs": [{"seed": i, "fraction": 0.1, **{s: {"a": {"macro_f1": 0.4}, "g": {"macro_f1": 0.45},
+                                                              "cand_x": {"macro_f1": 0.47}} for s in ("dev", "test")}}
+                        for i in (0, 1)]}
+    (tmp_path / "control.json").write_text(json.dumps(control))
+    for cand, ok in ((0.47, True), (0.48, False)):
+        (tmp_path / "seeds.json").write_text(json.dumps({"seeds": [seed(0, cand), seed(1, cand)], "commit": "x",
+                                                         "machine": "m", "wall_seconds": 1.0, "command": "c"}))
+        monkeypatch.setattr(sys, "argv", ["graph_predict.py", "--seeds-from", str(tmp_path / "seeds.json"),
+                                          "--control", str(tmp_path / "control.json"), "--out", str(tmp_path / "out")])
+        if ok:
+            gp.main()
+            doc = json.loads((tmp_path / "out.json").read_text())
+            assert any(p["b"] == "g (control file)" and p["per_seed"] == [0.05, 0.05] for p in doc["paired"])
+        else:
+            with pytest.raises(SystemExit, match="cand_x"):
+                gp.main()
