@@ -509,12 +509,14 @@ def bench_one(args, fraction: float, seed: int) -> dict:
             | ({"co_teacher_steps": teach} if teach else {}) \
             | ({"rounds": rounds, "round1_from": first.name if first else None, "pseudo_labels_last_round":
                 pseudo_summary(C, round_dirs(rounds, rounds)[0])} if rounds > 1 else {})
-    if "g" in args.arms and stage3_steps:
+    if "g" in args.arms and (stage3_steps or args.control_matches == "stage1"):
         # as many models, and per fold at least as many optimiser steps (and epochs) as (b)'s
         # stage-3 folds (--control-matches; default: the most expensive candidate's)
         per_epoch = labeled_steps_per_epoch(A, base.cv.folds)
         matched = args.control_matches or max(stage3_steps, key=lambda n: max(stage3_steps[n]))
-        need = max(stage3_steps[matched])
+        # "stage1": the second five get stage 1's own length - the control for a method that adds
+        # no training to stage 1 (e.g. benchmarks/graph_predict.py's graph at prediction time)
+        need = max(s1) if matched == "stage1" else max(stage3_steps[matched])
         g_epochs = max(base.train.epochs, math.ceil(need / per_epoch))
         G = runs / "G"
         gsets = sets + [f"train.epochs={g_epochs}", f"train.restart_epochs={g_epochs}", f"train.patience={g_epochs}"]
@@ -859,7 +861,8 @@ def main() -> None:
                     help="NAME:key=value,... a semi-supervised method (stage 2-3 on run A's stage 1); "
                          "'NAME:' alone is the preset as it is")
     ap.add_argument("--control-matches", default=None,
-                    help="candidate whose stage-3 steps (g) must match (default: the most expensive one)")
+                    help="candidate whose stage-3 steps (g) must match (default: the most expensive one); "
+                         "'stage1': (g)'s second five train as long as stage 1 (needs no candidate)")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="extra config override for every arm")
     ap.add_argument("--upper", action="store_true", help="also (e), the all-labels upper bound (ELPV)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/semivit-bench"))
