@@ -36,7 +36,7 @@ from sklearn.metrics import f1_score  # noqa: E402
 
 from semivit import config as cfgmod  # noqa: E402
 from semivit.models.ensemble import ensemble_weights  # noqa: E402
-from semivit.pseudo.propagate import joint_embedding, spread  # noqa: E402
+from semivit.pseudo.propagate import joint_embedding, mixture, spread, spread_all  # noqa: E402
 from semivit.trainer.infer import ensemble_predict  # noqa: E402
 from semivit.trainer.run import Run  # noqa: E402
 from label_efficiency import Scorer, commit, cpu_name, members, t_interval  # noqa: E402
@@ -50,35 +50,13 @@ MODES = ("pool", "labels", "pool_t", "labels_t")
 def node_query(nodes: np.ndarray, dist: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     """Each query's mean (row-normalised) spread distribution over its k nearest nodes.  A node the
     graph did not reach (zero row) adds nothing but counts in the mean, so the row's mass is the
-    reached share (:func:`mix` renormalises); a query with none reached gets a zero row."""
+    reached share (the mixture renormalises); a query with none reached gets a zero row."""
     from sklearn.neighbors import NearestNeighbors
 
     mass = dist.sum(1, keepdims=True)
     norm = np.where(mass > 0, dist / np.where(mass > 0, mass, 1), 0.0)
     idx = NearestNeighbors(n_neighbors=min(k, len(nodes))).fit(nodes).kneighbors(queries, return_distance=False)
     return norm[idx].mean(1)
-
-
-def node_dists(labeled: np.ndarray, labels: np.ndarray, pool: np.ndarray, n_classes: int,
-               neighbors: int, alpha: float) -> np.ndarray:
-    """Label spreading's distribution on EVERY node (the labeled rows first, then the pool's):
-    scikit-learn's LabelSpreading, as semivit.pseudo.propagate.spread (which returns the pool's)."""
-    from sklearn.semi_supervised import LabelSpreading
-
-    x = np.concatenate([labeled, pool]).astype(np.float64)
-    y = np.concatenate([np.asarray(labels, dtype=int), np.full(len(pool), -1, dtype=int)])
-    with np.errstate(divide="ignore", invalid="ignore"):
-        model = LabelSpreading(kernel="knn", n_neighbors=max(1, min(neighbors, len(x) - 1)), alpha=alpha,
-                               max_iter=200, tol=1e-4).fit(x, y)
-    out = np.zeros((len(x), n_classes))
-    out[:, model.classes_] = np.nan_to_num(model.label_distributions_)
-    return out
-
-
-def mix(base: np.ndarray, graph: np.ndarray, share: float) -> np.ndarray:
-    mass = graph.sum(1, keepdims=True)
-    g = np.where(mass > 0, graph / np.where(mass > 0, mass, 1), base)
-    return share * base + (1 - share) * g
 
 
 def one_seed(work: Path, fraction: float) -> dict:
@@ -107,6 +85,11 @@ def one_seed(work: Path, fraction: float) -> dict:
     for c in sorted(runs_dir.glob("C-*")):
         ensembles[f"cand_{c.name[2:]}"] = members(c, ["stage1", "stage3"])  # C holds a copy of A's stage 1
     nodes = np.concatenate([lab_j, pool_j])
+    # every node's spread distribution per setting, with the pool and with the labels alone: the
+    # same for both splits, so computed once
+    dists = {(k, alpha): (spread_all(lab_j, labels, pool_j, len(classes), k, alpha),
+                          spread_all(lab_j, labels, lab_j[:0], len(classes), k, alpha))
+             for k, alpha in itertools.product(NEIGHBORS, ALPHAS)}
     out: dict = {"work": str(work), "labeled": len(labels), "pool": len(pool_j), "splits": {}}
     for split in ("dev", "test"):
         sc = Scorer(data / split, classes, cfg.model.img_size)
@@ -121,14 +104,14 @@ def one_seed(work: Path, fraction: float) -> dict:
 
         out["splits"][split] = {"base": {n: f1(p) for n, p in bases.items()}, "rows": []}
         for k, alpha in itertools.product(NEIGHBORS, ALPHAS):
-            g = {"pool": node_query(nodes, node_dists(lab_j, labels, pool_j, len(classes), k, alpha), q, k),
-                 "labels": node_query(lab_j, node_dists(lab_j, labels, lab_j[:0], len(classes), k, alpha), q, k)}
+            with_pool, labels_only = dists[(k, alpha)]
+            g = {"pool": node_query(nodes, with_pool, q, k), "labels": node_query(lab_j, labels_only, q, k)}
             g["pool_t"] = spread(lab_j, labels, np.concatenate([pool_j, q]), len(classes), k, alpha)[len(pool_j):]
             g["labels_t"] = spread(lab_j, labels, q, len(classes), k, alpha)
             for mode, m in itertools.product(MODES, MIXES):
                 out["splits"][split]["rows"].append(
                     {"mode": mode, "neighbors": k, "alpha": alpha, "share": m,
-                     **{n: f1(mix(p, g[mode], m)) for n, p in bases.items()}})
+                     **{n: f1(mixture(p, g[mode], m)[0]) for n, p in bases.items()}})
     return out
 
 

@@ -35,12 +35,13 @@ def joint_embedding(members: Sequence[np.ndarray]) -> np.ndarray:
     return np.concatenate(out, axis=1) / np.sqrt(len(out))
 
 
-def spread(labeled: np.ndarray, labels: np.ndarray, pool: np.ndarray, n_classes: int,
-           neighbors: int, alpha: float) -> np.ndarray:
-    """Label spreading from the ``labeled`` rows (class indices ``labels``) to the ``pool`` rows;
-    returns the pool's class distributions (n_pool x n_classes; a row of zeros where the graph
-    did not reach the image).  ``alpha``: how much a node takes from its neighbours (0: labeled
-    nodes keep their labels exactly; near 1: everything from the graph)."""
+def spread_all(labeled: np.ndarray, labels: np.ndarray, pool: np.ndarray, n_classes: int,
+               neighbors: int, alpha: float) -> np.ndarray:
+    """Label spreading from the ``labeled`` rows (class indices ``labels``) over the graph of them
+    and the ``pool`` rows; returns EVERY node's class distribution, the labeled rows first
+    ((n_labeled + n_pool) x n_classes; a row of zeros where the graph did not reach the node).
+    ``alpha``: how much a node takes from its neighbours (0: labeled nodes keep their labels
+    exactly; near 1: everything from the graph)."""
     from sklearn.semi_supervised import LabelSpreading
 
     labels = np.asarray(labels, dtype=int)
@@ -49,10 +50,15 @@ def spread(labeled: np.ndarray, labels: np.ndarray, pool: np.ndarray, n_classes:
     k = max(1, min(int(neighbors), len(x) - 1))
     with np.errstate(divide="ignore", invalid="ignore"):  # unreached rows: 0/0, set to 0 below
         model = LabelSpreading(kernel="knn", n_neighbors=k, alpha=alpha, max_iter=200, tol=1e-4).fit(x, y)
-    dist = np.nan_to_num(model.label_distributions_[len(labeled):])
-    out = np.zeros((len(pool), n_classes))
-    out[:, model.classes_] = dist  # a class with no labeled image gets no mass from the graph
+    out = np.zeros((len(x), n_classes))
+    out[:, model.classes_] = np.nan_to_num(model.label_distributions_)  # a class with no labeled image gets no mass
     return out
+
+
+def spread(labeled: np.ndarray, labels: np.ndarray, pool: np.ndarray, n_classes: int,
+           neighbors: int, alpha: float) -> np.ndarray:
+    """:func:`spread_all`'s distributions of the ``pool`` rows (n_pool x n_classes)."""
+    return spread_all(labeled, labels, pool, n_classes, neighbors, alpha)[len(labeled):]
 
 
 @dataclass
@@ -62,16 +68,23 @@ class Propagated:
     changed: int  # pool images whose arg-max the mixing changed
 
 
-def mix_with_spread(teacher: np.ndarray, spread_dist: np.ndarray, teacher_share: float) -> Propagated:
-    """``teacher_share`` x the teacher's probabilities + the rest x the spread distribution, rows
-    renormalised; rows the graph did not reach keep the teacher's."""
+def mixture(teacher: np.ndarray, spread_dist: np.ndarray, teacher_share: float) -> tuple[np.ndarray, np.ndarray]:
+    """``teacher_share`` x the teacher's probabilities + the rest x the spread distribution (each
+    row normalised), rows renormalised, float64; rows the graph did not reach keep the teacher's.
+    Returns (mixture, reached mask)."""
     teacher = np.asarray(teacher, dtype=np.float64)
     mass = spread_dist.sum(1, keepdims=True)
     reached = mass[:, 0] > 0
     sp = np.where(reached[:, None], spread_dist / np.where(mass > 0, mass, 1.0), teacher)
     p = teacher_share * teacher + (1.0 - teacher_share) * sp
-    p = p / p.sum(1, keepdims=True)
-    return Propagated(p.astype(np.float32), int(reached.sum()), int((p.argmax(1) != teacher.argmax(1)).sum()))
+    return p / p.sum(1, keepdims=True), reached
+
+
+def mix_with_spread(teacher: np.ndarray, spread_dist: np.ndarray, teacher_share: float) -> Propagated:
+    """:func:`mixture` as float32 probabilities, with how many rows the graph reached and how many
+    arg-maxes it changed."""
+    p, reached = mixture(teacher, spread_dist, teacher_share)
+    return Propagated(p.astype(np.float32), int(reached.sum()), int((p.argmax(1) != np.asarray(teacher).argmax(1)).sum()))
 
 
 def propagate(teacher: np.ndarray, pool: np.ndarray, labeled: np.ndarray, labels: np.ndarray, pcfg) -> Propagated:
