@@ -67,9 +67,14 @@ def test_a_registered_retrain_strategy_is_accepted_and_its_needs_decide_the_stag
 
 def test_stage_choices_come_from_the_registry():
     cfg = config.resolve(preset="tiny", overrides=["pretrain.method=mae"])
-    assert stages.stage_names() == ["pretrain", "supervised", "pseudo", "retrain"]
+    assert stages.stage_names() == ["pretrain", "supervised", "pseudo", "retrain", "graph"]
     assert parse_stages("retrain,pretrain", cfg) == ["pretrain", "retrain"]  # registry order
-    with pytest.raises(UserError, match="unknown stage 'fine-tune' \\(choose from pretrain,supervised,pseudo,retrain\\)"):
+    with pytest.raises(UserError, match="unknown stage 'fine-tune' \\(choose from pretrain,supervised,pseudo,retrain,graph\\)"):
         parse_stages("fine-tune", cfg)
     with pytest.raises(UserError, match="--stages pretrain needs a pre-training method"):
         parse_stages("pretrain", config.resolve(preset="tiny"))
+    # the pool graph: a stage of the quick preset (its default), not of the tiny one unless asked
+    with pytest.raises(UserError, match="--stages graph needs the pool graph: --set ensemble.graph=pool"):
+        parse_stages("graph", config.resolve(preset="tiny"))
+    assert parse_stages(None, config.resolve(preset="quick")) == ["supervised", "pseudo", "retrain", "graph"]
+    assert parse_stages(None, config.resolve(preset="lite0")) == ["supervised", "pseudo", "retrain"]

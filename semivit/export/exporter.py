@@ -62,6 +62,7 @@ def export_run(run: Path, out: Optional[Path] = None, trt: bool = False, int8: b
     :mod:`semivit.export.candidates`); default ``SEMIVIT_EXPORT_CANDIDATES``, else ``auto``."""
     from semivit.export import candidates as candmod
     from semivit.models.ensemble import EnsembleModel, load_members, read_ensemble
+    from semivit.models.pool_graph import graph_for, read_graph
 
     run = Path(run)
     out = Path(out) if out is not None else run / "export"
@@ -88,6 +89,8 @@ def export_run(run: Path, out: Optional[Path] = None, trt: bool = False, int8: b
     data = verify.load_run_images(run, classes, size, limit=None if gate_all else verify.MAX_VERIFY_IMAGES)
     check_images = verify.interleaved_subset(data, verify.MAX_VERIFY_IMAGES)
     plan = levelmod.plan_levels(entries, tta)
+    pool_graph = read_graph(run)  # ensemble.graph: pool - ends every level that has its members
+    with_graph = []
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -98,8 +101,11 @@ def export_run(run: Path, out: Optional[Path] = None, trt: bool = False, int8: b
         graphs, checks, exported = {}, {}, {}
         full_model = None
         for level in plan:
+            g, g_idx = graph_for(pool_graph, [m["name"] for m in level.members])
             model = EnsembleModel([by_name[m["name"]] for m in level.members], [m["weight"] for m in level.members],
-                                  tta=level.tta, mean=doc["mean"], std=doc["std"]).eval()
+                                  tta=level.tta, mean=doc["mean"], std=doc["std"], graph=g, graph_members=g_idx).eval()
+            if g is not None:
+                with_graph.append(level.name)
             full_model = full_model or model
             path = tmp / level.file
             info(f"exporting {level.name}: {len(level.members)} members{', flip TTA' if level.tta else ''} ...")
@@ -171,6 +177,7 @@ def export_run(run: Path, out: Optional[Path] = None, trt: bool = False, int8: b
             "external_data": any(e["external_data"] for e in exported.values()),
             "graphs": graphs, "verification": checks,
             "verification_images": {"count": int(len(check_images)), "source": data.source},
+            "graph": _graph_entry(run, pool_graph, with_graph),
             "int8": int8_report, "tensorrt": trt_doc, "serving": serving, "versions": _versions(),
             "seconds": round(time.perf_counter() - t_start, 1),
         })
@@ -183,6 +190,19 @@ def export_run(run: Path, out: Optional[Path] = None, trt: bool = False, int8: b
     if refused is not None:
         raise refused
     return out
+
+
+def _graph_entry(run: Path, doc, levels: list[str]):
+    """meta.json ``graph``: the pool graph the levels end in (None: the run has none)."""
+    if doc is None:
+        return None
+    keys = ("neighbors", "alpha", "share", "labeled", "pool", "pool_reached", "tta")
+    return {"file": "graph.npz (of the source run; its nodes are inside the ONNX graphs)",
+            "sha256": sha256_file(run / "graph.npz"), **{k: doc.get(k) for k in keys},
+            "members": doc["members"], "levels": levels,
+            "what": "a prediction mixes the mean label-spreading distribution of its nearest labeled + unlabeled "
+                    "training images (stage-1 members' embedding) with the ensemble's probabilities; "
+                    "share = the ensemble's weight"}
 
 
 def _up_to_date(run: Path, out: Path, tta: bool, int8: bool, trt: bool, candidates: str = "none") -> bool:
@@ -199,7 +219,9 @@ def _up_to_date(run: Path, out: Path, tta: bool, int8: bool, trt: bool, candidat
         return False
     if not isinstance(meta, dict):
         return False
+    graph_file = run / "graph.npz"
     same = (meta.get("source_ensemble_sha256") == sha256_file(run / "ensemble.json")
+            and (meta.get("graph") or {}).get("sha256") == (sha256_file(graph_file) if graph_file.is_file() else None)
             and bool(meta.get("tta")) == tta
             and (not int8 or bool((meta.get("int8") or {}).get("accepted")))
             and (not trt or bool(meta.get("tensorrt")))

@@ -88,12 +88,13 @@ def quantize(src: Path, dst: Path, calibration: Optional[np.ndarray] = None) -> 
         with tempfile.TemporaryDirectory(prefix="semivit-int8-") as scratch, contextlib.chdir(scratch):
             quant_pre_process(str(src), str(pre), skip_optimization=external, save_as_external_data=external,
                               all_tensors_to_one_file=True, external_data_location=f"{pre.name}.data")
+            exclude = graph_nodes_to_exclude(onnx.load(str(pre), load_external_data=False))
             if calibration is None:
                 quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=OP_TYPES,
-                                 per_channel=False, use_external_data_format=external)
+                                 per_channel=False, use_external_data_format=external, nodes_to_exclude=exclude)
             else:
                 quantize_static(str(pre), str(dst), _Calibration(calibration), quant_format=QuantFormat.QDQ,
-                                op_types_to_quantize=STATIC_OP_TYPES, per_channel=True,
+                                op_types_to_quantize=STATIC_OP_TYPES, per_channel=True, nodes_to_exclude=exclude,
                                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                                 calibrate_method=CalibrationMethod.MinMax, use_external_data_format=external)
     finally:
@@ -110,7 +111,10 @@ def quantize(src: Path, dst: Path, calibration: Optional[np.ndarray] = None) -> 
 def member_terms(model: onnx.ModelProto) -> list[str]:
     """The tensors summed into ``probs``: each member's weighted probabilities, in order.
 
-    EnsembleModel ends in ``probs = w_0 p_0 + w_1 p_1 + ...``, a left-deep chain of Add nodes.
+    EnsembleModel sums ``w_0 p_0 + w_1 p_1 + ...``, a left-deep chain of Add nodes, which is
+    ``probs`` itself - or, with the pool graph at its end (semivit.models.pool_graph), the last
+    input of the graph's final Where (``where(reached, spread, ensemble)``).  Callers check the
+    terms against the PyTorch members (:func:`_terms_match_members`) before trusting them.
     """
     producer = {o: n for n in model.graph.node for o in n.output}
 
@@ -122,7 +126,18 @@ def member_terms(model: onnx.ModelProto) -> list[str]:
             return leaves(n.input[0]) + leaves(n.input[1])
         return [name]
 
+    wheres = [n for n in model.graph.node if n.op_type == "Where"]
+    if producer.get("probs") is not None and producer["probs"].op_type == "Div" and wheres:
+        # the pool graph: torch.where(reached, spread, probs) - its last input is the ensemble sum
+        return leaves(wheres[-1].input[2])
     return leaves("probs")
+
+
+def graph_nodes_to_exclude(model: onnx.ModelProto) -> list[str]:
+    """The pool graph's similarity MatMul (against its node matrix, ``pool_graph.nodes_t``): kept
+    in FP32 - a nearest-neighbour search on INT8 similarities could reorder close neighbours, and
+    the accuracy gate scores the members' terms, not the graph's neighbours."""
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and any("nodes_t" in i for i in n.input)]
 
 
 def _with_outputs(path: Path, names: list[str]) -> Path:

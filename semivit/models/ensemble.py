@@ -70,7 +70,8 @@ class EnsembleModel(nn.Module):
     """
 
     def __init__(self, members: Sequence[nn.Module], weights: Sequence[float], tta: bool = True,
-                 mean=IMAGENET_MEAN, std=IMAGENET_STD):
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD, graph: Optional[nn.Module] = None,
+                 graph_members: Sequence[int] = ()):
         super().__init__()
         if len(members) != len(weights) or not members:
             raise ValueError("members and weights must be non-empty and of equal length")
@@ -89,6 +90,10 @@ class EnsembleModel(nn.Module):
         self.register_buffer("weights", w / w.sum())
         self.tta = tta
         self.pre = Preprocess(mean, std, channels_last_input=True)
+        # ensemble.graph: pool (semivit.models.pool_graph): the members at ``graph_members`` also
+        # give their embeddings, and the pool graph's neighbours are mixed into the probabilities
+        self.pool_graph = graph
+        self.graph_members = [int(i) for i in graph_members] if graph is not None else []
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.pre(images)
@@ -97,13 +102,20 @@ class EnsembleModel(nn.Module):
             x = torch.cat([x, x.flip(3)], dim=0)
         if self.stem is not None:
             x = self.stem(x)
-        probs = None
+        probs, embs = None, {}
         for i, m in enumerate(self.members):
-            p = torch.softmax(m(x), dim=1)
+            if i in self.graph_members:
+                logits, e = m.forward_with_embedding(x)
+                embs[i] = 0.5 * (e[:n] + e[n:]) if self.tta else e
+            else:
+                logits = m(x)
+            p = torch.softmax(logits, dim=1)
             if self.tta:
                 p = 0.5 * (p[:n] + p[n:])
             p = p * self.weights[i]
-            probs = p if probs is None else probs + p
+            probs = p if probs is None else probs + p  # a left-deep Add chain (int8.member_terms)
+        if self.pool_graph is not None:
+            probs = self.pool_graph(probs, [embs[i] for i in self.graph_members])
         return probs, probs.argmax(dim=1)
 
 
@@ -138,10 +150,17 @@ def load_members(run_dir: Path, doc: Optional[dict] = None, names: Optional[Sequ
     return models, [m["weight"] for m in entries], entries
 
 
-def load_ensemble(run_dir: Path, tta: bool = True, names: Optional[Sequence[str]] = None) -> tuple[EnsembleModel, dict]:
+def load_ensemble(run_dir: Path, tta: bool = True, names: Optional[Sequence[str]] = None,
+                  graph: bool = True) -> tuple[EnsembleModel, dict]:
+    """The run's EnsembleModel; with ``graph`` and a RUN/graph.npz whose members are all loaded,
+    ending in the pool graph (semivit.models.pool_graph)."""
+    from semivit.models.pool_graph import graph_for, read_graph
+
     doc = read_ensemble(run_dir)
-    models, weights, _ = load_members(run_dir, doc, names)
-    model = EnsembleModel(models, weights, tta=tta, mean=doc["mean"], std=doc["std"]).eval()
+    models, weights, entries = load_members(run_dir, doc, names)
+    g, idx = graph_for(read_graph(run_dir) if graph else None, [m["name"] for m in entries])
+    model = EnsembleModel(models, weights, tta=tta, mean=doc["mean"], std=doc["std"], graph=g,
+                          graph_members=idx).eval()
     return model, doc
 
 

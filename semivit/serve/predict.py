@@ -169,7 +169,8 @@ def run_predict(dir: Path, model: Optional[Path], out: Path = Path("predictions.
                 images=n, ok=counts.ok, errors=counts.error, timeouts=counts.timeout, seconds=round(seconds, 3),
                 images_per_s=round(counts.ok / seconds, 2) if seconds > 0 else 0.0, backend=be.name,
                 provider=be.describe(), model=ref.describe(), load_seconds=round(load_s, 3),
-                levels=[{"name": lv.name, "tta": lv.tta, "members": lv.members, "images": counts.per_level.get(i, 0)}
+                levels=[{"name": lv.name, "tta": lv.tta, "members": lv.members, "images": counts.per_level.get(i, 0),
+                         "pool_graph": lv.name in ((ref.meta or {}).get("graph") or {}).get("levels", [])}
                         for i, lv in enumerate(be.levels)],
                 steps=[{"level": be.levels[lv].name, "images_left": left, "load_seconds": round(sec, 3)}
                        for lv, left, sec in counts.switches],
@@ -254,7 +255,8 @@ def print_summary(s: Summary) -> None:
     say(f"  backend: {s.backend} - {s.provider}")
     for lv in s.levels:
         if lv["images"] or lv is s.levels[0]:
-            say(f"  level {lv['name']}: TTA {'on' if lv['tta'] else 'off'}, {lv['members']} members: "
+            say(f"  level {lv['name']}: TTA {'on' if lv['tta'] else 'off'}, {lv['members']} members"
+                f"{' + pool graph' if lv.get('pool_graph') else ''}: "
                  f"{lv['images']} images")
     for st in s.steps:
         say(f"  time limit: stepped down to {st['level']} with {st['images_left']} images left "

@@ -91,6 +91,9 @@ class TorchBackend(Backend):
         self._models = {e["name"]: m.to(self.device).eval() for e, m in zip(entries, models)}
         self._weights = {e["name"]: w for e, w in zip(entries, weights)}
         self._mean, self._std = doc["mean"], doc["std"]
+        from semivit.models.pool_graph import read_graph
+
+        self._graph_doc = read_graph(ref.run_dir)  # ensemble.graph: pool - as the export's levels
         self.levels = torch_levels(entries)
         self._built: dict[int, object] = {}
         self._graphs: dict[tuple[int, int], tuple] = {}  # (level, batch) -> (graph, static in, static out)
@@ -103,9 +106,12 @@ class TorchBackend(Backend):
     def _activate(self, i: int) -> None:
         if i not in self._built:
             lv = self.levels[i]
+            from semivit.models.pool_graph import graph_for
+
             names = lv.member_names
+            g, g_idx = graph_for(self._graph_doc, names)
             model = self._Ensemble([self._models[n] for n in names], [self._weights[n] for n in names],
-                                   tta=lv.tta, mean=self._mean, std=self._std)
+                                   tta=lv.tta, mean=self._mean, std=self._std, graph=g, graph_members=g_idx)
             self._built[i] = model.to(self.device).eval()
 
     def _forward(self, x):

@@ -77,12 +77,17 @@ def predict_arrays(model: nn.Module, images: np.ndarray, batch_size: int = 64,
 @torch.no_grad()
 def ensemble_predict(run_dir: Path, images: np.ndarray, stages: Optional[Sequence[str]] = None,
                      tta: bool = True, batch_size: int = 64, device=None,
-                     with_embeddings: bool = False, weighting: str = "f1", progress=None):
+                     with_embeddings: bool = False, weighting: str = "f1", progress=None,
+                     graph: bool = True):
     """Weighted-ensemble probabilities of the members of ``stages`` (default: ensemble.json).
 
     With ``with_embeddings`` also returns each member's penultimate embeddings (list of arrays);
-    ``progress(done, total)`` is called after each member.
+    ``progress(done, total)`` is called after each member.  The run's ensemble (``stages`` None)
+    ends in its pool graph when it has one (RUN/graph.npz, semivit.models.pool_graph) and
+    ``graph`` is true - the probabilities the exported graph serves.
     """
+    from semivit.models.pool_graph import graph_for, read_graph
+
     if stages is None:
         entries = read_ensemble(run_dir)["members"]
         weights = [m["weight"] for m in entries]
@@ -91,17 +96,23 @@ def ensemble_predict(run_dir: Path, images: np.ndarray, stages: Optional[Sequenc
         if not entries:
             raise UserError(f"{run_dir} has no trained members in {', '.join(stages)}")
         weights = list(ensemble_weights([m["val_macro_f1"] for m in entries], weighting))
+    pool_graph, graph_idx = graph_for(read_graph(run_dir) if graph and stages is None else None,
+                                      [m["name"] for m in entries])
     probs, embs = None, []
     for i, (m, w) in enumerate(zip(entries, weights)):
         model, _ = load_checkpoint(Path(run_dir) / m["path"])
         if device is not None:
             model.to(device)
-        out = predict_arrays(model, images, batch_size=batch_size, device=device, tta=tta,
-                             with_embeddings=with_embeddings)
-        p = out[0] if with_embeddings else out
-        if with_embeddings:
-            embs.append(out[1])
+        emb = with_embeddings or i in graph_idx
+        out = predict_arrays(model, images, batch_size=batch_size, device=device, tta=tta, with_embeddings=emb)
+        p = out[0] if emb else out
+        embs.append(out[1] if emb else None)
         probs = p * w if probs is None else probs + p * w
         if progress is not None:
             progress(i + 1, len(entries))
+    if pool_graph is not None and len(probs):
+        t = torch.from_numpy(np.asarray(probs, np.float32))
+        e = [torch.from_numpy(np.asarray(embs[i], np.float32)) for i in graph_idx]
+        probs = np.concatenate([pool_graph(t[s:s + 1024], [x[s:s + 1024] for x in e]).numpy()
+                                for s in range(0, len(t), 1024)])  # (1024 x nodes similarities at a time)
     return (probs, embs) if with_embeddings else probs

@@ -90,10 +90,16 @@ def heldout_scores(run) -> dict:
     y = ls.labels[dec.ok]
     members = members_from_stages(run.dir, ["stage1", "stage3"])
     inputs = run.stem_features(dec.images, tta=True, what="test images")  # the stem runs once, not per member
-    probs = {}
+    from semivit.models.pool_graph import graph_for, read_graph
+
+    pool_graph, graph_idx = graph_for(read_graph(run.dir), [m["name"] for m in members])
+    graph_names = [members[i]["name"] for i in graph_idx]
+    probs, embs = {}, {}
     for m in members:
         model, _ = load_checkpoint(run.dir / m["path"])
-        probs[m["name"]] = predict_arrays(model.to(run.device), inputs, device=run.device, tta=True)
+        out = predict_arrays(model.to(run.device), inputs, device=run.device, tta=True,
+                             with_embeddings=m["name"] in graph_names)
+        probs[m["name"]], embs[m["name"]] = out if m["name"] in graph_names else (out, None)
     out = {"n_images": int(len(y)), "members": {}}
     for m in members:
         out["members"][m["name"]] = classification_metrics(y, probs[m["name"]], run.classes)["macro_f1"]
@@ -106,10 +112,19 @@ def heldout_scores(run) -> dict:
         w = ensemble_weights([m["val_macro_f1"] for m in ms], run.cfg.ensemble.weighting)
         p = sum(wi * probs[m["name"]] for wi, m in zip(w, ms))
         out[name] = classification_metrics(y, p, run.classes)
+        if name == "full_ensemble" and pool_graph is not None:  # what the export serves
+            import torch
+
+            with torch.no_grad():
+                g = pool_graph(torch.from_numpy(p.astype(np.float32)),
+                               [torch.from_numpy(embs[n].astype(np.float32)) for n in graph_names]).numpy()
+            out["full_graph"] = classification_metrics(y, g, run.classes)
     return out
 
 
 def write_report(run) -> Path:
+    from semivit.models.pool_graph import read_graph
+
     d = run.dir
     lines = [f"# semivit run report: `{d.name}`", ""]
     ens = read_ensemble(d) if (d / "ensemble.json").is_file() else None
@@ -198,6 +213,13 @@ def write_report(run) -> Path:
         lines += ["## Ensemble", "", f"Weights: {ens['formula']}.", "", "| member | val macro F1 | weight |", "|---|---|---|"]
         lines += [f"| {m['name']} | {m['val_macro_f1']:.4f} | {m['weight']:.4f} |" for m in ens["members"]]
         lines.append("")
+        gdoc = read_graph(d)
+        if gdoc is not None:
+            lines += [f"Pool graph (`ensemble.graph: pool`, RUN/graph.npz): {gdoc['labeled']} labeled + {gdoc['pool']} "
+                      f"unlabeled images as nodes in the embedding of {', '.join(gdoc['members'])}; label spreading "
+                      f"({gdoc['neighbors']} neighbours, alpha {gdoc['alpha']:g}) reached {gdoc['pool_reached']} of the "
+                      f"pool.  A prediction mixes the labels of its {gdoc['neighbors']} nearest nodes with the "
+                      f"ensemble's probabilities (the ensemble's share {gdoc['share']:g}).", ""]
 
     # held-out test
     held = heldout_scores(run) if ens else {}
@@ -206,14 +228,17 @@ def write_report(run) -> Path:
         lines += ["## Held-out test split (DATA/test, reported only)", "",
                   "| ensemble | members | macro F1 | accuracy |", "|---|---|---|---|"]
         for name, label in (("stage1_ensemble", "stage 1 (supervised)"), ("stage3_ensemble", "stage 3 only"),
-                            ("full_ensemble", "full (all members)")):
+                            ("full_ensemble", "full (all members)"),
+                            ("full_graph", "full + pool graph (what `ssl predict` serves)")):
             if name in held:
-                n = len([m for m in ens["members"] if name == "full_ensemble" or m["stage"] == name.split("_")[0]])
+                n = len([m for m in ens["members"] if name.startswith("full") or m["stage"] == name.split("_")[0]])
                 lines.append(f"| {label} | {n} | {held[name]['macro_f1']:.4f} | {held[name]['accuracy']:.4f} |")
-        final = held["full_ensemble"]
+        served = "full_graph" if "full_graph" in held else "full_ensemble"
+        what = "full ensemble + pool graph" if served == "full_graph" else "full ensemble"
+        final = held[served]
         plot_confusion(final["confusion_matrix"], run.classes, d / "confusion.png",
-                       f"full ensemble on held-out test: macro F1 {final['macro_f1']:.3f}")
-        plot_per_class_f1(final["per_class"], d / "per_class_f1.png", "full ensemble: per-class F1 (held-out test)")
+                       f"{what} on held-out test: macro F1 {final['macro_f1']:.3f}")
+        plot_per_class_f1(final["per_class"], d / "per_class_f1.png", f"{what}: per-class F1 (held-out test)")
         lines += ["", "![confusion matrix](confusion.png) ![per-class F1](per_class_f1.png)", ""]
     path = d / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")

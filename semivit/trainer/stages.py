@@ -136,3 +136,16 @@ def retrain(run) -> None:
     finally:
         run.distil_round = 1
     _write_ensemble_on_rank0(run)
+
+
+@stage("graph", is_done=lambda run: (run.dir / "graph.npz").is_file(), needs=lambda cfg: ("supervised",),
+       output="RUN/graph.npz", applies=lambda cfg: cfg.ensemble.graph != "none",
+       not_applicable="--stages graph needs the pool graph: --set ensemble.graph=pool",
+       reuse="graph: graph.npz exists, reusing it", rank0=True)
+def graph(run) -> None:
+    """After the ensemble: the labeled images + the unlabeled pool as a label-spreading graph in
+    the stage-1 members' embedding (semivit.trainer.graph), which predictions mix in
+    (``ensemble.graph: pool``; semivit.models.pool_graph)."""
+    from semivit.trainer.graph import build_graph
+
+    build_graph(run)
