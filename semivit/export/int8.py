@@ -161,7 +161,7 @@ def run_members(path: Path, names: list[str], images: np.ndarray, batch: int = E
         for s in range(0, len(images), batch):
             out = sess.run(["probs", *names], {"images": np.ascontiguousarray(images[s:s + batch])})
             probs.append(out[0])
-            terms.append(np.stack(out[1:]))
+            terms.append(np.stack(out[1:]) if names else np.zeros((0, *out[0].shape), np.float32))
         seconds = time.perf_counter() - t0
     finally:
         tmp.unlink(missing_ok=True)
