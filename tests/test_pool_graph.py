@@ -190,3 +190,26 @@ def test_an_ensemble_whose_member_outputs_are_not_asked_for_still_runs(tiny_run,
     assert terms.shape == (0, 5, probs.shape[1])
     sess = ort.InferenceSession(str(run_dir / "export" / "model.onnx"), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(probs, sess.run(["probs"], {"images": images})[0], atol=1e-6)
+
+
+def test_a_finished_run_gains_changes_and_drops_its_graph_on_resume(tiny_run, tiny_data_shared, tmp_path):
+    """The graph is built after training, from it: its keys may change on a finished run (other
+    keys may not), config.yaml follows, and graph.npz is rebuilt or removed to match."""
+    run_dir = tmp_path / "RUN"
+    shutil.copytree(tiny_run, run_dir, ignore=shutil.ignore_patterns("export", "eval"))
+    base = ("train", tiny_data_shared, "--preset", "tiny", "--out", run_dir)
+    res = invoke(*base, "--stages", "graph", "--set", "ensemble.graph=pool")
+    assert res.exit_code == 0, res.output
+    first = (run_dir / "graph.npz").read_bytes()
+    assert "graph: pool" in (run_dir / "config.yaml").read_text()
+    assert invoke(*base, "--stages", "graph", "--set", "ensemble.graph=pool").exit_code == 0
+    assert (run_dir / "graph.npz").read_bytes() == first  # same settings: kept
+    res = invoke(*base, "--stages", "graph", "--set", "ensemble.graph=pool", "--set", "ensemble.graph_share=0.25")
+    assert res.exit_code == 0, res.output
+    with np.load(run_dir / "graph.npz") as z:
+        assert json.loads(str(z["meta"]))["share"] == 0.25
+    assert "graph_share: 0.25" in (run_dir / "config.yaml").read_text()
+    line = one_line_error(invoke(*base, "--set", "ensemble.graph=pool", "--set", "train.epochs=3"))
+    assert "different config (train.epochs" in line
+    assert invoke(*base).exit_code == 0  # the tiny preset: no graph
+    assert not (run_dir / "graph.npz").exists() and "graph: none" in (run_dir / "config.yaml").read_text()

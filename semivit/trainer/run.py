@@ -199,7 +199,27 @@ def _comparable(cfg: cfgmod.Config) -> dict:
     d.pop("device", None)  # a run may resume on another device
     d["data"].pop("decode_workers", None)
     d["train"].pop("fold_workers", None)  # how many folds train at once: not what they learn
+    for k in GRAPH_KEYS:  # the pool graph is built after training, from it: it may change on resume
+        d["ensemble"].pop(k, None)
     return d
+
+
+GRAPH_KEYS = ("graph", "graph_neighbors", "graph_alpha", "graph_share")
+
+
+def _graph_settings_changed(out: Path, old_cfg: cfgmod.Config, cfg: cfgmod.Config, saved: dict) -> None:
+    """A resume that changes ``ensemble.graph*``: config.yaml takes the new keys; with
+    ``ensemble.graph: none`` the run's graph.npz (derived, rebuilt by ``--stages graph``) goes."""
+    old, new = ({k: getattr(c.ensemble, k) for k in GRAPH_KEYS} for c in (old_cfg, cfg))
+    if old == new:
+        return
+    # the same file with the new config (the versions and machine it was trained with are kept)
+    atomic_write_text(out / "config.yaml", yaml.safe_dump({**saved, "config": cfg.model_dump(mode="json")},
+                                                          sort_keys=False))
+    info(f"{out}: the pool graph's settings change ({', '.join(f'{k} {old[k]} -> {new[k]}' for k in GRAPH_KEYS if old[k] != new[k])})")
+    if new["graph"] == "none" and (out / "graph.npz").is_file():
+        (out / "graph.npz").unlink()
+        info(f"{out}: ensemble.graph none - RUN/graph.npz removed (predictions are the ensemble's alone)")
 
 
 def open_run(out: Optional[Path], cfg: cfgmod.Config, data: Optional[Path], create: bool = True,
@@ -229,6 +249,7 @@ def open_run(out: Optional[Path], cfg: cfgmod.Config, data: Optional[Path], crea
             raise UserError(f"{out} holds a run with a different config ({diff}); use a new --out to start another run")
         if Path(saved.get("data", data)) != data:
             raise UserError(f"{out} was trained on {saved.get('data')}, not {data}; use a new --out")
+        _graph_settings_changed(out, old_cfg, cfg, saved)
         info(f"resuming the run in {out}")
     elif not create:
         raise UserError(f"{out} has no config.yaml: rank 0 did not create the run (is RUN on a file system "

@@ -138,7 +138,17 @@ def retrain(run) -> None:
     _write_ensemble_on_rank0(run)
 
 
-@stage("graph", is_done=lambda run: (run.dir / "graph.npz").is_file(), needs=lambda cfg: ("supervised",),
+def _graph_done(run) -> bool:
+    """RUN/graph.npz exists and was built with the config's settings (else it is built again)."""
+    from semivit.models.pool_graph import read_graph
+
+    doc = read_graph(run.dir) if (run.dir / "graph.npz").is_file() else None
+    e = run.cfg.ensemble
+    return doc is not None and (doc.get("neighbors"), doc.get("alpha"), doc.get("share")) == (
+        e.graph_neighbors, e.graph_alpha, e.graph_share)
+
+
+@stage("graph", is_done=_graph_done, needs=lambda cfg: ("supervised",),
        output="RUN/graph.npz", applies=lambda cfg: cfg.ensemble.graph != "none",
        not_applicable="--stages graph needs the pool graph: --set ensemble.graph=pool",
        reuse="graph: graph.npz exists, reusing it", rank0=True)
