@@ -739,3 +739,36 @@ def test_integrity_check_finds_broken_versions_and_promote_refuses_them(registry
     assert any("v0009, which does not exist" in p for p in reg.check_registry(registry))
     reg._switch_link(registry, "v0001")
     assert reg.check_registry(registry) == [p for p in reg.check_registry(registry) if "v0002" in p]
+
+
+def test_a_refresh_keeps_the_pool_graph_of_the_stage_1_it_keeps(registry, tmp_path, fast_export, tiny_data_shared):
+    """``ensemble.graph: pool``: the candidate's stage 1 is the parent's, so is its graph (same
+    bytes), and the candidate's export ends in it; the inbox is labeled through it."""
+    from semivit.trainer.infer import ensemble_predict
+
+    run = registry / "v0001" / "run"
+    res = invoke("train", tiny_data_shared, "--preset", "tiny", "--out", run, "--stages", "graph",
+                 "--set", "ensemble.graph=pool")
+    assert res.exit_code == 0, res.output
+    inbox = tmp_path / "INBOX"
+    files = write_inbox(inbox, 6, seed=5)
+    rec = refresh_once(registry, inbox, min_new=5, tolerance=1.0, overrides=["train.epochs=1"])
+    assert rec["version"] == "v0002", rec
+    new = registry / "v0002"
+    assert (new / "run" / "graph.npz").read_bytes() == (run / "graph.npz").read_bytes()
+    meta = json.loads((new / "export" / "meta.json").read_text())
+    assert "full" in meta["graph"]["levels"] and meta["graph"]["members"] == ["stage1/fold0", "stage1/fold1"]
+    from semivit.data.dataset import decode_many
+
+    with Inbox(registry) as db:
+        accepted = {a.sha256: a for a in db.accepted()}
+    images = decode_many(files, 32).images
+    with_graph, without = ensemble_predict(run, images), ensemble_predict(run, images, graph=False)
+    assert np.abs(with_graph - without).max() > 1e-3  # (the graph changes the probabilities here)
+    compared = 0
+    for f, p in zip(files, with_graph):
+        a = accepted.get(hashlib.sha256(f.read_bytes()).hexdigest())
+        if a is not None:
+            assert np.allclose(a.probs, p, atol=1e-5)
+            compared += 1
+    assert compared > 0
