@@ -16,6 +16,7 @@ member outputs.  Paired per seed, 95% t interval; the test split is reported onl
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -83,23 +84,57 @@ def one_seed(work: Path, fraction: float, run_name: str, scratch: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", nargs="+", type=Path, required=True, help="label_efficiency.py --work dirs, one per seed")
+    ap.add_argument("--work", nargs="*", type=Path, default=[], help="label_efficiency.py --work dirs, one per seed")
     ap.add_argument("--fraction", type=float, default=0.1)
     ap.add_argument("--run", default="C-default", help="the run in each work directory (default: the default ssl train)")
     ap.add_argument("--reference", type=Path, default=None,
                     help="a graph_predict JSON: its per-seed scores of the same ensemble with and without the graph")
+    ap.add_argument("--control", type=Path, default=None,
+                    help="a label_efficiency JSON with the compute-matched (g) on the same stage 1: paired too")
+    ap.add_argument("--control-steps", type=Path, default=None,
+                    help="a label_efficiency JSON whose (b) per seed is this run (its optimiser steps: (g) must have as many)")
     ap.add_argument("--scratch", type=Path, default=Path("/tmp/product_graph"), help="where the run copies go")
     ap.add_argument("--out", type=Path, required=True, help="writes OUT.json and OUT.md")
+    ap.add_argument("--seeds-from", type=Path, default=None,
+                    help="re-summarise the per-seed scores of an earlier OUT.json instead of computing them")
     args = ap.parse_args()
     t0 = time.time()
-    seeds = [one_seed(w, args.fraction, args.run, args.scratch) for w in args.work]
+    earlier = json.loads(args.seeds_from.read_text()) if args.seeds_from else {}
+    if earlier:
+        seeds = earlier["seeds"]
+    elif args.work:
+        seeds = [one_seed(w, args.fraction, args.run, args.scratch) for w in args.work]
+    else:
+        ap.error("give --work (one directory per seed) or --seeds-from")
     paired = []
-    for split in ("dev", "test"):
-        d = [s["splits"][split]["ensemble_graph"] - s["splits"][split]["ensemble"] for s in seeds]
+    for split, metric in itertools.product(("dev", "test"), ("macro F1", "accuracy")):
+        a, b = ("ensemble_graph", "ensemble") if metric == "macro F1" else ("accuracy_ensemble_graph", "accuracy_ensemble")
+        d = [s["splits"][split][a] - s["splits"][split][b] for s in seeds]
         m, lo, hi = t_interval(d)
-        paired.append({"split": split, "a": "ensemble + pool graph", "b": "ensemble", "n": len(d),
+        paired.append({"split": split, "metric": metric, "a": "ensemble + pool graph", "b": "ensemble", "n": len(d),
                        "diff_mean": round(m, 4), "ci_low": round(lo, 4), "ci_high": round(hi, 4),
                        "per_seed": [round(x, 4) for x in d]})
+    control = None
+    if args.control:
+        by_seed = {r["seed"]: r for r in json.loads(args.control.read_text())["runs"] if r["fraction"] == args.fraction}
+        ids = [int(str(s["work"]).rstrip("/").rsplit("s", 1)[-1]) for s in seeds]
+        steps = None
+        if args.control_steps:  # (g) must have at least (b)'s optimiser steps, seed for seed
+            b_by = {r["seed"]: r for r in json.loads(args.control_steps.read_text())["runs"] if r["fraction"] == args.fraction}
+            steps = [b_by[i]["test"]["b"]["steps"] for i in ids]
+            for s, i in zip(seeds, ids):
+                if [b_by[i][sp]["b"]["macro_f1"] for sp in ("dev", "test")] != [s["splits"][sp]["ensemble"] for sp in ("dev", "test")]:
+                    raise SystemExit(f"error: seed {i}: (b) of {args.control_steps} is not this run's ensemble")
+        control = {"file": str(args.control), "g_steps": [by_seed[i]["test"]["g"]["steps"] for i in ids], "b_steps": steps}
+        # seeds where (g) is NOT compute-matched to this run (fewer optimiser steps): said in the output
+        control["g_fewer_steps_at_seeds"] = [i for i, g, b in zip(ids, control["g_steps"], steps or control["g_steps"]) if g < b]
+        for split, metric in itertools.product(("dev", "test"), ("macro F1", "accuracy")):
+            a, k = ("ensemble_graph", "macro_f1") if metric == "macro F1" else ("accuracy_ensemble_graph", "accuracy")
+            d = [s["splits"][split][a] - by_seed[i][split]["g"][k] for s, i in zip(seeds, ids)]
+            m, lo, hi = t_interval(d)
+            paired.append({"split": split, "metric": metric, "a": "ensemble + pool graph", "b": "g (control file)",
+                           "n": len(d), "diff_mean": round(m, 4), "ci_low": round(lo, 4), "ci_high": round(hi, 4),
+                           "per_seed": [round(x, 4) for x in d]})
     reference = None
     if args.reference:
         ref = json.loads(args.reference.read_text())
@@ -111,9 +146,13 @@ def main() -> None:
     summary = {sp: {k: round(float(np.mean([s["splits"][sp][k] for s in seeds])), 4)
                     for k in ("ensemble", "ensemble_graph", "accuracy_ensemble", "accuracy_ensemble_graph")}
                for sp in ("dev", "test")}
-    doc = {"benchmark": "product_graph", "command": " ".join(sys.argv), "commit": commit(), "machine": cpu_name(),
-           "wall_seconds": round(time.time() - t0, 1), "fraction": args.fraction, "run": args.run,
-           "seeds": seeds, "summary": summary, "paired": paired, "reference": reference}
+    sha = commit()
+    doc = {"benchmark": "product_graph", "command": earlier.get("command", " ".join(sys.argv)),
+           "commit": earlier.get("commit", sha), "machine": earlier.get("machine", cpu_name()),
+           "wall_seconds": earlier.get("wall_seconds", round(time.time() - t0, 1)), "fraction": args.fraction,
+           "run": args.run,
+           **({"summarised_by": " ".join(sys.argv), "summarised_at_commit": sha} if earlier else {}),
+           "seeds": seeds, "summary": summary, "paired": paired, "reference": reference, "control": control}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.json").write_text(json.dumps(doc, indent=1))
     lines = ["# The pool graph as `ssl train` builds it (`benchmarks/product_graph.py`)", "",
@@ -133,11 +172,16 @@ def main() -> None:
         m = summary[sp]
         lines.append(f"| {sp} | {m['ensemble']:.4f} | {m['ensemble_graph']:.4f} | {m['accuracy_ensemble']:.4f} "
                      f"| {m['accuracy_ensemble_graph']:.4f} |")
-    lines += ["", "Paired (macro F1, per seed; 95% t interval, sample SD):", "",
-              "| split | a - b | 95% CI | per seed | verdict |", "|---|---:|---|---|---|"]
+    if control:
+        lines += ["", f"`g (control file)`: the compute-matched supervised control of `{control['file']}` on the same stage 1 "
+                  f"(optimiser steps per seed {control['g_steps']}" + (f"; this run's {control['b_steps']})" if control["b_steps"] else ")")
+                  + (f"; **not compute-matched at seed(s) {control['g_fewer_steps_at_seeds']}: (g) has fewer steps there** "
+                     "(it was matched to another candidate's stage 3)" if control["g_fewer_steps_at_seeds"] else "")]
+    lines += ["", "Paired (per seed; 95% t interval, sample SD):", "",
+              "| split | metric | a | b | a - b | 95% CI | per seed | verdict |", "|---|---|---|---|---:|---|---|---|"]
     for p in paired:
         v = "a ahead" if p["ci_low"] > 0 else "b ahead" if p["ci_high"] < 0 else "not demonstrated"
-        lines.append(f"| {p['split']} | {p['diff_mean']:+.4f} | {p['ci_low']:+.4f} to {p['ci_high']:+.4f} "
+        lines.append(f"| {p['split']} | {p['metric']} | {p['a']} | {p['b']} | {p['diff_mean']:+.4f} | {p['ci_low']:+.4f} to {p['ci_high']:+.4f} "
                      f"| {', '.join(f'{x:+.4f}' for x in p['per_seed'])} | {v} |")
     if reference:
         lines += ["", f"The same ensembles in `{reference['file']}` ({reference['ensemble']}, mode pool, setting "
@@ -147,6 +191,8 @@ def main() -> None:
             lines.append(f"| {sp} | {reference[f'{sp}_ensemble']} | {[s['splits'][sp]['ensemble'] for s in seeds]} "
                          f"| {reference[f'{sp}_graph']} | {[s['splits'][sp]['ensemble_graph'] for s in seeds]} |")
     lines += ["", f"Command: `{doc['command']}`"]
+    if earlier:
+        lines.append(f"Summarised again from its per-seed scores at commit `{sha}`: `{doc['summarised_by']}`")
     Path(f"{args.out}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
