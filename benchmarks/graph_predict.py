@@ -39,7 +39,7 @@ from semivit.models.ensemble import ensemble_weights  # noqa: E402
 from semivit.pseudo.propagate import joint_embedding, mixture, spread, spread_all  # noqa: E402
 from semivit.trainer.infer import ensemble_predict  # noqa: E402
 from semivit.trainer.run import Run  # noqa: E402
-from label_efficiency import Scorer, commit, cpu_name, members, t_interval  # noqa: E402
+from label_efficiency import Scorer, commit, cpu_name, members, short_verdict, t_interval, write_md  # noqa: E402
 
 NEIGHBORS = (7, 15, 30)
 ALPHAS = (0.2, 0.5, 0.8)
@@ -218,14 +218,10 @@ def main() -> None:
     lines += ["", "Paired differences (macro F1, per seed; 95% t interval, sample SD):", "",
               "| split | a | b | seeds | a - b | 95% CI | verdict |", "|---|---|---|---:|---:|---|---|"]
     for p in summ["paired"]:
-        v = ("a ahead" if p["ci_low"] > 0 else "b ahead" if p["ci_high"] < 0 else "not demonstrated")
+        v = short_verdict(p)
         lines.append(f"| {p['split']} | {p['a']} | {p['b']} | {p['n']} | {p['diff_mean']:+.4f} "
                      f"| {p['ci_low']:+.4f} to {p['ci_high']:+.4f} | {v} |")
-    lines += ["", f"Command: `{doc['command']}`"]
-    if earlier:
-        lines.append(f"Summarised again from its per-seed scores at commit `{sha}`: `{doc['summarised_by']}`")
-    Path(f"{args.out}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_md(args.out, lines, doc, earlier, sha)
 
 
 if __name__ == "__main__":

@@ -581,6 +581,20 @@ def t_interval(diffs: list[float]) -> tuple[float, float, float]:
     return m, m - half, m + half
 
 
+def short_verdict(p: dict) -> str:
+    """A paired difference's verdict in a table cell: which side the 95% interval puts ahead."""
+    return "a ahead" if p["ci_low"] > 0 else "b ahead" if p["ci_high"] < 0 else "not demonstrated"
+
+
+def write_md(out: Path, lines: list[str], doc: dict, earlier: dict, sha: str) -> None:
+    """OUT.md: ``lines``, the command, and - when re-summarised from an earlier OUT.json - how; printed too."""
+    lines = lines + ["", f"Command: `{doc['command']}`"]
+    if earlier:
+        lines.append(f"Summarised again from its per-seed scores at commit `{sha}`: `{doc['summarised_by']}`")
+    Path(f"{out}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def verdict(p: dict) -> str:
     a, b = p["a"], p["b"]
     if p["n"] < 2 or p["ci_low"] is None:

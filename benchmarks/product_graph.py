@@ -35,7 +35,7 @@ from semivit import config as cfgmod  # noqa: E402
 from semivit.trainer.infer import ensemble_predict  # noqa: E402
 from semivit.trainer.pipeline import run_stages  # noqa: E402
 from semivit.trainer.run import Run  # noqa: E402
-from label_efficiency import Scorer, commit, cpu_name, t_interval  # noqa: E402
+from label_efficiency import Scorer, commit, cpu_name, short_verdict, t_interval, write_md  # noqa: E402
 
 
 def one_seed(work: Path, fraction: float, run_name: str, scratch: Path) -> dict:
@@ -180,7 +180,7 @@ def main() -> None:
     lines += ["", "Paired (per seed; 95% t interval, sample SD):", "",
               "| split | metric | a | b | a - b | 95% CI | per seed | verdict |", "|---|---|---|---|---:|---|---|---|"]
     for p in paired:
-        v = "a ahead" if p["ci_low"] > 0 else "b ahead" if p["ci_high"] < 0 else "not demonstrated"
+        v = short_verdict(p)
         lines.append(f"| {p['split']} | {p['metric']} | {p['a']} | {p['b']} | {p['diff_mean']:+.4f} | {p['ci_low']:+.4f} to {p['ci_high']:+.4f} "
                      f"| {', '.join(f'{x:+.4f}' for x in p['per_seed'])} | {v} |")
     if reference:
@@ -190,11 +190,7 @@ def main() -> None:
         for sp in ("dev", "test"):
             lines.append(f"| {sp} | {reference[f'{sp}_ensemble']} | {[s['splits'][sp]['ensemble'] for s in seeds]} "
                          f"| {reference[f'{sp}_graph']} | {[s['splits'][sp]['ensemble_graph'] for s in seeds]} |")
-    lines += ["", f"Command: `{doc['command']}`"]
-    if earlier:
-        lines.append(f"Summarised again from its per-seed scores at commit `{sha}`: `{doc['summarised_by']}`")
-    Path(f"{args.out}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_md(args.out, lines, doc, earlier, sha)
 
 
 if __name__ == "__main__":

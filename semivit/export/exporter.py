@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 
 from semivit.errors import UserError
