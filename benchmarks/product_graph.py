@@ -72,7 +72,12 @@ def one_seed(work: Path, fraction: float, run_name: str, scratch: Path) -> dict:
         def f1(p):
             return round(float(f1_score(sc.y, p.argmax(1), average="macro")), 4)
 
+        def per_class(p):
+            return [round(float(x), 4) for x in f1_score(sc.y, p.argmax(1), average=None, labels=range(len(run.classes)))]
+
         out["splits"][split] = {"images": int(len(sc.y)), "ensemble": f1(without), "ensemble_graph": f1(with_graph),
+                                "classes": list(run.classes), "per_class_f1_ensemble": per_class(without),
+                                "per_class_f1_ensemble_graph": per_class(with_graph),
                                 "accuracy_ensemble": round(float((without.argmax(1) == sc.y).mean()), 4),
                                 "accuracy_ensemble_graph": round(float((with_graph.argmax(1) == sc.y).mean()), 4),
                                 "argmax_changed": int((with_graph.argmax(1) != without.argmax(1)).sum()),
@@ -167,6 +172,12 @@ def main() -> None:
         lines.append(f"| {Path(s['work']).name} | {s['graph']['labeled']} + {s['graph']['pool']} | {s['graph_seconds']:.0f} "
                      f"| {dv['ensemble']:.4f} | {dv['ensemble_graph']:.4f} | {ts['ensemble']:.4f} | {ts['ensemble_graph']:.4f} "
                      f"| {ts['argmax_changed']} of {ts['images']} |")
+    if "per_class_f1_ensemble" in seeds[0]["splits"]["test"]:
+        cls = seeds[0]["splits"]["test"]["classes"]
+        lines += ["", "Per-class test F1, mean over the seeds (ensemble -> + pool graph): " + ", ".join(
+            f"{c} {np.mean([s['splits']['test']['per_class_f1_ensemble'][i] for s in seeds]):.3f} -> "
+            f"{np.mean([s['splits']['test']['per_class_f1_ensemble_graph'][i] for s in seeds]):.3f}"
+            for i, c in enumerate(cls))]
     lines += ["", "| split | ensemble macro F1 | + pool graph | accuracy | + pool graph |", "|---|---:|---:|---:|---:|"]
     for sp in ("dev", "test"):
         m = summary[sp]
