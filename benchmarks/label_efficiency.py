@@ -325,7 +325,8 @@ def lite0_sets(size: int, lr: float, sets: list[str], epochs: int = LITE0_EPOCHS
                    f"model.img_size={size}", "model.mean=[0.5,0.5,0.5]", "model.std=[0.5,0.5,0.5]",
                    "train.cache_views=0", f"train.lr={lr}", "train.backbone_lr_mult=1.0",
                    f"train.epochs={epochs}", f"train.restart_epochs={epochs}", "train.early_stopping=false",
-                   "train.warmup_epochs=1", "train.augment=light", "train.batch_size=32"]
+                   "train.warmup_epochs=1", "train.augment=light", "train.batch_size=32",
+                   "ensemble.graph=none"]  # a plain fine-tune: no unlabeled image (as the lite0 preset)
 
 
 def lite0_hparams(work: Path, tag: str, data: Path, preset: str, size: int, sets: list[str],
