@@ -77,6 +77,16 @@ class PoolGraph(nn.Module):
         return p / p.sum(dim=1, keepdim=True)
 
 
+    @torch.no_grad()
+    def mix_arrays(self, probs: np.ndarray, embs: Sequence[np.ndarray], chunk: int = 1024) -> np.ndarray:
+        """:meth:`forward` on numpy arrays (training-side scoring: ``ssl eval RUN``, the run report),
+        ``chunk`` rows at a time (their chunk x nodes similarities, not all images' at once)."""
+        t = torch.from_numpy(np.asarray(probs, np.float32))
+        e = [torch.from_numpy(np.asarray(x, np.float32)) for x in embs]
+        return np.concatenate([self(t[s:s + chunk], [x[s:s + chunk] for x in e]).numpy()
+                               for s in range(0, len(t), chunk)]) if len(t) else np.asarray(probs, np.float32)
+
+
 def write_graph(path: Path, nodes: np.ndarray, dist: np.ndarray, members: Sequence[str], **meta) -> None:
     from semivit.utils import atomic_path
 

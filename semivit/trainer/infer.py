@@ -110,9 +110,6 @@ def ensemble_predict(run_dir: Path, images: np.ndarray, stages: Optional[Sequenc
         probs = p * w if probs is None else probs + p * w
         if progress is not None:
             progress(i + 1, len(entries))
-    if pool_graph is not None and len(probs):
-        t = torch.from_numpy(np.asarray(probs, np.float32))
-        e = [torch.from_numpy(np.asarray(embs[i], np.float32)) for i in graph_idx]
-        probs = np.concatenate([pool_graph(t[s:s + 1024], [x[s:s + 1024] for x in e]).numpy()
-                                for s in range(0, len(t), 1024)])  # (1024 x nodes similarities at a time)
+    if pool_graph is not None:
+        probs = pool_graph.mix_arrays(probs, [embs[i] for i in graph_idx])
     return (probs, embs) if with_embeddings else probs

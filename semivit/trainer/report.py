@@ -113,11 +113,7 @@ def heldout_scores(run) -> dict:
         p = sum(wi * probs[m["name"]] for wi, m in zip(w, ms))
         out[name] = classification_metrics(y, p, run.classes)
         if name == "full_ensemble" and pool_graph is not None:  # what the export serves
-            import torch
-
-            with torch.no_grad():
-                g = pool_graph(torch.from_numpy(p.astype(np.float32)),
-                               [torch.from_numpy(embs[n].astype(np.float32)) for n in graph_names]).numpy()
+            g = pool_graph.mix_arrays(p, [embs[n] for n in graph_names])
             out["full_graph"] = classification_metrics(y, g, run.classes)
     return out
 
